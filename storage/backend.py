@@ -1,0 +1,275 @@
+"""What every backend shares: the ledger, series lookup and query SQL, written once.
+
+Statements use `%s` placeholders; the SQLite backend turns them into `?`. The few fragments
+that differ per backend (timestamp in/out, id lists, buckets) are constants of the backend
+class, never user input, so composing them into statement text is safe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from storage.frames import PreparedBatch, SeriesDef
+from storage.schema import LATEST_VERSION, ROLLUP_TABLES
+
+EPOCH_BUCKET_ORIGIN_US = 0
+
+
+@dataclass
+class WriteCounts:
+    written: int = 0
+    overwritten: int = 0
+    unchanged: int = 0
+    new_series: int = 0
+    replay: bool = False
+
+
+@dataclass
+class Health:
+    ok: bool
+    backend: str
+    schema_version: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def hour_ranges(ts_us: np.ndarray) -> list[tuple[int, int]]:
+    """The touched hours of a batch, merged into half-open [start, end) ranges in µs."""
+    if len(ts_us) == 0:
+        return []
+    hour = 3_600_000_000
+    hours = np.unique(ts_us // hour)
+    breaks = np.flatnonzero(np.diff(hours) != 1)
+    starts = np.concatenate(([hours[0]], hours[breaks + 1]))
+    ends = np.concatenate((hours[breaks], [hours[-1]])) + 1
+    return [(int(s) * hour, int(e) * hour) for s, e in zip(starts, ends, strict=True)]
+
+
+class Backend:
+    """Base class: a live connection plus the SQL that is the same everywhere."""
+
+    name: ClassVar[str]
+    # SQL fragments, overridden per backend. {col} / {p} are filled with constants only.
+    ts_in: ClassVar[str] = "%s"  # a bound µs integer as a stored timestamp
+    ts_out: ClassVar[str] = "{col}"  # a stored timestamp as µs integer
+    ids_in: ClassVar[str] = "= ANY(%s)"  # membership in a bound list of ids
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    # -- to be provided by each backend -------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        raise NotImplementedError
+        yield
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def migrate(self, target: int = LATEST_VERSION) -> tuple[int, int]:
+        """Bring the schema up to `target`; (version before, version after)."""
+        raise NotImplementedError
+
+    def write_prepared(
+        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
+    ) -> WriteCounts:
+        raise NotImplementedError
+
+    def bucket_expr(self, step_us: int) -> str:
+        raise NotImplementedError
+
+    def table_bytes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def health_details(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse_labels(self, value: Any) -> dict[str, str]:
+        return value if isinstance(value, dict) else json.loads(value)  # type: ignore[no-any-return]
+
+    def labels_param(self, labels_json: str) -> Any:
+        return labels_json
+
+    # -- shared --------------------------------------------------------------------------
+    def schema_version(self) -> int | None:
+        try:
+            rows = self.execute("SELECT max(version) FROM schema_version")
+        except Exception:  # the table does not exist yet
+            self.rollback_quietly()
+            return None
+        return rows[0][0] if rows else None
+
+    def rollback_quietly(self) -> None:
+        """Clear a failed statement's state (PostgreSQL aborts the transaction)."""
+
+    def batch_status(self, batch_id: str) -> str | None:
+        rows = self.execute("SELECT status FROM ingest_batches WHERE batch_id = %s", (batch_id,))
+        return rows[0][0] if rows else None
+
+    def record_side_rows(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_id: str,
+        source: str,
+        ranges: list[tuple[int, int]],
+    ) -> None:
+        """Pending rollup ranges and quarantined rows: part of the caller's transaction."""
+        if ranges:
+            self.executemany(
+                "INSERT INTO rollup_pending (start_ts, end_ts, batch_id) "  # noqa: S608
+                f"VALUES ({self.ts_in}, {self.ts_in}, %s)",
+                [(s, e, batch_id) for s, e in ranges],
+            )
+        if batch.rejected:
+            self.executemany(
+                "INSERT INTO quarantine (batch_id, source, reason, row_data) VALUES (%s, %s, %s, %s)",
+                [
+                    (batch_id, source, reason, json.dumps(row, default=str, ensure_ascii=False))
+                    for row, reason in batch.rejected
+                ],
+            )
+
+    def ledger_values(
+        self, batch: PreparedBatch, counts: WriteCounts, *, batch_id: str, source: str
+    ) -> tuple[Any, ...]:
+        min_ts = int(batch.ts_us.min()) if len(batch.ts_us) else None
+        max_ts = int(batch.ts_us.max()) if len(batch.ts_us) else None
+        return (
+            batch_id,
+            source,
+            "committed",
+            batch.rows_in,
+            counts.written,
+            counts.overwritten,
+            counts.unchanged,
+            len(batch.rejected),
+            counts.new_series,
+            min_ts,
+            max_ts,
+        )
+
+    def insert_ledger(self, values: tuple[Any, ...]) -> None:
+        self.execute(
+            "INSERT INTO ingest_batches (batch_id, source, status, rows_in, written, "  # noqa: S608
+            "overwritten, unchanged, quarantined, new_series, min_ts, max_ts) VALUES "
+            f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, {self.ts_in}, {self.ts_in})",
+            values,
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+    def find_series(self, metric: str | None) -> list[tuple[int, str, dict[str, str]]]:
+        if metric is None:
+            rows = self.execute("SELECT series_id, metric, labels FROM series ORDER BY series_id")
+        else:
+            rows = self.execute(
+                "SELECT series_id, metric, labels FROM series WHERE metric = %s ORDER BY series_id",
+                (metric,),
+            )
+        return [(int(r[0]), r[1], self.parse_labels(r[2])) for r in rows]
+
+    def series_info(self, ids: list[int]) -> list[tuple[Any, ...]]:
+        return self.execute(
+            f"SELECT series_id, metric, labels, {self.ts_out.format(col='first_seen')}, "  # noqa: S608
+            f"{self.ts_out.format(col='last_seen')} FROM series "
+            f"WHERE series_id {self.ids_in} ORDER BY series_id",
+            (self.id_list(ids),),
+        )
+
+    def id_list(self, ids: list[int]) -> Any:
+        return ids
+
+    def raw_points(self, ids: list[int], start_us: int, end_us: int) -> pd.DataFrame:
+        rows = self.execute(
+            f"SELECT series_id, {self.ts_out.format(col='ts')}, value FROM samples "  # noqa: S608
+            f"WHERE series_id {self.ids_in} AND ts >= {self.ts_in} AND ts < {self.ts_in} "
+            "ORDER BY series_id, ts",
+            (self.id_list(ids), start_us, end_us),
+        )
+        return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
+
+    def bucket_stats(
+        self, ids: list[int], start_us: int, end_us: int, step_us: int
+    ) -> pd.DataFrame:
+        """Per series and bucket: count, sum, sum of squares, min, max and the last value."""
+        bucket = self.bucket_expr(step_us)
+        rows = self.execute(
+            f"""WITH g AS (
+                SELECT series_id, {bucket} AS bucket, count(*) AS n, sum(value) AS s,
+                       sum(value * value) AS ss, min(value) AS mn, max(value) AS mx,
+                       max(ts) AS last_ts
+                FROM samples
+                WHERE series_id {self.ids_in} AND ts >= {self.ts_in} AND ts < {self.ts_in}
+                GROUP BY series_id, {bucket})
+            SELECT g.series_id, {self.ts_out.format(col="g.bucket")}, g.n, g.s, g.ss, g.mn, g.mx,
+                   t.value
+            FROM g JOIN samples t ON t.series_id = g.series_id AND t.ts = g.last_ts
+            ORDER BY g.series_id, g.bucket""",  # noqa: S608
+            (self.id_list(ids), start_us, end_us),
+        )
+        return pd.DataFrame(
+            rows, columns=["series_id", "ts_us", "count", "sum", "sum_sq", "min", "max", "last"]
+        )
+
+    def latest_points(self, ids: list[int]) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def table_counts(self) -> dict[str, int]:
+        tables = [
+            "series",
+            "samples",
+            *ROLLUP_TABLES.values(),
+            "rollup_pending",
+            "ingest_batches",
+            "quarantine",
+            "baselines",
+            "detector_models",
+            "alerts",
+            "notifications",
+            "retention_rules",
+            "archive_manifest",
+        ]
+        return {
+            table: int(self.execute(f"SELECT count(*) FROM {table}")[0][0])  # noqa: S608
+            for table in tables
+        }
+
+    def sample_bounds(self) -> tuple[int | None, int | None]:
+        row = self.execute(
+            f"SELECT {self.ts_out.format(col='min(ts)')}, "  # noqa: S608
+            f"{self.ts_out.format(col='max(ts)')} FROM samples"
+        )[0]
+        return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
+
+    def write_probe(self) -> None:
+        """Write a ledger row and roll it back: proves the database accepts writes."""
+        try:
+            with self.transaction():
+                self.execute(
+                    "INSERT INTO ingest_batches (batch_id, source, status) VALUES (%s, %s, %s)",
+                    ("health-probe", "health", "probe"),
+                )
+                raise _RollbackProbe
+        except _RollbackProbe:
+            pass
+
+    @staticmethod
+    def series_defs_params(series: list[SeriesDef]) -> list[tuple[str, str, str]]:
+        return [(s.key, s.metric, s.labels_json) for s in series]
+
+
+class _RollbackProbe(Exception):
+    """Raised inside the probe transaction so it rolls back."""

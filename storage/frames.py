@@ -1,0 +1,278 @@
+"""Turn a caller's samples into a clean, vectorised batch: series codes, epoch µs, floats, rejects.
+
+Labels are canonicalised once per distinct label object (not per row); everything else is
+numpy/pandas over whole columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metricmill.errors import MetricmillError
+from metricmill.types import MAX_TS_US, MIN_TS_US, Reason
+
+_ALIASES = {"name": "metric", "timestamp": "ts", "time": "ts"}
+_SURROGATE = "[\ud800-\udfff]"
+
+
+@dataclass(frozen=True)
+class SeriesDef:
+    """One distinct series in a batch."""
+
+    metric: str
+    labels_json: str
+    key: str
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return json.loads(self.labels_json)  # type: ignore[no-any-return]
+
+
+@dataclass
+class PreparedBatch:
+    """Accepted rows (one per series and timestamp) plus every rejected row with its reason."""
+
+    series: list[SeriesDef]
+    codes: np.ndarray  # int64 index into `series`, one per accepted row
+    ts_us: np.ndarray  # int64
+    values: np.ndarray  # float64
+    rows_in: int
+    in_batch_duplicates: int = 0
+    rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    @property
+    def content_hash(self) -> str:
+        """Stable over row order and label key order: the batch's idempotency key."""
+        digest = hashlib.sha256()
+        keys = np.array([s.key for s in self.series], dtype=object)
+        order = np.argsort(keys, kind="stable") if len(keys) else np.array([], dtype=np.int64)
+        rank = np.empty(len(keys), dtype=np.int64)
+        rank[order] = np.arange(len(keys))
+        for position in order:
+            digest.update(self.series[position].key.encode())
+        row_rank = rank[self.codes] if len(self.codes) else self.codes
+        row_order = np.lexsort((self.ts_us, row_rank))
+        digest.update(row_rank[row_order].astype("<i8").tobytes())
+        digest.update(self.ts_us[row_order].astype("<i8").tobytes())
+        digest.update(self.values[row_order].astype("<f8").tobytes())
+        for raw, reason in sorted(
+            (json.dumps(raw, sort_keys=True, default=str), reason) for raw, reason in self.rejected
+        ):
+            digest.update(f"{reason}\x00{raw}\x00".encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
+
+def series_key(metric: str, labels_json: str) -> str:
+    return hashlib.sha256(f"{metric}\x00{labels_json}".encode()).hexdigest()
+
+
+def canonical_labels(labels: Any) -> tuple[str | None, str | None]:
+    """(canonical JSON, None) for a usable label set, else (None, reason)."""
+    if labels is None or (isinstance(labels, float) and math.isnan(labels)):
+        return "{}", None
+    if isinstance(labels, str):
+        text = labels.strip()
+        if not text:
+            return "{}", None
+        try:
+            labels = json.loads(text)
+        except ValueError:
+            return None, Reason.INVALID_LABELS
+    if not isinstance(labels, Mapping):
+        return None, Reason.INVALID_LABELS
+    clean: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not key:
+            return None, Reason.INVALID_LABELS
+        if isinstance(value, bool):
+            text_value = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            text_value = str(value)
+        else:
+            return None, Reason.INVALID_LABELS
+        for part in (key, text_value):
+            if "\x00" in part:
+                return None, Reason.NUL_CHARACTER
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError:
+                return None, Reason.INVALID_UNICODE
+        clean[key] = text_value
+    return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":")), None
+
+
+def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """A DataFrame with columns metric, labels, ts, value (aliases name/timestamp/time accepted)."""
+    frame = samples if isinstance(samples, pd.DataFrame) else pd.DataFrame(list(samples))
+    frame = frame.rename(columns={k: v for k, v in _ALIASES.items() if v not in frame.columns})
+    if len(frame) == 0:
+        return pd.DataFrame({"metric": [], "labels": [], "ts": [], "value": []})
+    missing = [c for c in ("metric", "ts", "value") if c not in frame.columns]
+    if missing:
+        raise MetricmillError(
+            f"samples have no {', '.join(missing)} column(s); "
+            "expected metric, ts (or timestamp), value and optional labels"
+        )
+    if "labels" not in frame.columns:
+        frame = frame.assign(labels=None)
+    return frame
+
+
+def _timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch µs as int64, mask of unparseable) — naive times are taken as UTC, numbers as seconds."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        seconds = pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64")
+        bad = ~np.isfinite(seconds)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = np.where(bad, 0.0, np.round(seconds * 1e6))
+        out_of_int = np.abs(scaled) >= 2**62
+        us = np.where(out_of_int, np.int64(MAX_TS_US) + 1, scaled).astype(np.int64)
+        return us, bad
+    if isinstance(column.dtype, pd.DatetimeTZDtype):
+        parsed = column.dt.tz_convert("UTC").dt.tz_localize(None)
+    elif pd.api.types.is_datetime64_dtype(column):
+        parsed = column
+    else:
+        parsed = pd.to_datetime(column, utc=True, errors="coerce", format="ISO8601")
+        parsed = parsed.dt.tz_localize(None)
+    values = parsed.to_numpy(dtype="datetime64[us]")
+    bad = np.isnat(values)
+    return values.view("int64").copy(), bad
+
+
+def _raw_row(frame: pd.DataFrame, index: int) -> dict[str, Any]:
+    """The row as received, JSON-safe, for the quarantine table."""
+    row: dict[str, Any] = {}
+    for column, value in frame.iloc[index].items():
+        if isinstance(value, float) and not math.isfinite(value):
+            row[str(column)] = repr(value)
+        elif isinstance(value, pd.Timestamp):
+            row[str(column)] = value.isoformat()
+        elif value is None or isinstance(value, str | int | float | bool | dict | list):
+            row[str(column)] = value
+        else:
+            row[str(column)] = str(value)
+    return row
+
+
+def _metric_reason(metric: Any) -> str | None:
+    if not isinstance(metric, str) or not metric:
+        return Reason.MISSING_METRIC
+    if "\x00" in metric:
+        return Reason.NUL_CHARACTER
+    try:
+        metric.encode("utf-8")
+    except UnicodeEncodeError:
+        return Reason.INVALID_UNICODE
+    return None
+
+
+def _value_reasons(raw_values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values, reason per row or None)."""
+    n = len(raw_values)
+    reasons = np.full(n, None, dtype=object)
+    if pd.api.types.is_numeric_dtype(raw_values) and not pd.api.types.is_bool_dtype(raw_values):
+        values = raw_values.to_numpy(dtype="float64", na_value=np.nan)
+        reasons[~np.isfinite(values)] = Reason.NON_FINITE_VALUE
+        return values, reasons
+    # Mixed or text column: numbers and numeric strings ("1.5", "NaN", "inf") are values.
+    values = pd.to_numeric(raw_values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    spelled_non_finite = raw_values.map(
+        lambda v: (
+            isinstance(v, float | np.floating)
+            or (isinstance(v, str) and v.strip().lower().lstrip("+-") in {"nan", "inf", "infinity"})
+        )
+    ).to_numpy(dtype=bool)
+    non_finite = ~np.isfinite(values)
+    reasons[non_finite & spelled_non_finite] = Reason.NON_FINITE_VALUE
+    reasons[non_finite & ~spelled_non_finite] = Reason.INVALID_VALUE
+    return values, reasons
+
+
+def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatch:
+    """Validate and encode a batch; bad rows are set aside with a reason, never dropped."""
+    frame = to_frame(samples).reset_index(drop=True)
+    n = len(frame)
+    values, reason = _value_reasons(frame["value"])
+
+    def reject(mask: np.ndarray, code: str | np.ndarray) -> None:
+        free = mask & pd.isna(reason)
+        reason[free] = code if isinstance(code, str) else code[free]
+
+    # metric names: validated once per distinct name
+    metric_codes_all, metric_names = pd.factorize(frame["metric"].to_numpy(dtype=object))
+    name_reason = np.array([_metric_reason(m) for m in metric_names] + [Reason.MISSING_METRIC])
+    per_row = name_reason[metric_codes_all]  # code -1 (missing) picks the appended reason
+    reject(per_row != None, per_row)  # noqa: E711 - elementwise comparison on an object array
+
+    # timestamps
+    ts_us, unparseable = _timestamps_us(frame["ts"])
+    reject(unparseable, Reason.INVALID_TIMESTAMP)
+    reject((ts_us < MIN_TS_US) | (ts_us >= MAX_TS_US), Reason.TIMESTAMP_OUT_OF_RANGE)
+
+    # labels: canonicalised once per distinct object, not per row
+    label_objs = frame["labels"].to_numpy(dtype=object)
+    object_ids = np.fromiter(map(id, label_objs), dtype=np.int64, count=n)
+    _, first_index, obj_codes = np.unique(object_ids, return_index=True, return_inverse=True)
+    canon_per_obj = np.empty(len(first_index), dtype=object)
+    reason_per_obj = np.empty(len(first_index), dtype=object)
+    for pos, row in enumerate(first_index):
+        canon_per_obj[pos], reason_per_obj[pos] = canonical_labels(label_objs[row])
+    label_reason = reason_per_obj[obj_codes]
+    reject(label_reason != None, label_reason)  # noqa: E711
+
+    good_idx = np.flatnonzero(pd.isna(reason))
+    canon = canon_per_obj[obj_codes[good_idx]]
+    label_codes, label_uniques = pd.factorize(canon)
+    width = max(len(label_uniques), 1)
+    pair = metric_codes_all[good_idx].astype(np.int64) * width + label_codes
+    pair_uniques, codes = np.unique(pair, return_inverse=True)
+    series = []
+    for value in pair_uniques:
+        metric, labels_json = str(metric_names[value // width]), str(label_uniques[value % width])
+        series.append(SeriesDef(metric, labels_json, series_key(metric, labels_json)))
+    codes = codes.astype(np.int64)
+    g_ts = ts_us[good_idx]
+    g_val = values[good_idx]
+
+    # one row per (series, ts): identical repeats collapse, conflicting values are rejected
+    order = np.lexsort((g_ts, codes))
+    s_codes, s_ts, s_val = codes[order], g_ts[order], g_val[order]
+    same_key = (s_codes[1:] == s_codes[:-1]) & (s_ts[1:] == s_ts[:-1])
+    group_start = np.concatenate(([True], ~same_key))[: len(s_codes)]
+    group_id = np.cumsum(group_start) - 1
+    n_groups = int(group_id[-1]) + 1 if len(group_id) else 0
+    group_min = np.full(n_groups, np.inf)
+    group_max = np.full(n_groups, -np.inf)
+    if same_key.any():
+        np.minimum.at(group_min, group_id, s_val)
+        np.maximum.at(group_max, group_id, s_val)
+        conflicting = (group_min != group_max)[group_id]
+    else:
+        conflicting = np.zeros(len(s_codes), dtype=bool)
+    if conflicting.any():
+        reason[good_idx[order[conflicting]]] = Reason.CONFLICTING_VALUES
+    keep = group_start & ~conflicting
+    duplicates = int((~group_start & ~conflicting).sum())
+
+    # series whose every row was rejected as conflicting are not created
+    used, kept_codes = np.unique(s_codes[keep], return_inverse=True)
+    rejected_idx = np.flatnonzero(~pd.isna(reason))
+    rejected = [(_raw_row(frame, int(i)), str(reason[i])) for i in rejected_idx]
+    return PreparedBatch(
+        series=[series[i] for i in used],
+        codes=kept_codes.astype(np.int64),
+        ts_us=s_ts[keep],
+        values=s_val[keep],
+        rows_in=n,
+        in_batch_duplicates=duplicates,
+        rejected=rejected,
+    )

@@ -1,0 +1,312 @@
+"""PostgreSQL, and TimescaleDB when the extension is there: binary COPY, then one upsert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from metricmill.errors import DatabaseUnavailable, SchemaError
+from metricmill.settings import mask_url
+from storage.backend import Backend, WriteCounts, hour_ranges
+from storage.frames import PreparedBatch
+from storage.schema import LATEST_VERSION, POSTGRES_TYPES, ROLLUP_TABLES, migrations
+
+TimescaleMode = Literal["auto", "off", "require"]
+
+# PostgreSQL's binary timestamps count µs from 2000-01-01.
+_PG_EPOCH_US = 946_684_800_000_000
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+_SAMPLE_ROW = np.dtype(
+    [
+        ("fields", ">i2"),
+        ("len_id", ">i4"),
+        ("series_id", ">i8"),
+        ("len_ts", ">i4"),
+        ("ts", ">i8"),
+        ("len_value", ">i4"),
+        ("value", ">f8"),
+    ]
+)
+_CHUNK_INTERVALS = {
+    "samples": "1 day",
+    "rollup_1m": "7 days",
+    "rollup_5m": "30 days",
+    "rollup_1h": "90 days",
+    "rollup_1d": "365 days",
+}
+
+
+def binary_copy_payload(series_ids: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> bytes:
+    """Rows (bigint, timestamptz, float8) in COPY BINARY format, built in one numpy pass."""
+    rows = np.empty(len(series_ids), dtype=_SAMPLE_ROW)
+    rows["fields"] = 3
+    rows["len_id"] = 8
+    rows["series_id"] = series_ids
+    rows["len_ts"] = 8
+    rows["ts"] = ts_us - _PG_EPOCH_US
+    rows["len_value"] = 8
+    rows["value"] = values
+    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
+
+
+class PostgresBackend(Backend):
+    name = "postgresql"
+    ts_in = "(timestamptz 'epoch' + %s::float8 * interval '1 microsecond')"
+    ts_out = "(extract(epoch from {col}) * 1000000)::bigint"
+    ids_in = "= ANY(%s::bigint[])"
+
+    def __init__(self, url: str, timescaledb: TimescaleMode = "auto") -> None:
+        super().__init__(url)
+        self.mode = timescaledb
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
+            raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {first_line}") from None
+        self.timescale_version: str | None = None
+        self.timescale_note = ""
+        self._detect_timescale()
+
+    # -- plumbing -------------------------------------------------------------------------
+    def execute(self, sql_text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql_text.encode(), tuple(params) or None)  # type: ignore[call-overload]
+            return cur.fetchall() if cur.description else []
+
+    def executemany(self, sql_text: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql_text.encode(), rows)  # type: ignore[arg-type]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- TimescaleDB ----------------------------------------------------------------------
+    def _detect_timescale(self) -> None:
+        if self.mode == "off":
+            return
+        rows = self.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+        if rows:
+            self.timescale_version = rows[0][0]
+            return
+        available = self.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        if not available:
+            self.timescale_note = "extension not installed on this server"
+        else:
+            try:
+                self.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                self.timescale_version = self.execute(
+                    "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+                )[0][0]
+            except psycopg.Error as exc:
+                self.timescale_note = f"available but not enabled: {str(exc).splitlines()[0]}"
+        if self.mode == "require" and self.timescale_version is None:
+            raise SchemaError(f"TimescaleDB is required but {self.timescale_note}")
+
+    @property
+    def timescale(self) -> bool:
+        return self.timescale_version is not None
+
+    def _ensure_hypertables(self) -> None:
+        existing = {
+            r[0]
+            for r in self.execute(
+                "SELECT hypertable_name FROM timescaledb_information.hypertables "
+                "WHERE hypertable_schema = current_schema()"
+            )
+        }
+        for table, interval in _CHUNK_INTERVALS.items():
+            if table in existing:
+                continue
+            order = "ts" if table == "samples" else "bucket"
+            self.execute(
+                "SELECT create_hypertable(%s::regclass, by_range(%s, %s::interval), "
+                "migrate_data => true)",
+                (table, order, interval),
+            )
+            self.execute(
+                sql.SQL(
+                    "ALTER TABLE {} SET (timescaledb.compress, "
+                    "timescaledb.compress_segmentby = 'series_id', "
+                    "timescaledb.compress_orderby = {})"
+                )
+                .format(sql.Identifier(table), sql.Literal(order))
+                .as_string(self.conn)
+            )
+
+    # -- schema ---------------------------------------------------------------------------
+    def schema_version(self) -> int | None:
+        if self.execute("SELECT to_regclass('schema_version')")[0][0] is None:
+            return None
+        return self.execute("SELECT max(version) FROM schema_version")[0][0]  # type: ignore[no-any-return]
+
+    def migrate(self, target: int = LATEST_VERSION) -> tuple[int, int]:
+        steps = migrations(POSTGRES_TYPES, "{col}")
+        with self.transaction():
+            # Serialise concurrent `init`s on one database.
+            self.execute("SELECT pg_advisory_xact_lock(7423001)")
+            self.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            before = self.schema_version() or 0
+            for version in range(before + 1, target + 1):
+                for statement in steps[version]:
+                    self.execute(statement)
+                self.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                if version == 1 and self.timescale:
+                    self._ensure_hypertables()
+            if self.timescale and before >= 1:
+                self._ensure_hypertables()  # the extension may have arrived after the schema
+        return before, max(before, target)
+
+    # -- writes ---------------------------------------------------------------------------
+    def _resolve_series(
+        self, cur: psycopg.Cursor[Any], batch: PreparedBatch
+    ) -> tuple[np.ndarray, int]:
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS series_stage "
+            "(pos integer, series_key text, metric text, labels jsonb) ON COMMIT DELETE ROWS"
+        )
+        with cur.copy("COPY series_stage (pos, series_key, metric, labels) FROM STDIN") as copy:
+            for pos, s in enumerate(batch.series):
+                copy.write_row((pos, s.key, s.metric, s.labels_json))
+        cur.execute(
+            "INSERT INTO series (series_key, metric, labels) "
+            "SELECT series_key, metric, labels FROM series_stage ORDER BY pos "
+            "ON CONFLICT (series_key) DO NOTHING"
+        )
+        new_series = cur.rowcount
+        cur.execute(
+            "SELECT st.pos, s.series_id FROM series_stage st "
+            "JOIN series s ON s.series_key = st.series_key"
+        )
+        ids = np.empty(len(batch.series), dtype=np.int64)
+        for pos, series_id in cur.fetchall():
+            ids[pos] = series_id
+        return ids, new_series
+
+    def write_prepared(
+        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
+    ) -> WriteCounts:
+        counts = WriteCounts()
+        with self.transaction(), self.conn.cursor() as cur:
+            # The ledger row is the lock: a concurrent writer of the same batch waits here,
+            # then sees it committed and reports a replay.
+            cur.execute(
+                "INSERT INTO ingest_batches (batch_id, source, status) VALUES (%s, %s, 'writing') "
+                "ON CONFLICT (batch_id) DO NOTHING",
+                (batch_id, source),
+            )
+            if cur.rowcount == 0:
+                counts.replay = True
+                return counts
+            series_ids, counts.new_series = self._resolve_series(cur, batch)
+            row_ids = series_ids[batch.codes]
+            order = np.lexsort((batch.ts_us, row_ids))
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS sample_stage "
+                "(series_id bigint, ts timestamptz, value float8) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy(
+                "COPY sample_stage (series_id, ts, value) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.write(
+                    binary_copy_payload(row_ids[order], batch.ts_us[order], batch.values[order])
+                )
+            cur.execute(
+                "WITH up AS (INSERT INTO samples (series_id, ts, value) "
+                "SELECT series_id, ts, value FROM sample_stage "
+                "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
+                "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
+                "RETURNING (xmax = 0) AS inserted) "
+                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
+            )
+            inserted, updated = cur.fetchone()  # type: ignore[misc]
+            counts.written, counts.overwritten = int(inserted), int(updated)
+            counts.unchanged = len(row_ids) - counts.written - counts.overwritten
+            counts.unchanged += batch.in_batch_duplicates
+            cur.execute(
+                "UPDATE series s SET first_seen = LEAST(s.first_seen, b.lo), "
+                "last_seen = GREATEST(s.last_seen, b.hi) "
+                "FROM (SELECT series_id, min(ts) AS lo, max(ts) AS hi FROM sample_stage "
+                "GROUP BY series_id) b WHERE s.series_id = b.series_id"
+            )
+            self.record_side_rows(
+                batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
+            )
+            values = self.ledger_values(batch, counts, batch_id=batch_id, source=source)
+            cur.execute(
+                "UPDATE ingest_batches SET status = %s, rows_in = %s, written = %s, "  # noqa: S608
+                "overwritten = %s, unchanged = %s, quarantined = %s, new_series = %s, "
+                f"min_ts = {self.ts_in}, max_ts = {self.ts_in} WHERE batch_id = %s",
+                (*values[2:], batch_id),
+            )
+        return counts
+
+    # -- reads ----------------------------------------------------------------------------
+    def bucket_expr(self, step_us: int) -> str:
+        width = f"interval '{int(step_us)} microseconds'"
+        if self.timescale:
+            return f"time_bucket({width}, ts, origin => timestamptz 'epoch')"
+        return f"date_bin({width}, ts, timestamptz 'epoch')"
+
+    def latest_points(self, ids: list[int]) -> pd.DataFrame:
+        rows = self.execute(
+            f"SELECT l.series_id, {self.ts_out.format(col='l.ts')}, l.value "  # noqa: S608
+            "FROM unnest(%s::bigint[]) AS i(id) CROSS JOIN LATERAL ("
+            "SELECT series_id, ts, value FROM samples WHERE series_id = i.id "
+            "ORDER BY ts DESC LIMIT 1) l ORDER BY l.series_id",
+            (ids,),
+        )
+        return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
+
+    def table_bytes(self) -> dict[str, int]:
+        hypertables = set()
+        if self.timescale:
+            hypertables = {
+                r[0]
+                for r in self.execute(
+                    "SELECT hypertable_name FROM timescaledb_information.hypertables"
+                )
+            }
+        sizes = {}
+        for table in ["series", "samples", *ROLLUP_TABLES.values(), "ingest_batches", "quarantine"]:
+            query = (
+                "SELECT coalesce(hypertable_size(%s::regclass), 0)"
+                if table in hypertables
+                else "SELECT pg_total_relation_size(%s::regclass)"
+            )
+            sizes[table] = int(self.execute(query, (table,))[0][0])
+        return sizes
+
+    def health_details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "server_version": self.execute("SHOW server_version")[0][0],
+            "database": self.execute("SELECT current_database()")[0][0],
+            "timescaledb": self.timescale_version or f"off ({self.timescale_note or 'disabled'})",
+        }
+        if self.timescale:
+            details["hypertables"] = sorted(
+                f"{name} (compression {'on' if compressed else 'off'})"
+                for name, compressed in self.execute(
+                    "SELECT hypertable_name, compression_enabled "
+                    "FROM timescaledb_information.hypertables"
+                )
+            )
+        return details

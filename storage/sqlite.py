@@ -1,0 +1,216 @@
+"""The embedded backend: one SQLite file in WAL mode (or memory), integer µs timestamps."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metricmill.errors import DatabaseUnavailable
+from metricmill.settings import MEMORY_URL
+from storage.backend import Backend, WriteCounts, hour_ranges
+from storage.frames import PreparedBatch
+from storage.schema import LATEST_VERSION, SQLITE_TYPES, migrations
+
+_CHUNK = 500  # ids per IN-list when looking up series keys
+
+
+@lru_cache(maxsize=256)
+def _qmark(sql: str) -> str:
+    return re.sub(r"%s", "?", sql)
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+    ids_in = "IN (SELECT value FROM json_each(%s))"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.memory = url == MEMORY_URL
+        self.path = None if self.memory else Path(url.removeprefix("sqlite:///"))
+        try:
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(
+                ":memory:" if self.path is None else str(self.path),
+                isolation_level=None,
+                timeout=60,
+                check_same_thread=False,
+            )
+            if not self.memory:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA temp_store=MEMORY")
+            self.conn.execute("PRAGMA cache_size=-65536")
+        except (sqlite3.Error, OSError) as exc:
+            raise DatabaseUnavailable(f"cannot open SQLite database {self.path}: {exc}") from None
+        self._depth = 0
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(_qmark(sql), tuple(params)).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(_qmark(sql), rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def migrate(self, target: int = LATEST_VERSION) -> tuple[int, int]:
+        steps = migrations(
+            SQLITE_TYPES, "strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000000.0, 'unixepoch')"
+        )
+        with self.transaction():
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+            before = self.schema_version() or 0
+            for version in range(before + 1, target + 1):
+                for statement in steps[version]:
+                    self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT INTO schema_version VALUES "
+                    "(?, CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER))",
+                    (version,),
+                )
+        return before, max(before, target)
+
+    def id_list(self, ids: list[int]) -> Any:
+        return "[" + ",".join(str(int(i)) for i in ids) + "]"
+
+    def bucket_expr(self, step_us: int) -> str:
+        step = int(step_us)
+        return f"((ts / {step}) * {step})"
+
+    def latest_points(self, ids: list[int]) -> pd.DataFrame:
+        # SQLite returns the bare column from the row holding max(ts).
+        rows = self.execute(
+            f"SELECT series_id, max(ts), value FROM samples WHERE series_id {self.ids_in} "  # noqa: S608
+            "GROUP BY series_id ORDER BY series_id",
+            (self.id_list(ids),),
+        )
+        return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
+
+    def _resolve_series(self, batch: PreparedBatch) -> tuple[np.ndarray, int]:
+        keys = [s.key for s in batch.series]
+        known: dict[str, int] = {}
+        for offset in range(0, len(keys), _CHUNK):
+            chunk = keys[offset : offset + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                self.conn.execute(
+                    f"SELECT series_key, series_id FROM series WHERE series_key IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+            )
+        missing = [s for s in batch.series if s.key not in known]
+        if missing:
+            self.conn.executemany(
+                "INSERT INTO series (series_key, metric, labels) VALUES (?, ?, ?)",
+                self.series_defs_params(missing),
+            )
+            first_new = self.conn.execute(
+                "SELECT series_id FROM series WHERE series_key = ?", (missing[0].key,)
+            ).fetchone()[0]
+            # One transaction, one writer: the ids of this executemany are consecutive.
+            for offset, s in enumerate(missing):
+                known[s.key] = first_new + offset
+        ids = np.array([known[k] for k in keys], dtype=np.int64)
+        return ids, len(missing)
+
+    def write_prepared(
+        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
+    ) -> WriteCounts:
+        counts = WriteCounts()
+        with self.transaction():
+            if self.batch_status(batch_id) is not None:
+                counts.replay = True
+                return counts
+            series_ids, counts.new_series = self._resolve_series(batch)
+            row_ids = series_ids[batch.codes]
+            order = np.lexsort((batch.ts_us, row_ids))
+            self.conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS sample_stage "
+                "(series_id INTEGER, ts INTEGER, value REAL)"
+            )
+            self.conn.execute("DELETE FROM sample_stage")
+            self.conn.executemany(
+                "INSERT INTO sample_stage VALUES (?, ?, ?)",
+                zip(
+                    row_ids[order].tolist(),
+                    batch.ts_us[order].tolist(),
+                    batch.values[order].tolist(),
+                    strict=True,
+                ),
+            )
+            existing, same = self.conn.execute(
+                "SELECT count(*), coalesce(sum(t.value = s.value), 0) FROM sample_stage s "
+                "JOIN samples t ON t.series_id = s.series_id AND t.ts = s.ts"
+            ).fetchone()
+            self.conn.execute(
+                "INSERT INTO samples (series_id, ts, value) SELECT series_id, ts, value "
+                "FROM sample_stage WHERE true ON CONFLICT (series_id, ts) DO UPDATE "
+                "SET value = excluded.value WHERE samples.value IS NOT excluded.value"
+            )
+            counts.written = len(row_ids) - existing
+            counts.overwritten = existing - same
+            counts.unchanged = same + batch.in_batch_duplicates
+            self.conn.execute(
+                "UPDATE series SET first_seen = min(coalesce(first_seen, b.lo), b.lo), "
+                "last_seen = max(coalesce(last_seen, b.hi), b.hi) "
+                "FROM (SELECT series_id AS sid, min(ts) AS lo, max(ts) AS hi FROM sample_stage "
+                "GROUP BY series_id) AS b WHERE series.series_id = b.sid"
+            )
+            self.conn.execute("DELETE FROM sample_stage")
+            self.record_side_rows(
+                batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
+            )
+            self.insert_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
+        return counts
+
+    def table_bytes(self) -> dict[str, int]:
+        try:
+            rows = self.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")
+        except sqlite3.Error:
+            page_count = self.execute("PRAGMA page_count")[0][0]
+            page_size = self.execute("PRAGMA page_size")[0][0]
+            return {"(whole database)": int(page_count) * int(page_size)}
+        return {name: int(size) for name, size in rows}
+
+    def health_details(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path) if self.path else ":memory:",
+            "journal_mode": self.execute("PRAGMA journal_mode")[0][0],
+            "synchronous": {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(
+                self.execute("PRAGMA synchronous")[0][0], "?"
+            ),
+            "sqlite_version": sqlite3.sqlite_version,
+        }

@@ -1,0 +1,356 @@
+"""The one storage API above every backend: write, query, inspect, export."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from metricmill.errors import MetricmillError, QueryError, SchemaError
+from metricmill.selectors import Selector, parse_selector
+from metricmill.settings import MEMORY_URL, Settings, load_settings
+from metricmill.timeutil import parse_duration, parse_time
+from metricmill.types import US_PER_SECOND, WriteReport, datetime_to_us, us_to_datetime
+from storage.backend import Backend, Health
+from storage.export import ExportFormat, confined_path, write_export
+from storage.frames import prepare
+from storage.postgres import PostgresBackend, TimescaleMode
+from storage.schema import LATEST_VERSION, ROLLUP_TABLES
+from storage.sqlite import SQLiteBackend
+
+Agg = Literal["avg", "min", "max", "sum", "count", "last", "stddev"]
+AGGREGATIONS: tuple[str, ...] = ("avg", "min", "max", "sum", "count", "last", "stddev")
+DEFAULT_RANGE = timedelta(hours=1)
+_OUTPUT_COLUMNS = ["metric", "labels", "ts", "value"]
+
+
+def open_backend(url: str, timescaledb: TimescaleMode = "auto") -> Backend:
+    if url.startswith("sqlite:///") or url == MEMORY_URL:
+        return SQLiteBackend(url)
+    return PostgresBackend(url, timescaledb=timescaledb)
+
+
+def _to_us_array(ts_us: pd.Series) -> pd.Series:
+    return pd.to_datetime(ts_us.to_numpy(dtype="int64"), unit="us", utc=True)
+
+
+class Store:
+    """Samples, series and everything derived from them, on SQLite or PostgreSQL/TimescaleDB."""
+
+    def __init__(self, backend: Backend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+
+    @classmethod
+    def open(
+        cls,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        timescaledb: TimescaleMode | None = None,
+        init: bool = True,
+    ) -> Store:
+        """Connect (and, unless init=False, create or upgrade the schema)."""
+        overrides: dict[str, Any] = {"database_url": url, "timescaledb": timescaledb}
+        if settings is None:
+            settings = load_settings(**overrides)
+        elif url is not None or timescaledb is not None:
+            settings = settings.model_copy(
+                update={k: v for k, v in overrides.items() if v is not None}
+            )
+            settings.database_url = Settings._normalise_url(settings.database_url)
+        store = cls(open_backend(settings.database_url, settings.timescaledb), settings)
+        if init:
+            try:
+                store.init()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    @classmethod
+    def memory(cls) -> Store:
+        """A throwaway in-memory store for notebooks and quick tests."""
+        return cls.open(MEMORY_URL)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    @property
+    def backend_name(self) -> str:
+        if isinstance(self.backend, PostgresBackend) and self.backend.timescale:
+            return "timescaledb"
+        return self.backend.name
+
+    # -- schema ---------------------------------------------------------------------------
+    def init(self, target: int = LATEST_VERSION) -> tuple[int, int]:
+        """Create or upgrade the schema; a second call is a no-op. (version before, after)."""
+        current = self.backend.schema_version()
+        if current is not None and current > LATEST_VERSION:
+            raise SchemaError(
+                f"database schema version {current} is newer than this metricmill "
+                f"understands ({LATEST_VERSION}); upgrade metricmill"
+            )
+        return self.backend.migrate(target)
+
+    def schema_version(self) -> int | None:
+        return self.backend.schema_version()
+
+    # -- writes ---------------------------------------------------------------------------
+    def write_samples(
+        self,
+        frame: pd.DataFrame | Iterable[Mapping[str, Any]],
+        *,
+        source: str = "api",
+        batch_id: str | None = None,
+    ) -> WriteReport:
+        """Write a batch exactly once; bad rows are quarantined with a reason, the rest land."""
+        batch = prepare(frame)
+        report = WriteReport(batch_id=batch_id or batch.content_hash, source=source)
+        report.rows_in = batch.rows_in
+        if batch.rows_in == 0:
+            return report
+        counts = self.backend.write_prepared(
+            batch, batch_id=report.batch_id, source=source, new_series_limit=None
+        )
+        report.replay = counts.replay
+        if counts.replay:
+            return report
+        report.new_series = counts.new_series
+        report.written = counts.written
+        report.overwritten = counts.overwritten
+        report.unchanged = counts.unchanged
+        report.rejected = Counter(reason for _, reason in batch.rejected)
+        if len(batch.ts_us):
+            report.min_ts = us_to_datetime(int(batch.ts_us.min()))
+            report.max_ts = us_to_datetime(int(batch.ts_us.max()))
+        return report
+
+    # -- reads ----------------------------------------------------------------------------
+    def _window(self, start: str | datetime | None, end: str | datetime | None) -> tuple[int, int]:
+        now = datetime.now(UTC)
+        end_dt = parse_time(end, now=now) or now
+        start_dt = parse_time(start, now=now) or (end_dt - DEFAULT_RANGE)
+        if start_dt >= end_dt:
+            raise QueryError(f"start {start_dt.isoformat()} is not before end {end_dt.isoformat()}")
+        return datetime_to_us(start_dt), datetime_to_us(end_dt)
+
+    def _matching_series(
+        self, metric: str | None, selector: str | Mapping[str, str] | Selector | None
+    ) -> tuple[str, dict[int, dict[str, str]]]:
+        parsed = parse_selector(selector)
+        name = metric or parsed.metric
+        if not name:
+            raise QueryError('no metric given: name one, e.g. cpu_usage or cpu_usage{host="a"}')
+        if parsed.metric and metric and parsed.metric != metric:
+            raise QueryError(f"selector names metric {parsed.metric!r} but {metric!r} was asked")
+        candidates = self.backend.find_series(name)
+        if not candidates:
+            raise QueryError(f"unknown metric {name!r}")
+        return name, {sid: labels for sid, _, labels in candidates if parsed.matches(labels)}
+
+    def query(
+        self,
+        metric: str | None,
+        selector: str | Mapping[str, str] | Selector | None = None,
+        start: str | datetime | None = None,
+        end: str | datetime | None = None,
+        step: str | int | float | timedelta | None = None,
+        agg: str | None = None,
+    ) -> pd.DataFrame:
+        """Raw points in [start, end), or per-step aggregates (avg by default) when step is set.
+
+        Buckets are aligned to the Unix epoch; each point's ts is its bucket's start.
+        """
+        start_us, end_us = self._window(start, end)
+        if agg is not None and agg not in AGGREGATIONS:
+            raise QueryError(f"unknown aggregation {agg!r}: use one of {', '.join(AGGREGATIONS)}")
+        if agg is not None and step is None:
+            raise QueryError("an aggregation needs a step, e.g. --step 5m")
+        name, matched = self._matching_series(metric, selector)
+        if not matched:
+            return pd.DataFrame(columns=_OUTPUT_COLUMNS)
+        ids = sorted(matched)
+        if step is None:
+            points = self.backend.raw_points(ids, start_us, end_us)
+            values = points["value"].astype("float64")
+        else:
+            step_us = int(parse_duration(step) / timedelta(microseconds=1))
+            if step_us < US_PER_SECOND // 1000:
+                raise QueryError("step must be at least 1ms")
+            points = self.backend.bucket_stats(ids, start_us, end_us, step_us)
+            values = aggregate(points, agg or "avg")
+        return pd.DataFrame(
+            {
+                "metric": name,
+                "labels": points["series_id"].map(matched),
+                "ts": _to_us_array(points["ts_us"]),
+                "value": values.to_numpy(dtype="float64") if len(points) else [],
+            }
+        )[_OUTPUT_COLUMNS]
+
+    def latest(
+        self, metric: str | None, selector: str | Mapping[str, str] | Selector | None = None
+    ) -> pd.DataFrame:
+        """The newest sample of every matching series."""
+        name, matched = self._matching_series(metric, selector)
+        if not matched:
+            return pd.DataFrame(columns=_OUTPUT_COLUMNS)
+        points = self.backend.latest_points(sorted(matched))
+        return pd.DataFrame(
+            {
+                "metric": name,
+                "labels": points["series_id"].map(matched),
+                "ts": _to_us_array(points["ts_us"]),
+                "value": points["value"].astype("float64"),
+            }
+        )[_OUTPUT_COLUMNS]
+
+    def series(
+        self,
+        pattern: str | None = None,
+        selector: str | Mapping[str, str] | Selector | None = None,
+    ) -> pd.DataFrame:
+        """Series whose metric matches the glob `pattern` and whose labels match `selector`."""
+        parsed = parse_selector(selector)
+        exact = parsed.metric if pattern is None else None
+        if (
+            pattern is not None
+            and parsed.metric
+            and not fnmatch.fnmatchcase(parsed.metric, pattern)
+        ):
+            return pd.DataFrame(
+                columns=["series_id", "metric", "labels", "first_seen", "last_seen"]
+            )
+        rows = [
+            (sid, metric, labels)
+            for sid, metric, labels in self.backend.find_series(exact)
+            if (pattern is None or fnmatch.fnmatchcase(metric, pattern))
+            and (parsed.metric is None or metric == parsed.metric)
+            and parsed.matches(labels)
+        ]
+        info = self.backend.series_info([r[0] for r in rows]) if rows else []
+        seen = {int(r[0]): (r[3], r[4]) for r in info}
+
+        def when(us: Any) -> datetime | None:
+            return None if us is None else us_to_datetime(int(us))
+
+        return pd.DataFrame(
+            {
+                "series_id": [r[0] for r in rows],
+                "metric": [r[1] for r in rows],
+                "labels": [r[2] for r in rows],
+                "first_seen": [when(seen[r[0]][0]) for r in rows],
+                "last_seen": [when(seen[r[0]][1]) for r in rows],
+            }
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Rows and bytes per table, series count, oldest and newest sample."""
+        counts = self.backend.table_counts()
+        sizes = self.backend.table_bytes()
+        oldest, newest = self.backend.sample_bounds()
+        return {
+            "backend": self.backend_name,
+            "schema_version": self.schema_version(),
+            "series": counts["series"],
+            "samples": counts["samples"],
+            "oldest_sample": None if oldest is None else us_to_datetime(oldest),
+            "newest_sample": None if newest is None else us_to_datetime(newest),
+            "tables": {
+                table: {"rows": rows, "bytes": sizes.get(table)} for table, rows in counts.items()
+            },
+            "bytes_total": sum(sizes.values()),
+        }
+
+    def health(self) -> Health:
+        """Connectivity, schema version, WAL/TimescaleDB status and a write probe."""
+        problems: list[str] = []
+        started = time.perf_counter()
+        version = self.schema_version()
+        details: dict[str, Any] = {"url": self.settings.masked_database_url}
+        details["round_trip_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        details.update(self.backend.health_details())
+        if version != LATEST_VERSION:
+            problems.append(
+                f"schema version {version}, expected {LATEST_VERSION}: run `metricmill init`"
+            )
+        if isinstance(self.backend, SQLiteBackend) and not self.backend.memory:
+            if str(details.get("journal_mode", "")).lower() != "wal":
+                problems.append("SQLite is not in WAL mode")
+        probe_started = time.perf_counter()
+        try:
+            self.backend.write_probe()
+            details["write_probe_ms"] = round((time.perf_counter() - probe_started) * 1000, 2)
+        except Exception as exc:  # a failed probe is a finding, not a crash
+            problems.append(f"write probe failed: {str(exc).splitlines()[0]}")
+        return Health(
+            ok=not problems,
+            backend=self.backend_name,
+            schema_version=version,
+            details=details,
+            problems=problems,
+        )
+
+    # -- export ---------------------------------------------------------------------------
+    def export(
+        self,
+        path: str | Path,
+        *,
+        metric: str | None,
+        selector: str | Mapping[str, str] | Selector | None = None,
+        start: str | datetime | None = None,
+        end: str | datetime | None = None,
+        step: str | int | float | timedelta | None = None,
+        agg: str | None = None,
+        format: ExportFormat | None = None,
+    ) -> tuple[Path, int]:
+        """Write a query's result under the export directory; returns (path, rows)."""
+        target = confined_path(self.settings.exports, path)
+        fmt = format or target.suffix.lstrip(".").lower()
+        if fmt not in ("json", "csv", "parquet"):
+            raise MetricmillError(
+                f"cannot tell the export format from {str(path)!r}: use --format json|csv|parquet"
+            )
+        frame = self.query(metric, selector, start, end, step=step, agg=agg)
+        write_export(frame, target, fmt)  # type: ignore[arg-type]
+        return target, len(frame)
+
+    @staticmethod
+    def rollup_tables() -> dict[str, str]:
+        return dict(ROLLUP_TABLES)
+
+
+def aggregate(stats: pd.DataFrame, agg: str) -> pd.Series:
+    """One aggregate from per-bucket count/sum/sum_sq/min/max/last — never averages of averages."""
+    count = stats["count"].astype("float64")
+    total = stats["sum"].astype("float64")
+    if agg == "avg":
+        return total / count
+    if agg == "sum":
+        return total
+    if agg == "count":
+        return count
+    if agg in ("min", "max", "last"):
+        return stats[agg].astype("float64")
+    mean = total / count
+    variance = np.maximum(stats["sum_sq"].astype("float64") / count - mean * mean, 0.0)
+    return pd.Series(np.sqrt(variance), index=stats.index)
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
