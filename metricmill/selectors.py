@@ -90,9 +90,8 @@ def parse_selector(text: str | Mapping[str, str] | Selector | None) -> Selector:
         if not source.endswith("}"):
             raise SelectorError(f"malformed selector {text!r}: missing closing '}}'")
         source = source[1:-1]
-    elif source:
-        if metric is not None:
-            raise SelectorError(f"malformed selector {text!r}: expected '{{' after the metric")
+    elif source and metric is not None:
+        raise SelectorError(f"malformed selector {text!r}: expected '{{' after the metric")
     matchers: list[Matcher] = []
     pos = 0
     body = source.strip()

@@ -31,6 +31,58 @@ class WriteCounts:
     replay: bool = False
 
 
+NO_TS = np.iinfo(np.int64).min  # a series with no samples yet
+
+
+@dataclass
+class SeriesIds:
+    """Database ids of a batch's series, and the time span each already covers."""
+
+    ids: np.ndarray
+    first_us: np.ndarray
+    last_us: np.ndarray
+    new_series: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> SeriesIds:
+        return cls(
+            ids=np.zeros(n, dtype=np.int64),
+            first_us=np.full(n, NO_TS, dtype=np.int64),
+            last_us=np.full(n, NO_TS, dtype=np.int64),
+        )
+
+
+def sorted_rows(
+    batch: PreparedBatch, known: SeriesIds
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(series_id, ts, value, may_exist) in primary-key order.
+
+    A row can only collide with a stored sample when its ts lies inside its series'
+    [first_seen, last_seen]; everything else (the append-only common case) is new for sure.
+    """
+    ids = known.ids[batch.codes]
+    order = np.lexsort((batch.ts_us, ids))
+    ts = batch.ts_us[order]
+    codes = batch.codes[order]
+    first, last = known.first_us[codes], known.last_us[codes]
+    may_exist = (last != NO_TS) & (ts >= first) & (ts <= last)
+    return ids[order], ts, batch.values[order], may_exist
+
+
+def series_seen_changes(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
+    """Rows (series_id, new first_seen, new last_seen) for series whose span grows."""
+    n = len(known.ids)
+    lo = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
+    np.minimum.at(lo, batch.codes, batch.ts_us)
+    np.maximum.at(hi, batch.codes, batch.ts_us)
+    has_old = known.last_us != NO_TS
+    new_lo = np.where(has_old, np.minimum(lo, known.first_us), lo)
+    new_hi = np.where(has_old, np.maximum(hi, known.last_us), hi)
+    grows = (hi >= lo) & (~has_old | (new_lo != known.first_us) | (new_hi != known.last_us))
+    return np.column_stack([known.ids[grows], new_lo[grows], new_hi[grows]])
+
+
 @dataclass
 class Health:
     ok: bool
@@ -98,7 +150,7 @@ class Backend:
         raise NotImplementedError
 
     def parse_labels(self, value: Any) -> dict[str, str]:
-        return value if isinstance(value, dict) else json.loads(value)  # type: ignore[no-any-return]
+        return value if isinstance(value, dict) else json.loads(value)
 
     def labels_param(self, labels_json: str) -> Any:
         return labels_json
@@ -136,7 +188,8 @@ class Backend:
             )
         if batch.rejected:
             self.executemany(
-                "INSERT INTO quarantine (batch_id, source, reason, row_data) VALUES (%s, %s, %s, %s)",
+                "INSERT INTO quarantine (batch_id, source, reason, row_data) "
+                "VALUES (%s, %s, %s, %s)",
                 [
                     (batch_id, source, reason, json.dumps(row, default=str, ensure_ascii=False))
                     for row, reason in batch.rejected

@@ -33,7 +33,7 @@ class SeriesDef:
 
     @property
     def labels(self) -> dict[str, str]:
-        return json.loads(self.labels_json)  # type: ignore[no-any-return]
+        return json.loads(self.labels_json)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
 
 
 def _timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch µs as int64, mask of unparseable) — naive times are taken as UTC, numbers as seconds."""
+    """(epoch µs, unparseable mask); naive times are taken as UTC, numbers as epoch seconds."""
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         seconds = pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64")
         bad = ~np.isfinite(seconds)

@@ -13,7 +13,15 @@ from psycopg import sql
 
 from metricmill.errors import DatabaseUnavailable, SchemaError
 from metricmill.settings import mask_url
-from storage.backend import Backend, WriteCounts, hour_ranges
+from storage.backend import (
+    NO_TS,
+    Backend,
+    SeriesIds,
+    WriteCounts,
+    hour_ranges,
+    series_seen_changes,
+    sorted_rows,
+)
 from storage.frames import PreparedBatch
 from storage.schema import LATEST_VERSION, POSTGRES_TYPES, ROLLUP_TABLES, migrations
 
@@ -79,12 +87,12 @@ class PostgresBackend(Backend):
     # -- plumbing -------------------------------------------------------------------------
     def execute(self, sql_text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
-            cur.execute(sql_text.encode(), tuple(params) or None)  # type: ignore[call-overload]
+            cur.execute(sql_text.encode(), tuple(params) or None)
             return cur.fetchall() if cur.description else []
 
     def executemany(self, sql_text: str, rows: Sequence[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
-            cur.executemany(sql_text.encode(), rows)  # type: ignore[arg-type]
+            cur.executemany(sql_text.encode(), rows)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -153,7 +161,7 @@ class PostgresBackend(Backend):
     def schema_version(self) -> int | None:
         if self.execute("SELECT to_regclass('schema_version')")[0][0] is None:
             return None
-        return self.execute("SELECT max(version) FROM schema_version")[0][0]  # type: ignore[no-any-return]
+        return self.execute("SELECT max(version) FROM schema_version")[0][0]
 
     def migrate(self, target: int = LATEST_VERSION) -> tuple[int, int]:
         steps = migrations(POSTGRES_TYPES, "{col}")
@@ -176,9 +184,7 @@ class PostgresBackend(Backend):
         return before, max(before, target)
 
     # -- writes ---------------------------------------------------------------------------
-    def _resolve_series(
-        self, cur: psycopg.Cursor[Any], batch: PreparedBatch
-    ) -> tuple[np.ndarray, int]:
+    def _resolve_series(self, cur: psycopg.Cursor[Any], batch: PreparedBatch) -> SeriesIds:
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS series_stage "
             "(pos integer, series_key text, metric text, labels jsonb) ON COMMIT DELETE ROWS"
@@ -193,13 +199,38 @@ class PostgresBackend(Backend):
         )
         new_series = cur.rowcount
         cur.execute(
-            "SELECT st.pos, s.series_id FROM series_stage st "
+            f"SELECT st.pos, s.series_id, {self.ts_out.format(col='s.first_seen')}, "  # noqa: S608
+            f"{self.ts_out.format(col='s.last_seen')} FROM series_stage st "
             "JOIN series s ON s.series_key = st.series_key"
         )
-        ids = np.empty(len(batch.series), dtype=np.int64)
-        for pos, series_id in cur.fetchall():
-            ids[pos] = series_id
-        return ids, new_series
+        rows = np.array(
+            [
+                (p, i, NO_TS if f is None else f, NO_TS if la is None else la)
+                for p, i, f, la in cur.fetchall()
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 4)
+        out = SeriesIds.empty(len(batch.series))
+        out.ids[rows[:, 0]] = rows[:, 1]
+        out.first_us[rows[:, 0]] = rows[:, 2]
+        out.last_us[rows[:, 0]] = rows[:, 3]
+        out.new_series = new_series
+        return out
+
+    def _copy_stage(
+        self, cur: psycopg.Cursor[Any], table: str, ids: np.ndarray, ts: np.ndarray, v: np.ndarray
+    ) -> None:
+        cur.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} "
+                "(series_id bigint, ts timestamptz, value float8) ON COMMIT DELETE ROWS"
+            ).format(sql.Identifier(table))
+        )
+        statement = sql.SQL("COPY {} (series_id, ts, value) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(table)
+        )
+        with cur.copy(statement) as copy:
+            copy.write(binary_copy_payload(ids, ts, v))
 
     def write_prepared(
         self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
@@ -216,48 +247,68 @@ class PostgresBackend(Backend):
             if cur.rowcount == 0:
                 counts.replay = True
                 return counts
-            series_ids, counts.new_series = self._resolve_series(cur, batch)
-            row_ids = series_ids[batch.codes]
-            order = np.lexsort((batch.ts_us, row_ids))
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS sample_stage "
-                "(series_id bigint, ts timestamptz, value float8) ON COMMIT DELETE ROWS"
-            )
-            with cur.copy(
-                "COPY sample_stage (series_id, ts, value) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.write(
-                    binary_copy_payload(row_ids[order], batch.ts_us[order], batch.values[order])
+            known = self._resolve_series(cur, batch)
+            counts.new_series = known.new_series
+            ids, ts, values, may_exist = sorted_rows(batch, known)
+            fresh = ~may_exist
+            if fresh.any():
+                # Rows outside their series' [first_seen, last_seen] cannot exist yet: COPY
+                # them straight into samples, far cheaper than an upsert. If a concurrent
+                # writer raced us to one of them, fall back to the upsert for all rows.
+                try:
+                    with self.conn.transaction():
+                        with cur.copy(
+                            "COPY samples (series_id, ts, value) FROM STDIN (FORMAT BINARY)"
+                        ) as copy:
+                            copy.write(binary_copy_payload(ids[fresh], ts[fresh], values[fresh]))
+                        counts.written += int(fresh.sum())
+                except psycopg.errors.UniqueViolation:
+                    may_exist[:] = True
+                    counts.written = 0
+            if may_exist.any():
+                self._copy_stage(
+                    cur, "sample_stage", ids[may_exist], ts[may_exist], values[may_exist]
                 )
-            cur.execute(
-                "WITH up AS (INSERT INTO samples (series_id, ts, value) "
-                "SELECT series_id, ts, value FROM sample_stage "
-                "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
-                "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
-                "RETURNING (xmax = 0) AS inserted) "
-                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
-            )
-            inserted, updated = cur.fetchone()  # type: ignore[misc]
-            counts.written, counts.overwritten = int(inserted), int(updated)
-            counts.unchanged = len(row_ids) - counts.written - counts.overwritten
+                cur.execute(
+                    "WITH up AS (INSERT INTO samples (series_id, ts, value) "
+                    "SELECT series_id, ts, value FROM sample_stage "
+                    "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
+                    "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
+                    "RETURNING (xmax = 0) AS inserted) "
+                    "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
+                    "FROM up"
+                )
+                inserted, updated = cur.fetchone()  # type: ignore[misc]
+                counts.written += int(inserted)
+                counts.overwritten = int(updated)
+                counts.unchanged = int(may_exist.sum()) - int(inserted) - int(updated)
             counts.unchanged += batch.in_batch_duplicates
-            cur.execute(
-                "UPDATE series s SET first_seen = LEAST(s.first_seen, b.lo), "
-                "last_seen = GREATEST(s.last_seen, b.hi) "
-                "FROM (SELECT series_id, min(ts) AS lo, max(ts) AS hi FROM sample_stage "
-                "GROUP BY series_id) b WHERE s.series_id = b.series_id"
-            )
+            self.execute_seen_update(cur, known, batch)
             self.record_side_rows(
                 batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
             )
-            values = self.ledger_values(batch, counts, batch_id=batch_id, source=source)
+            values_row = self.ledger_values(batch, counts, batch_id=batch_id, source=source)
             cur.execute(
                 "UPDATE ingest_batches SET status = %s, rows_in = %s, written = %s, "  # noqa: S608
                 "overwritten = %s, unchanged = %s, quarantined = %s, new_series = %s, "
                 f"min_ts = {self.ts_in}, max_ts = {self.ts_in} WHERE batch_id = %s",
-                (*values[2:], batch_id),
+                (*values_row[2:], batch_id),
             )
         return counts
+
+    def execute_seen_update(
+        self, cur: psycopg.Cursor[Any], known: SeriesIds, batch: PreparedBatch
+    ) -> None:
+        changed = series_seen_changes(known, batch)
+        if len(changed):
+            cur.execute(
+                "UPDATE series s SET "  # noqa: S608 - constant fragments only
+                f"first_seen = LEAST(s.first_seen, {self.ts_in.replace('%s', 'u.lo')}), "
+                f"last_seen = GREATEST(s.last_seen, {self.ts_in.replace('%s', 'u.hi')}) "
+                "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS u(sid, lo, hi) "
+                "WHERE s.series_id = u.sid",
+                (changed[:, 0].tolist(), changed[:, 1].tolist(), changed[:, 2].tolist()),
+            )
 
     # -- reads ----------------------------------------------------------------------------
     def bucket_expr(self, step_us: int) -> str:

@@ -188,7 +188,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     error TEXT,
     sent_at {t.ts} NOT NULL DEFAULT {t.now}
 )""",
-    "CREATE INDEX IF NOT EXISTS notifications_alert_idx ON notifications (alert_id, channel, event)",
+    "CREATE INDEX IF NOT EXISTS notifications_alert_idx "
+    "ON notifications (alert_id, channel, event)",
     """
 CREATE TABLE IF NOT EXISTS retention_rules (
     rule_id {t.id},

@@ -15,7 +15,14 @@ import pandas as pd
 
 from metricmill.errors import DatabaseUnavailable
 from metricmill.settings import MEMORY_URL
-from storage.backend import Backend, WriteCounts, hour_ranges
+from storage.backend import (
+    Backend,
+    SeriesIds,
+    WriteCounts,
+    hour_ranges,
+    series_seen_changes,
+    sorted_rows,
+)
 from storage.frames import PreparedBatch
 from storage.schema import LATEST_VERSION, SQLITE_TYPES, migrations
 
@@ -119,18 +126,18 @@ class SQLiteBackend(Backend):
         )
         return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
 
-    def _resolve_series(self, batch: PreparedBatch) -> tuple[np.ndarray, int]:
+    def _resolve_series(self, batch: PreparedBatch) -> SeriesIds:
         keys = [s.key for s in batch.series]
-        known: dict[str, int] = {}
+        known: dict[str, tuple[int, int | None, int | None]] = {}
         for offset in range(0, len(keys), _CHUNK):
             chunk = keys[offset : offset + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            known.update(
-                self.conn.execute(
-                    f"SELECT series_key, series_id FROM series WHERE series_key IN ({marks})",  # noqa: S608
-                    chunk,
-                ).fetchall()
-            )
+            for key, sid, first, last in self.conn.execute(
+                "SELECT series_key, series_id, first_seen, last_seen FROM series "  # noqa: S608
+                f"WHERE series_key IN ({marks})",
+                chunk,
+            ):
+                known[key] = (sid, first, last)
         missing = [s for s in batch.series if s.key not in known]
         if missing:
             self.conn.executemany(
@@ -142,9 +149,15 @@ class SQLiteBackend(Backend):
             ).fetchone()[0]
             # One transaction, one writer: the ids of this executemany are consecutive.
             for offset, s in enumerate(missing):
-                known[s.key] = first_new + offset
-        ids = np.array([known[k] for k in keys], dtype=np.int64)
-        return ids, len(missing)
+                known[s.key] = (first_new + offset, None, None)
+        out = SeriesIds.empty(len(keys))
+        for pos, key in enumerate(keys):
+            sid, first, last = known[key]
+            out.ids[pos] = sid
+            if first is not None and last is not None:
+                out.first_us[pos], out.last_us[pos] = first, last
+        out.new_series = len(missing)
+        return out
 
     def write_prepared(
         self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
@@ -154,47 +167,64 @@ class SQLiteBackend(Backend):
             if self.batch_status(batch_id) is not None:
                 counts.replay = True
                 return counts
-            series_ids, counts.new_series = self._resolve_series(batch)
-            row_ids = series_ids[batch.codes]
-            order = np.lexsort((batch.ts_us, row_ids))
-            self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS sample_stage "
-                "(series_id INTEGER, ts INTEGER, value REAL)"
-            )
-            self.conn.execute("DELETE FROM sample_stage")
+            known = self._resolve_series(batch)
+            counts.new_series = known.new_series
+            ids, ts, values, may_exist = sorted_rows(batch, known)
+            fresh = ~may_exist
+            # BEGIN IMMEDIATE holds the write lock, so rows outside their series' seen span
+            # are certainly new: a plain INSERT, no conflict handling.
             self.conn.executemany(
-                "INSERT INTO sample_stage VALUES (?, ?, ?)",
+                "INSERT INTO samples (series_id, ts, value) VALUES (?, ?, ?)",
+                zip(ids[fresh].tolist(), ts[fresh].tolist(), values[fresh].tolist(), strict=True),
+            )
+            counts.written = int(fresh.sum())
+            if may_exist.any():
+                counts.written += self._upsert_staged(
+                    ids[may_exist], ts[may_exist], values[may_exist], counts
+                )
+            counts.unchanged += batch.in_batch_duplicates
+            changed = series_seen_changes(known, batch)
+            self.conn.executemany(
+                "UPDATE series SET first_seen = ?, last_seen = ? WHERE series_id = ?",
                 zip(
-                    row_ids[order].tolist(),
-                    batch.ts_us[order].tolist(),
-                    batch.values[order].tolist(),
+                    changed[:, 1].tolist(),
+                    changed[:, 2].tolist(),
+                    changed[:, 0].tolist(),
                     strict=True,
                 ),
             )
-            existing, same = self.conn.execute(
-                "SELECT count(*), coalesce(sum(t.value = s.value), 0) FROM sample_stage s "
-                "JOIN samples t ON t.series_id = s.series_id AND t.ts = s.ts"
-            ).fetchone()
-            self.conn.execute(
-                "INSERT INTO samples (series_id, ts, value) SELECT series_id, ts, value "
-                "FROM sample_stage WHERE true ON CONFLICT (series_id, ts) DO UPDATE "
-                "SET value = excluded.value WHERE samples.value IS NOT excluded.value"
-            )
-            counts.written = len(row_ids) - existing
-            counts.overwritten = existing - same
-            counts.unchanged = same + batch.in_batch_duplicates
-            self.conn.execute(
-                "UPDATE series SET first_seen = min(coalesce(first_seen, b.lo), b.lo), "
-                "last_seen = max(coalesce(last_seen, b.hi), b.hi) "
-                "FROM (SELECT series_id AS sid, min(ts) AS lo, max(ts) AS hi FROM sample_stage "
-                "GROUP BY series_id) AS b WHERE series.series_id = b.sid"
-            )
-            self.conn.execute("DELETE FROM sample_stage")
             self.record_side_rows(
                 batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
             )
             self.insert_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
         return counts
+
+    def _upsert_staged(
+        self, ids: np.ndarray, ts: np.ndarray, values: np.ndarray, counts: WriteCounts
+    ) -> int:
+        """Upsert rows that may already exist; returns how many were new."""
+        self.conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS sample_stage "
+            "(series_id INTEGER, ts INTEGER, value REAL)"
+        )
+        self.conn.execute("DELETE FROM sample_stage")
+        self.conn.executemany(
+            "INSERT INTO sample_stage VALUES (?, ?, ?)",
+            zip(ids.tolist(), ts.tolist(), values.tolist(), strict=True),
+        )
+        existing, same = self.conn.execute(
+            "SELECT count(*), coalesce(sum(t.value = s.value), 0) FROM sample_stage s "
+            "JOIN samples t ON t.series_id = s.series_id AND t.ts = s.ts"
+        ).fetchone()
+        self.conn.execute(
+            "INSERT INTO samples (series_id, ts, value) SELECT series_id, ts, value "
+            "FROM sample_stage WHERE true ON CONFLICT (series_id, ts) DO UPDATE "
+            "SET value = excluded.value WHERE samples.value IS NOT excluded.value"
+        )
+        self.conn.execute("DELETE FROM sample_stage")
+        counts.overwritten = existing - same
+        counts.unchanged = same
+        return len(ids) - int(existing)
 
     def table_bytes(self) -> dict[str, int]:
         try:

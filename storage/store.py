@@ -38,7 +38,7 @@ def open_backend(url: str, timescaledb: TimescaleMode = "auto") -> Backend:
     return PostgresBackend(url, timescaledb=timescaledb)
 
 
-def _to_us_array(ts_us: pd.Series) -> pd.Series:
+def _to_us_array(ts_us: pd.Series) -> pd.DatetimeIndex:
     return pd.to_datetime(ts_us.to_numpy(dtype="int64"), unit="us", utc=True)
 
 
@@ -289,9 +289,9 @@ class Store:
             problems.append(
                 f"schema version {version}, expected {LATEST_VERSION}: run `metricmill init`"
             )
-        if isinstance(self.backend, SQLiteBackend) and not self.backend.memory:
-            if str(details.get("journal_mode", "")).lower() != "wal":
-                problems.append("SQLite is not in WAL mode")
+        sqlite_file = isinstance(self.backend, SQLiteBackend) and not self.backend.memory
+        if sqlite_file and str(details.get("journal_mode", "")).lower() != "wal":
+            problems.append("SQLite is not in WAL mode")
         probe_started = time.perf_counter()
         try:
             self.backend.write_probe()

@@ -1,0 +1,427 @@
+"""The `metricmill` command line: init, ingest, query, series, stats, health, export, demo.
+
+A user's mistake (bad selector, unknown metric, unreachable database, invalid setting, unreadable
+file) is reported as one `error: ...` line on stderr with exit code 1, never a traceback.
+"""
+
+import csv
+import io
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import click
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from metricmill.demo import METRICS, generate_demo_data, hourly_batches, incident_window
+from metricmill.errors import MetricmillError, QueryError
+from metricmill.readers import read_samples_file
+from metricmill.selectors import Selector, parse_selector
+from metricmill.settings import Settings, load_settings, mask_url
+from metricmill.types import WriteReport
+from storage.store import Store
+
+
+class _Commands(TyperGroup):
+    """Turns a user's mistake into one `error:` line and exit code 1, wherever it is raised."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MetricmillError, FileNotFoundError, PermissionError) as exc:
+            fail(exc)
+
+
+app = typer.Typer(
+    cls=_Commands,
+    name="metricmill",
+    help="Time-series metrics: ingest, query, inspect and export.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals can hold database passwords; a real bug still shows a plain traceback.
+    pretty_exceptions_show_locals=False,
+)
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    home: Path | None = None
+    database: str | None = None
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class ExportFormat(StrEnum):
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+
+
+# -- plumbing ---------------------------------------------------------------------------------
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def fail(exc: BaseException) -> NoReturn:
+    click.echo(f"error: {one_line(exc)}", err=True)
+    raise typer.Exit(1)
+
+
+def out() -> Console:
+    # Created per use so it writes to the sys.stdout of the moment (CliRunner swaps it).
+    return Console(highlight=False, soft_wrap=False)
+
+
+def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
+    options = ctx.find_object(GlobalOptions) or GlobalOptions()
+    base: dict[str, Any] = {"home": options.home, "database_url": options.database}
+    return load_settings(**(base | overrides))
+
+
+@contextmanager
+def open_store(ctx: typer.Context, *, init: bool = True) -> Iterator[Store]:
+    with Store.open(settings=settings_from(ctx), init=init) as store:
+        yield store
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    inner = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+def format_time(value: Any) -> str:
+    if value is None or value is pd.NaT:
+        return "-"
+    return pd.Timestamp(value).isoformat()
+
+
+def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
+    grid = Table(title=title, **kwargs)
+    for column in columns:
+        grid.add_column(column)
+    return grid
+
+
+def row(grid: Table, *cells: Any) -> None:
+    # Text, not str: label values such as "[x]" must not be read as rich markup.
+    grid.add_row(*(Text(str(c)) for c in cells))
+
+
+def combined_selector(target: str, extra: str | None) -> Selector:
+    """The positional `metric{...}` and --selector `{...}` as one selector."""
+    first = parse_selector(target)
+    if not extra:
+        return first
+    second = parse_selector(extra)
+    if first.metric and second.metric and first.metric != second.metric:
+        raise QueryError(f"two metrics given: {first.metric!r} and {second.metric!r}")
+    return Selector(first.metric or second.metric, first.matchers + second.matchers)
+
+
+# -- commands ---------------------------------------------------------------------------------
+@app.callback()
+def main(
+    ctx: typer.Context,
+    home: Annotated[
+        Path | None, typer.Option(help="metricmill home directory (METRICMILL_HOME).")
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            help="Database URL: sqlite:///PATH, memory:// or postgresql://USER@HOST:PORT/DB "
+            "(METRICMILL_DATABASE_URL)."
+        ),
+    ] = None,
+) -> None:
+    """Time-series metrics on SQLite, PostgreSQL or TimescaleDB."""
+    ctx.obj = GlobalOptions(home=home, database=database)
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create or upgrade the database schema (running it again changes nothing)."""
+    settings = settings_from(ctx)
+    with Store.open(settings=settings, init=False) as store:
+        before, after = store.init()
+        backend = store.backend_name
+    if not settings.database_url.endswith(":memory:"):
+        settings.ensure_dirs()
+    change = "up to date" if before == after else "upgraded"
+    click.echo(f"backend:  {backend}")
+    click.echo(f"schema:   version {before} -> {after} ({change})")
+    click.echo(f"database: {settings.masked_database_url}")
+    click.echo(f"home:     {settings.home}")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="NDJSON or CSV files, optionally .gz.")],
+) -> None:
+    """Write sample files to the store, one batch per file; a re-sent file is a replay."""
+    results: list[tuple[str, WriteReport]] = []
+    failed = 0
+    with open_store(ctx) as store:
+        for path in files:
+            try:
+                frame = read_samples_file(path)
+                results.append((str(path), store.write_samples(frame, source=f"file:{path.name}")))
+            except (MetricmillError, OSError) as exc:
+                failed += 1
+                click.echo(f"error: {path}: {one_line(exc).removeprefix(f'{path}: ')}", err=True)
+    if results:
+        grid = table(
+            "file", "rows in", "new series", "written", "overwritten", "unchanged",
+            "rejected", "replay", title="ingest",
+        )
+        for name, report in results:
+            rejected = ", ".join(f"{k}={v}" for k, v in sorted(report.rejected.items())) or "0"
+            row(
+                grid, name, report.rows_in, report.new_series, report.written,
+                report.overwritten, report.unchanged, rejected,
+                "yes (skipped)" if report.replay else "no",
+            )
+        out().print(grid)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    target: Annotated[
+        str, typer.Argument(metavar="METRIC_OR_SELECTOR", help='e.g. cpu or cpu{host="a"}')
+    ],
+    selector: Annotated[str | None, typer.Option(help='Extra matchers: {env!="dev"}')] = None,
+    start: Annotated[str | None, typer.Option(help="ISO time, epoch, now, -2h (end-1h)")] = None,
+    end: Annotated[str | None, typer.Option(help="ISO time, epoch, now, -5m (now)")] = None,
+    step: Annotated[str | None, typer.Option(help="Bucket width: 30s, 5m, 1h")] = None,
+    agg: Annotated[
+        str | None, typer.Option(help="avg, min, max, sum, count, last, stddev (with --step)")
+    ] = None,
+    format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N rows only")] = None,
+) -> None:
+    """Samples in [start, end), raw or aggregated per step."""
+    with open_store(ctx) as store:
+        frame = store.query(None, combined_selector(target, selector), start, end, step, agg)
+    if limit is not None:
+        frame = frame.head(limit)
+    print_points(frame, format)
+
+
+def print_points(frame: pd.DataFrame, fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.json:
+        for r in frame.itertuples(index=False):
+            record = {"metric": r.metric, "labels": r.labels, "ts": r.ts.isoformat(), "value": r.value}
+            click.echo(json.dumps(record, ensure_ascii=False))
+        return
+    if fmt is OutputFormat.csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["metric", "labels", "ts", "value"])
+        for r in frame.itertuples(index=False):
+            labels = json.dumps(r.labels, sort_keys=True, ensure_ascii=False)
+            writer.writerow([r.metric, labels, r.ts.isoformat(), repr(float(r.value))])
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    if frame.empty:
+        click.echo("no samples in this window")
+        return
+    grid = table("series", "ts", "value", caption=f"{len(frame)} rows")
+    for r in frame.itertuples(index=False):
+        row(grid, f"{r.metric}{format_labels(r.labels)}", r.ts.isoformat(), f"{r.value:.10g}")
+    out().print(grid)
+
+
+@app.command()
+def series(
+    ctx: typer.Context,
+    pattern: Annotated[str | None, typer.Argument(help="Metric name glob, e.g. 'cpu_*'")] = None,
+    selector: Annotated[str | None, typer.Option(help='Label matchers: {host="a"}')] = None,
+) -> None:
+    """Known series, with when each was first and last seen."""
+    with open_store(ctx) as store:
+        frame = store.series(pattern, selector)
+    grid = table("id", "metric", "labels", "first seen", "last seen", caption=f"{len(frame)} series")
+    for r in frame.itertuples(index=False):
+        row(grid, r.series_id, r.metric, format_labels(r.labels),
+            format_time(r.first_seen), format_time(r.last_seen))
+    out().print(grid)
+
+
+@app.command()
+def stats(ctx: typer.Context) -> None:
+    """Series, samples, time span and size per table."""
+    with open_store(ctx) as store:
+        print_stats(store.stats())
+
+
+def print_stats(info: dict[str, Any]) -> None:
+    summary = table("", "", title="storage", show_header=False)
+    for label, key in (("backend", "backend"), ("schema version", "schema_version"),
+                       ("series", "series"), ("samples stored", "samples")):
+        row(summary, label, info[key])
+    row(summary, "oldest sample", format_time(info["oldest_sample"]))
+    row(summary, "newest sample", format_time(info["newest_sample"]))
+    row(summary, "bytes on disk", f"{info['bytes_total']:,}")
+    tables = table("table", "rows", "bytes", title="tables")
+    for name, counts in info["tables"].items():
+        size = "-" if counts["bytes"] is None else f"{counts['bytes']:,}"
+        row(tables, name, f"{counts['rows']:,}", size)
+    console = out()
+    console.print(summary)
+    console.print(tables)
+
+
+@app.command()
+def health(ctx: typer.Context) -> None:
+    """Connectivity, schema version, WAL/TimescaleDB status and a write probe; exit 1 if not ok."""
+    with open_store(ctx, init=False) as store:
+        result = store.health()
+    print_health(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def print_health(result: Any) -> None:
+    grid = table("", "", title=f"health: {'ok' if result.ok else 'NOT OK'}", show_header=False)
+    row(grid, "backend", result.backend)
+    row(grid, "schema version", result.schema_version)
+    for key, value in result.details.items():
+        row(grid, key, ", ".join(value) if isinstance(value, list) else value)
+    for problem in result.problems:
+        row(grid, "problem", problem)
+    out().print(grid)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(metavar="METRIC_OR_SELECTOR")],
+    output: Annotated[str, typer.Option(help="Path relative to the export directory")],
+    format: Annotated[
+        ExportFormat | None, typer.Option("--format", help="Default: from the file suffix")
+    ] = None,
+    start: Annotated[str | None, typer.Option()] = None,
+    end: Annotated[str | None, typer.Option()] = None,
+    step: Annotated[str | None, typer.Option()] = None,
+    agg: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Write a query's result to JSON, CSV or Parquet under the export directory."""
+    with open_store(ctx) as store:
+        path, rows = store.export(
+            output,
+            metric=None,
+            selector=combined_selector(target, None),
+            start=start,
+            end=end,
+            step=step,
+            agg=agg,
+            format=None if format is None else format.value,
+        )
+    click.echo(f"exported {rows} rows to {path}")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    home: Annotated[
+        Path | None, typer.Option(help="Home for the demo data (default: a new temporary one)")
+    ] = None,
+    hosts: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    days: Annotated[int, typer.Option(min=1, max=60)] = 2,
+) -> None:
+    """Generate realistic host metrics into an embedded SQLite store and show what it holds."""
+    started = time.perf_counter()
+    chosen = home or (ctx.find_object(GlobalOptions) or GlobalOptions()).home
+    home = (chosen or Path(tempfile.mkdtemp(prefix="metricmill-demo-"))).expanduser().resolve()
+    settings = settings_from(ctx, home=home, database_url=f"sqlite:///{home / 'metrics.db'}")
+    data = generate_demo_data(hosts, days, end=datetime.now(UTC))
+    batches = hourly_batches(data.frame)
+    with Store.open(settings=settings) as store:
+        reports = [store.write_samples(b, source="demo") for b in batches]
+        replay = store.write_samples(batches[-1], source="demo")
+        host_selector = {"host": data.incident.host}
+        window = incident_window(data.incident)
+        hourly = store.query("cpu_usage_percent", host_selector, *window, step="1h", agg="avg")
+        peaks = store.query("cpu_usage_percent", host_selector, *window, step="1h", agg="max")
+        info = store.stats()
+        checked = store.health()
+    elapsed = time.perf_counter() - started
+    print_demo(settings, data, reports, replay, hourly, peaks, info, checked, elapsed)
+
+
+def print_demo(
+    settings: Settings,
+    data: Any,
+    reports: list[WriteReport],
+    replay: WriteReport,
+    hourly: pd.DataFrame,
+    peaks: pd.DataFrame,
+    info: dict[str, Any],
+    checked: Any,
+    elapsed: float,
+) -> None:
+    console = out()
+    written = sum(r.written for r in reports)
+    console.print(Text(f"metricmill demo — {settings.home}", style="bold"))
+    summary = table("", "", title="what happened", show_header=False)
+    row(summary, "generated", f"{len(data.frame):,} samples: {len(data.hosts)} hosts × "
+        f"{len(METRICS)} metrics, 1-minute resolution")
+    row(summary, "written", f"{len(reports)} hourly micro-batches, {written:,} samples")
+    row(summary, "samples stored", f"{info['samples']:,}")
+    row(summary, "series", info["series"])
+    row(summary, "re-sent last batch",
+        "replay detected, nothing written" if replay.replay else "written again")
+    row(summary, "injected incident",
+        f"{data.incident.host}: CPU ~98% and latency ×4 for {data.incident.minutes} minutes "
+        f"from {data.incident.start.isoformat()}")
+    row(summary, "database", f"{mask_url(settings.database_url)} ({info['backend']}, "
+        f"{info['bytes_total']:,} bytes)")
+    row(summary, "health", "ok" if checked.ok else "; ".join(checked.problems))
+    row(summary, "took", f"{elapsed:.1f} s")
+    console.print(summary)
+
+    example = table("hour (UTC)", "avg", "max", title="query: hourly CPU around the incident",
+                    caption=f'cpu_usage_percent{{host="{data.incident.host}"}} --step 1h')
+    for (_, a), (_, m) in zip(hourly.iterrows(), peaks.iterrows(), strict=True):
+        row(example, a["ts"].strftime("%Y-%m-%d %H:%M"), f"{a['value']:.1f}", f"{m['value']:.1f}")
+    console.print(example)
+
+    prefix = f"uv run metricmill --home {settings.home}"
+    host = data.incident.host
+    console.print(Text("next steps", style="bold"))
+    for command in (
+        f"{prefix} series 'http_*'",
+        f"{prefix} query 'cpu_usage_percent{{host=\"{host}\"}}' --start -1d --step 1h --agg max",
+        f"{prefix} query http_requests_total --selector '{{region=\"eu-west\"}}' --limit 5 "
+        "--format json",
+        f"{prefix} export 'http_request_duration_seconds{{host=\"{host}\"}}' --start -1d "
+        "--output latency.csv",
+        f"{prefix} ingest samples.ndjson metrics.csv.gz",
+        f"{prefix} stats",
+        f"{prefix} health",
+    ):
+        console.print(Text(f"  {command}"), soft_wrap=True)

@@ -1,0 +1,146 @@
+"""Sample files as DataFrames for `Store.write_samples`: NDJSON and CSV, optionally gzipped.
+
+Readers only decode; validating rows (and quarantining the bad ones) is the store's job. A file
+that cannot be decoded as a whole raises `UnreadableFile`; missing files raise FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+from metricmill.errors import MetricmillError
+
+_METRIC_COLUMNS = ("metric", "name")
+_TIME_COLUMNS = ("timestamp", "ts", "time")
+_NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
+_CSV_SUFFIXES = (".csv",)
+
+
+class UnreadableFile(MetricmillError):
+    """A file is not NDJSON or CSV samples, or cannot be decoded at all."""
+
+
+def read_samples_file(path: str | Path) -> pd.DataFrame:
+    """Samples from an NDJSON or CSV file (or its .gz), chosen by the file name."""
+    path = Path(path)
+    reader = _reader_for(path)
+    try:
+        with _open_text(path) as handle:
+            return reader(handle, path)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise UnreadableFile(f"{path}: cannot decode file: {exc}") from None
+
+
+def _reader_for(path: Path) -> Callable[[IO[str], Path], pd.DataFrame]:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    last = suffixes[-1] if suffixes else ""
+    if last in _NDJSON_SUFFIXES:
+        return read_ndjson
+    if last in _CSV_SUFFIXES:
+        return read_csv
+    raise UnreadableFile(
+        f"{path}: unknown file type {last or '(none)'!r}: expected .ndjson, .jsonl or .csv "
+        "(optionally .gz)"
+    )
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return path.open("r", encoding="utf-8", newline="")
+
+
+def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:
+    """One JSON object per line; blank lines are skipped.
+
+    A line that is not a JSON object becomes a row without a metric (the store quarantines it
+    with the line kept in `raw_line`); a file in which no line is an object is unreadable.
+    """
+    rows: list[dict[str, Any]] = []
+    objects = 0
+    for number, line in enumerate(handle, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            objects += 1
+            rows.append(record)
+        else:
+            rows.append({"metric": None, "line_number": number, "raw_line": text})
+    if rows and not objects:
+        raise UnreadableFile(f"{path}: not NDJSON: no line is a JSON object")
+    return pd.DataFrame(rows)
+
+
+def read_csv(handle: IO[str], path: Path) -> pd.DataFrame:
+    """Columns metric, timestamp, value, then a `labels` JSON column or one column per label.
+
+    Cells are read as text so label values stay exactly as written; an empty label cell means
+    the row does not have that label.
+    """
+    try:
+        frame = pd.read_csv(
+            io.StringIO(handle.read()), dtype=str, keep_default_na=False, na_filter=False
+        )
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, csv.Error) as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise UnreadableFile(f"{path}: not CSV: {first_line}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    metric_col = next((c for c in _METRIC_COLUMNS if c in frame.columns), None)
+    time_col = next((c for c in _TIME_COLUMNS if c in frame.columns), None)
+    missing = [
+        name
+        for name, found in (("metric", metric_col), ("timestamp", time_col))
+        if found is None
+    ] + ([] if "value" in frame.columns else ["value"])
+    if missing:
+        raise UnreadableFile(
+            f"{path}: CSV header has no {', '.join(missing)} column(s); "
+            "expected metric, timestamp, value and a labels column or label columns"
+        )
+    assert metric_col is not None and time_col is not None
+    if "labels" in frame.columns:
+        labels: pd.Series = frame["labels"]
+    else:
+        label_cols = [c for c in frame.columns if c not in (metric_col, time_col, "value")]
+        labels = pd.Series(
+            [
+                {k: v for k, v in row.items() if v != ""}
+                for row in frame[label_cols].to_dict(orient="records")
+            ],
+            index=frame.index,
+            dtype=object,
+        )
+    return pd.DataFrame(
+        {
+            "metric": frame[metric_col],
+            "labels": labels,
+            "ts": _csv_timestamps(frame[time_col]),
+            "value": frame["value"],
+        }
+    )
+
+
+def _csv_timestamps(column: pd.Series) -> pd.Series:
+    """Epoch seconds when every filled cell is a number, else the text as written (ISO 8601)."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    filled = column.str.strip() != ""
+    if filled.any() and numbers[filled].notna().all():
+        return numbers
+    return column
