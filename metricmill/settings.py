@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     export_dir: Path | None = None
     retention_days: int = 30
     timescaledb: Literal["auto", "off", "require"] = "auto"
+    # ingestion
+    settle_seconds: float = 2.0
+    max_future_skew_seconds: float = 600.0
+    max_new_series_per_batch: int = 5000
+    max_labels: int = 32
+    max_label_name_length: int = 128
+    max_label_value_length: int = 2048
+    line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
+    scrape_targets: list[str] = []
+    scrape_timeout_seconds: float = 10.0
 
     @classmethod
     def settings_customise_sources(
@@ -92,11 +102,18 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value) if value else ""
 
-    @field_validator("retention_days")
+    @field_validator("retention_days", "max_new_series_per_batch", "max_labels")
     @classmethod
-    def _positive_days(cls, value: int) -> int:
+    def _positive(cls, value: int) -> int:
         if value <= 0:
-            raise ValueError("must be a positive number of days")
+            raise ValueError("must be a positive number")
+        return value
+
+    @field_validator("settle_seconds", "max_future_skew_seconds", "scrape_timeout_seconds")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
         return value
 
     @model_validator(mode="after")

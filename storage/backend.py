@@ -135,9 +135,7 @@ class Backend:
         """Bring the schema up to `target`; (version before, version after)."""
         raise NotImplementedError
 
-    def write_prepared(
-        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
-    ) -> WriteCounts:
+    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
         raise NotImplementedError
 
     def bucket_expr(self, step_us: int) -> str:

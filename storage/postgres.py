@@ -232,9 +232,7 @@ class PostgresBackend(Backend):
         with cur.copy(statement) as copy:
             copy.write(binary_copy_payload(ids, ts, v))
 
-    def write_prepared(
-        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
-    ) -> WriteCounts:
+    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
         counts = WriteCounts()
         with self.transaction(), self.conn.cursor() as cur:
             # The ledger row is the lock: a concurrent writer of the same batch waits here,

@@ -159,9 +159,7 @@ class SQLiteBackend(Backend):
         out.new_series = len(missing)
         return out
 
-    def write_prepared(
-        self, batch: PreparedBatch, *, batch_id: str, source: str, new_series_limit: int | None
-    ) -> WriteCounts:
+    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
         counts = WriteCounts()
         with self.transaction():
             if self.batch_status(batch_id) is not None:

@@ -124,9 +124,7 @@ class Store:
         report.rows_in = batch.rows_in
         if batch.rows_in == 0:
             return report
-        counts = self.backend.write_prepared(
-            batch, batch_id=report.batch_id, source=source, new_series_limit=None
-        )
+        counts = self.backend.write_prepared(batch, batch_id=report.batch_id, source=source)
         report.replay = counts.replay
         if counts.replay:
             return report
