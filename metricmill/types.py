@@ -26,6 +26,7 @@ class Reason:
     NUL_CHARACTER = "nul_character"
     INVALID_UNICODE = "invalid_unicode"
     CONFLICTING_VALUES = "conflicting_values_in_batch"
+    CARDINALITY_LIMIT = "cardinality_limit"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class WriteReport:
     unchanged: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     replay: bool = False
+    guarded_new_series: int = 0
     min_ts: datetime | None = None
     max_ts: datetime | None = None
 
@@ -59,6 +61,7 @@ class WriteReport:
             "unchanged": self.unchanged,
             "rejected": dict(self.rejected),
             "replay": self.replay,
+            "guarded_new_series": self.guarded_new_series,
             "min_ts": self.min_ts.isoformat() if self.min_ts else None,
             "max_ts": self.max_ts.isoformat() if self.max_ts else None,
         }

@@ -29,6 +29,7 @@ class WriteCounts:
     unchanged: int = 0
     new_series: int = 0
     replay: bool = False
+    guarded_new_series: int = 0  # > 0: the batch was quarantined whole by the cardinality guard
 
 
 NO_TS = np.iinfo(np.int64).min  # a series with no samples yet
@@ -135,8 +136,49 @@ class Backend:
         """Bring the schema up to `target`; (version before, version after)."""
         raise NotImplementedError
 
-    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
+    def write_prepared(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_id: str,
+        source: str,
+        max_new_series: int | None = None,
+    ) -> WriteCounts:
         raise NotImplementedError
+
+    def count_known_series(self, keys: list[str]) -> int:
+        raise NotImplementedError
+
+    def write_ledger(self, values: tuple[Any, ...]) -> None:
+        """Record the batch's ledger row (inside the write transaction)."""
+        raise NotImplementedError
+
+    def guard_cardinality(
+        self, batch: PreparedBatch, *, batch_id: str, source: str, max_new_series: int | None
+    ) -> int:
+        """0, or the number of new series that made the batch quarantined whole."""
+        if max_new_series is None:
+            return 0
+        new = len(batch.series) - self.count_known_series([s.key for s in batch.series])
+        if new <= max_new_series:
+            return 0
+        self.executemany(
+            "INSERT INTO quarantine (batch_id, source, reason, detail, row_data) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            [
+                (
+                    batch_id,
+                    source,
+                    "cardinality_limit",
+                    f"batch would create {new} new series; the limit is {max_new_series}",
+                    json.dumps({"rows": batch.rows_in, "new_series": new}),
+                )
+            ],
+        )
+        self.write_ledger(
+            (batch_id, source, "quarantined", batch.rows_in, 0, 0, 0, batch.rows_in, 0, None, None)
+        )
+        return new
 
     def bucket_expr(self, step_us: int) -> str:
         raise NotImplementedError
@@ -214,6 +256,7 @@ class Backend:
         )
 
     def insert_ledger(self, values: tuple[Any, ...]) -> None:
+        """Insert a finished ledger row."""
         self.execute(
             "INSERT INTO ingest_batches (batch_id, source, status, rows_in, written, "  # noqa: S608
             "overwritten, unchanged, quarantined, new_series, min_ts, max_ts) VALUES "

@@ -232,7 +232,29 @@ class PostgresBackend(Backend):
         with cur.copy(statement) as copy:
             copy.write(binary_copy_payload(ids, ts, v))
 
-    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
+    def count_known_series(self, keys: list[str]) -> int:
+        rows = self.execute(
+            "SELECT count(*) FROM series WHERE series_key = ANY(%s::text[])", (keys,)
+        )
+        return int(rows[0][0])
+
+    def write_ledger(self, values: tuple[Any, ...]) -> None:
+        # The row was inserted as 'writing' at the start of the transaction (it is the lock).
+        self.execute(
+            "UPDATE ingest_batches SET status = %s, rows_in = %s, written = %s, "  # noqa: S608
+            "overwritten = %s, unchanged = %s, quarantined = %s, new_series = %s, "
+            f"min_ts = {self.ts_in}, max_ts = {self.ts_in} WHERE batch_id = %s",
+            (*values[2:], values[0]),
+        )
+
+    def write_prepared(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_id: str,
+        source: str,
+        max_new_series: int | None = None,
+    ) -> WriteCounts:
         counts = WriteCounts()
         with self.transaction(), self.conn.cursor() as cur:
             # The ledger row is the lock: a concurrent writer of the same batch waits here,
@@ -244,6 +266,11 @@ class PostgresBackend(Backend):
             )
             if cur.rowcount == 0:
                 counts.replay = True
+                return counts
+            counts.guarded_new_series = self.guard_cardinality(
+                batch, batch_id=batch_id, source=source, max_new_series=max_new_series
+            )
+            if counts.guarded_new_series:
                 return counts
             known = self._resolve_series(cur, batch)
             counts.new_series = known.new_series
@@ -285,13 +312,7 @@ class PostgresBackend(Backend):
             self.record_side_rows(
                 batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
             )
-            values_row = self.ledger_values(batch, counts, batch_id=batch_id, source=source)
-            cur.execute(
-                "UPDATE ingest_batches SET status = %s, rows_in = %s, written = %s, "  # noqa: S608
-                "overwritten = %s, unchanged = %s, quarantined = %s, new_series = %s, "
-                f"min_ts = {self.ts_in}, max_ts = {self.ts_in} WHERE batch_id = %s",
-                (*values_row[2:], batch_id),
-            )
+            self.write_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
         return counts
 
     def execute_seen_update(

@@ -159,11 +159,37 @@ class SQLiteBackend(Backend):
         out.new_series = len(missing)
         return out
 
-    def write_prepared(self, batch: PreparedBatch, *, batch_id: str, source: str) -> WriteCounts:
+    def count_known_series(self, keys: list[str]) -> int:
+        known = 0
+        for offset in range(0, len(keys), _CHUNK):
+            chunk = keys[offset : offset + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            known += self.conn.execute(
+                f"SELECT count(*) FROM series WHERE series_key IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchone()[0]
+        return known
+
+    def write_ledger(self, values: tuple[Any, ...]) -> None:
+        self.insert_ledger(values)
+
+    def write_prepared(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_id: str,
+        source: str,
+        max_new_series: int | None = None,
+    ) -> WriteCounts:
         counts = WriteCounts()
         with self.transaction():
             if self.batch_status(batch_id) is not None:
                 counts.replay = True
+                return counts
+            counts.guarded_new_series = self.guard_cardinality(
+                batch, batch_id=batch_id, source=source, max_new_series=max_new_series
+            )
+            if counts.guarded_new_series:
                 return counts
             known = self._resolve_series(batch)
             counts.new_series = known.new_series
@@ -194,7 +220,7 @@ class SQLiteBackend(Backend):
             self.record_side_rows(
                 batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
             )
-            self.insert_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
+            self.write_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
         return counts
 
     def _upsert_staged(

@@ -6,7 +6,7 @@ import fnmatch
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +18,7 @@ from metricmill.errors import MetricmillError, QueryError, SchemaError
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.timeutil import parse_duration, parse_time
-from metricmill.types import US_PER_SECOND, WriteReport, datetime_to_us, us_to_datetime
+from metricmill.types import US_PER_SECOND, Reason, WriteReport, datetime_to_us, us_to_datetime
 from storage.backend import Backend, Health
 from storage.export import ExportFormat, confined_path, write_export
 from storage.frames import prepare
@@ -117,16 +117,31 @@ class Store:
         *,
         source: str = "api",
         batch_id: str | None = None,
+        rejected: Sequence[tuple[dict[str, Any], str]] = (),
+        max_new_series: int | None = None,
     ) -> WriteReport:
-        """Write a batch exactly once; bad rows are quarantined with a reason, the rest land."""
+        """Write a batch exactly once; bad rows are quarantined with a reason, the rest land.
+
+        `rejected` are rows an earlier check (the data-quality suite) set aside: they are
+        quarantined in the same transaction. With `max_new_series`, a batch that would create
+        more new series than that is quarantined whole and nothing of it is written.
+        """
         batch = prepare(frame)
+        batch.rejected.extend(rejected)
+        batch.rows_in += len(rejected)
         report = WriteReport(batch_id=batch_id or batch.content_hash, source=source)
         report.rows_in = batch.rows_in
         if batch.rows_in == 0:
             return report
-        counts = self.backend.write_prepared(batch, batch_id=report.batch_id, source=source)
+        counts = self.backend.write_prepared(
+            batch, batch_id=report.batch_id, source=source, max_new_series=max_new_series
+        )
         report.replay = counts.replay
         if counts.replay:
+            return report
+        if counts.guarded_new_series:
+            report.guarded_new_series = counts.guarded_new_series
+            report.rejected = Counter({Reason.CARDINALITY_LIMIT: batch.rows_in})
             return report
         report.new_series = counts.new_series
         report.written = counts.written
