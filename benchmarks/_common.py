@@ -118,6 +118,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _load_average() -> str:
+    """Other work on the machine skews timings; say how busy it was when the run started."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def sqlite_shell_version(shell: str = SQLITE3) -> str:
     try:
         done = subprocess.run(
@@ -145,6 +153,7 @@ def machine_lines(extra: dict[str, str] | None = None) -> list[str]:
         "python": f"{platform.python_version()} ({platform.python_implementation()})",
         "platform": platform.platform(),
         "python sqlite3 library": sqlite3.sqlite_version,
+        "load average (1/5/15 min)": _load_average(),
         **(extra or {}),
     }
     width = max(len(k) for k in info)

@@ -17,7 +17,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import pandas as pd
 import typer
 from rich.console import Console
@@ -25,19 +24,26 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from metricmill.demo import METRICS, generate_demo_data, hourly_batches, incident_window
+from metricmill.demo import (
+    METRICS,
+    DemoData,
+    generate_demo_data,
+    hourly_batches,
+    incident_window,
+)
 from metricmill.errors import MetricmillError, QueryError
 from metricmill.readers import read_samples_file
 from metricmill.selectors import Selector, parse_selector
-from metricmill.settings import Settings, load_settings, mask_url
+from metricmill.settings import MEMORY_URL, Settings, load_settings, mask_url
 from metricmill.types import WriteReport
+from storage.backend import Health
 from storage.store import Store
 
 
 class _Commands(TyperGroup):
     """Turns a user's mistake into one `error:` line and exit code 1, wherever it is raised."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (MetricmillError, FileNotFoundError, PermissionError) as exc:
@@ -84,7 +90,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def fail(exc: BaseException) -> NoReturn:
-    click.echo(f"error: {one_line(exc)}", err=True)
+    typer.echo(f"error: {one_line(exc)}", err=True)
     raise typer.Exit(1)
 
 
@@ -119,7 +125,7 @@ def format_time(value: Any) -> str:
 def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
     grid = Table(title=title, **kwargs)
     for column in columns:
-        grid.add_column(column)
+        grid.add_column(column, overflow="fold")
     return grid
 
 
@@ -165,13 +171,13 @@ def init(ctx: typer.Context) -> None:
     with Store.open(settings=settings, init=False) as store:
         before, after = store.init()
         backend = store.backend_name
-    if not settings.database_url.endswith(":memory:"):
+    if settings.database_url != MEMORY_URL:
         settings.ensure_dirs()
     change = "up to date" if before == after else "upgraded"
-    click.echo(f"backend:  {backend}")
-    click.echo(f"schema:   version {before} -> {after} ({change})")
-    click.echo(f"database: {settings.masked_database_url}")
-    click.echo(f"home:     {settings.home}")
+    typer.echo(f"backend:  {backend}")
+    typer.echo(f"schema:   version {before} -> {after} ({change})")
+    typer.echo(f"database: {settings.masked_database_url}")
+    typer.echo(f"home:     {settings.home}")
 
 
 @app.command()
@@ -186,25 +192,31 @@ def ingest(
         for path in files:
             try:
                 frame = read_samples_file(path)
-                results.append((str(path), store.write_samples(frame, source=f"file:{path.name}")))
+                report = store.write_samples(
+                    frame, source=f"file:{path.name}", rejected=frame.attrs.get("rejected", ())
+                )
+                results.append((str(path), report))
             except (MetricmillError, OSError) as exc:
                 failed += 1
-                click.echo(f"error: {path}: {one_line(exc).removeprefix(f'{path}: ')}", err=True)
+                typer.echo(f"error: {path}: {one_line(exc).removeprefix(f'{path}: ')}", err=True)
     if results:
-        grid = table(
-            "file", "rows in", "new series", "written", "overwritten", "unchanged",
-            "rejected", "replay", title="ingest",
-        )
-        for name, report in results:
-            rejected = ", ".join(f"{k}={v}" for k, v in sorted(report.rejected.items())) or "0"
-            row(
-                grid, name, report.rows_in, report.new_series, report.written,
-                report.overwritten, report.unchanged, rejected,
-                "yes (skipped)" if report.replay else "no",
-            )
-        out().print(grid)
+        print_ingest(results)
     if failed:
         raise typer.Exit(1)
+
+
+def print_ingest(results: list[tuple[str, WriteReport]]) -> None:
+    grid = table(
+        "file", "rows in", "new series", "written", "overwritten", "unchanged", "rejected",
+        "replay", title="ingest",
+    )  # fmt: skip
+    for name, report in results:
+        rejected = "\n".join(f"{k}: {v}" for k, v in sorted(report.rejected.items()))
+        row(
+            grid, name, report.rows_in, report.new_series, report.written, report.overwritten,
+            report.unchanged, rejected or "0", "yes (skipped)" if report.replay else "no",
+        )  # fmt: skip
+    out().print(grid)
 
 
 @app.command()
@@ -231,27 +243,33 @@ def query(
     print_points(frame, format)
 
 
+def columns(frame: pd.DataFrame, *names: str) -> Iterator[tuple[Any, ...]]:
+    """The frame's rows as plain tuples of the named columns."""
+    return zip(*(frame[name].tolist() for name in names), strict=True)
+
+
 def print_points(frame: pd.DataFrame, fmt: OutputFormat) -> None:
+    points = columns(frame, "metric", "labels", "ts", "value")
     if fmt is OutputFormat.json:
-        for r in frame.itertuples(index=False):
-            record = {"metric": r.metric, "labels": r.labels, "ts": r.ts.isoformat(), "value": r.value}
-            click.echo(json.dumps(record, ensure_ascii=False))
+        for metric, labels, ts, value in points:
+            record = {"metric": metric, "labels": labels, "ts": ts.isoformat(), "value": value}
+            typer.echo(json.dumps(record, ensure_ascii=False))
         return
     if fmt is OutputFormat.csv:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["metric", "labels", "ts", "value"])
-        for r in frame.itertuples(index=False):
-            labels = json.dumps(r.labels, sort_keys=True, ensure_ascii=False)
-            writer.writerow([r.metric, labels, r.ts.isoformat(), repr(float(r.value))])
-        click.echo(buffer.getvalue(), nl=False)
+        for metric, labels, ts, value in points:
+            text = json.dumps(labels, sort_keys=True, ensure_ascii=False)
+            writer.writerow([metric, text, ts.isoformat(), repr(float(value))])
+        typer.echo(buffer.getvalue(), nl=False)
         return
     if frame.empty:
-        click.echo("no samples in this window")
+        typer.echo("no samples in this window")
         return
     grid = table("series", "ts", "value", caption=f"{len(frame)} rows")
-    for r in frame.itertuples(index=False):
-        row(grid, f"{r.metric}{format_labels(r.labels)}", r.ts.isoformat(), f"{r.value:.10g}")
+    for metric, labels, ts, value in points:
+        row(grid, f"{metric}{format_labels(labels)}", ts.isoformat(), f"{value:.10g}")
     out().print(grid)
 
 
@@ -264,10 +282,13 @@ def series(
     """Known series, with when each was first and last seen."""
     with open_store(ctx) as store:
         frame = store.series(pattern, selector)
-    grid = table("id", "metric", "labels", "first seen", "last seen", caption=f"{len(frame)} series")
-    for r in frame.itertuples(index=False):
-        row(grid, r.series_id, r.metric, format_labels(r.labels),
-            format_time(r.first_seen), format_time(r.last_seen))
+    grid = table(
+        "id", "metric", "labels", "first seen", "last seen", caption=f"{len(frame)} series"
+    )
+    for series_id, metric, labels, first, last in columns(
+        frame, "series_id", "metric", "labels", "first_seen", "last_seen"
+    ):
+        row(grid, series_id, metric, format_labels(labels), format_time(first), format_time(last))
     out().print(grid)
 
 
@@ -280,8 +301,12 @@ def stats(ctx: typer.Context) -> None:
 
 def print_stats(info: dict[str, Any]) -> None:
     summary = table("", "", title="storage", show_header=False)
-    for label, key in (("backend", "backend"), ("schema version", "schema_version"),
-                       ("series", "series"), ("samples stored", "samples")):
+    for label, key in (
+        ("backend", "backend"),
+        ("schema version", "schema_version"),
+        ("series", "series"),
+        ("samples stored", "samples"),
+    ):
         row(summary, label, info[key])
     row(summary, "oldest sample", format_time(info["oldest_sample"]))
     row(summary, "newest sample", format_time(info["newest_sample"]))
@@ -305,7 +330,7 @@ def health(ctx: typer.Context) -> None:
         raise typer.Exit(1)
 
 
-def print_health(result: Any) -> None:
+def print_health(result: Health) -> None:
     grid = table("", "", title=f"health: {'ok' if result.ok else 'NOT OK'}", show_header=False)
     row(grid, "backend", result.backend)
     row(grid, "schema version", result.schema_version)
@@ -341,7 +366,22 @@ def export(
             agg=agg,
             format=None if format is None else format.value,
         )
-    click.echo(f"exported {rows} rows to {path}")
+    typer.echo(f"exported {rows} rows to {path}")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What the demo did, for its summary."""
+
+    settings: Settings
+    data: DemoData
+    reports: list[WriteReport]
+    replay: WriteReport
+    hourly: pd.DataFrame  # avg per hour around the incident
+    peaks: pd.DataFrame  # max per hour, same buckets
+    info: dict[str, Any]
+    health: Health
+    elapsed: float
 
 
 @app.command()
@@ -361,66 +401,73 @@ def demo(
     data = generate_demo_data(hosts, days, end=datetime.now(UTC))
     batches = hourly_batches(data.frame)
     with Store.open(settings=settings) as store:
-        reports = [store.write_samples(b, source="demo") for b in batches]
+        reports = [store.write_samples(batch, source="demo") for batch in batches]
         replay = store.write_samples(batches[-1], source="demo")
-        host_selector = {"host": data.incident.host}
+        host = {"host": data.incident.host}
         window = incident_window(data.incident)
-        hourly = store.query("cpu_usage_percent", host_selector, *window, step="1h", agg="avg")
-        peaks = store.query("cpu_usage_percent", host_selector, *window, step="1h", agg="max")
-        info = store.stats()
-        checked = store.health()
+        hourly = store.query("cpu_usage_percent", host, *window, step="1h", agg="avg")
+        peaks = store.query("cpu_usage_percent", host, *window, step="1h", agg="max")
+        info, checked = store.stats(), store.health()
     elapsed = time.perf_counter() - started
-    print_demo(settings, data, reports, replay, hourly, peaks, info, checked, elapsed)
+    print_demo(DemoRun(settings, data, reports, replay, hourly, peaks, info, checked, elapsed))
 
 
-def print_demo(
-    settings: Settings,
-    data: Any,
-    reports: list[WriteReport],
-    replay: WriteReport,
-    hourly: pd.DataFrame,
-    peaks: pd.DataFrame,
-    info: dict[str, Any],
-    checked: Any,
-    elapsed: float,
-) -> None:
+def print_demo(run: DemoRun) -> None:
     console = out()
-    written = sum(r.written for r in reports)
-    console.print(Text(f"metricmill demo — {settings.home}", style="bold"))
+    data, info, incident = run.data, run.info, run.data.incident
+    console.print(Text(f"metricmill demo — {run.settings.home}", style="bold"))
     summary = table("", "", title="what happened", show_header=False)
-    row(summary, "generated", f"{len(data.frame):,} samples: {len(data.hosts)} hosts × "
-        f"{len(METRICS)} metrics, 1-minute resolution")
-    row(summary, "written", f"{len(reports)} hourly micro-batches, {written:,} samples")
+    row(
+        summary,
+        "generated",
+        f"{len(data.frame):,} samples: {len(data.hosts)} hosts × {len(METRICS)} metrics, "
+        "1-minute resolution",
+    )
+    written = sum(r.written for r in run.reports)
+    row(summary, "written", f"{len(run.reports)} hourly micro-batches, {written:,} samples")
     row(summary, "samples stored", f"{info['samples']:,}")
     row(summary, "series", info["series"])
-    row(summary, "re-sent last batch",
-        "replay detected, nothing written" if replay.replay else "written again")
-    row(summary, "injected incident",
-        f"{data.incident.host}: CPU ~98% and latency ×4 for {data.incident.minutes} minutes "
-        f"from {data.incident.start.isoformat()}")
-    row(summary, "database", f"{mask_url(settings.database_url)} ({info['backend']}, "
-        f"{info['bytes_total']:,} bytes)")
-    row(summary, "health", "ok" if checked.ok else "; ".join(checked.problems))
-    row(summary, "took", f"{elapsed:.1f} s")
+    replayed = "replay detected, nothing written" if run.replay.replay else "written again"
+    row(summary, "re-sent last batch", replayed)
+    row(
+        summary,
+        "injected incident",
+        f"{incident.host}: CPU ~98% and latency ×4 for {incident.minutes} minutes "
+        f"from {incident.start.isoformat()}",
+    )
+    row(
+        summary,
+        "database",
+        f"{mask_url(run.settings.database_url)} ({info['backend']}, {info['bytes_total']:,} bytes)",
+    )
+    row(summary, "health", "ok" if run.health.ok else "; ".join(run.health.problems))
+    row(summary, "took", f"{run.elapsed:.1f} s")
     console.print(summary)
 
-    example = table("hour (UTC)", "avg", "max", title="query: hourly CPU around the incident",
-                    caption=f'cpu_usage_percent{{host="{data.incident.host}"}} --step 1h')
-    for (_, a), (_, m) in zip(hourly.iterrows(), peaks.iterrows(), strict=True):
-        row(example, a["ts"].strftime("%Y-%m-%d %H:%M"), f"{a['value']:.1f}", f"{m['value']:.1f}")
+    example = table(
+        "hour (UTC)",
+        "avg",
+        "max",
+        title="query: hourly CPU around the incident",
+        caption=f'cpu_usage_percent{{host="{incident.host}"}}, step 1h',
+    )
+    for ts, avg, peak in zip(
+        run.hourly["ts"], run.hourly["value"], run.peaks["value"], strict=True
+    ):
+        row(example, ts.strftime("%Y-%m-%d %H:%M"), f"{avg:.1f}", f"{peak:.1f}")
     console.print(example)
 
-    prefix = f"uv run metricmill --home {settings.home}"
-    host = data.incident.host
+    prefix = f"uv run metricmill --home {run.settings.home}"
+    selector = f'{{host="{incident.host}"}}'
     console.print(Text("next steps", style="bold"))
     for command in (
         f"{prefix} series 'http_*'",
-        f"{prefix} query 'cpu_usage_percent{{host=\"{host}\"}}' --start -1d --step 1h --agg max",
+        f"{prefix} query 'cpu_usage_percent{selector}' --start -1d --step 1h --agg max",
         f"{prefix} query http_requests_total --selector '{{region=\"eu-west\"}}' --limit 5 "
         "--format json",
-        f"{prefix} export 'http_request_duration_seconds{{host=\"{host}\"}}' --start -1d "
+        f"{prefix} export 'http_request_duration_seconds{selector}' --start -1d "
         "--output latency.csv",
-        f"{prefix} ingest samples.ndjson metrics.csv.gz",
+        f"{prefix} ingest FILE.ndjson FILE.csv.gz",
         f"{prefix} stats",
         f"{prefix} health",
     ):

@@ -1,7 +1,8 @@
 """Sample files as DataFrames for `Store.write_samples`: NDJSON and CSV, optionally gzipped.
 
-Readers only decode; validating rows (and quarantining the bad ones) is the store's job. A file
-that cannot be decoded as a whole raises `UnreadableFile`; missing files raise FileNotFoundError.
+Readers only decode; validating rows (and quarantining the bad ones) is the store's job. Records
+that cannot be decoded travel in `frame.attrs["rejected"]`, ready for `write_samples(rejected=)`.
+A file that cannot be decoded as a whole raises `UnreadableFile`; a missing one FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from typing import IO, Any
 import pandas as pd
 
 from metricmill.errors import MetricmillError
+from metricmill.types import Reason
 
 _METRIC_COLUMNS = ("metric", "name")
 _TIME_COLUMNS = ("timestamp", "ts", "time")
+# The quarantine reason of a line that cannot be decoded (as for Influx line protocol input).
+MALFORMED_LINE = Reason.MALFORMED_LINE
+_ALIASES = (("name", "metric"), ("timestamp", "ts"), ("time", "ts"))
 _NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
 
@@ -61,13 +66,14 @@ def _open_text(path: Path) -> IO[str]:
 
 
 def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:
-    """One JSON object per line; blank lines are skipped.
+    """One JSON object per line: metric (or name), labels, ts (or timestamp), value.
 
-    A line that is not a JSON object becomes a row without a metric (the store quarantines it
-    with the line kept in `raw_line`); a file in which no line is an object is unreadable.
+    Blank lines are skipped. Lines that are not JSON objects are not rows: they are listed in
+    `frame.attrs["rejected"]` as ({"line": number, "text": line}, "malformed_line") for the
+    store to quarantine. A file in which no line is an object is unreadable.
     """
     rows: list[dict[str, Any]] = []
-    objects = 0
+    rejected: list[tuple[dict[str, Any], str]] = []
     for number, line in enumerate(handle, start=1):
         text = line.strip()
         if not text:
@@ -77,13 +83,22 @@ def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:
         except ValueError:
             record = None
         if isinstance(record, dict):
-            objects += 1
-            rows.append(record)
+            rows.append(_canonical_keys(record))
         else:
-            rows.append({"metric": None, "line_number": number, "raw_line": text})
-    if rows and not objects:
+            rejected.append(({"line": number, "text": text}, MALFORMED_LINE))
+    if rejected and not rows:
         raise UnreadableFile(f"{path}: not NDJSON: no line is a JSON object")
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["rejected"] = rejected
+    return frame
+
+
+def _canonical_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """Aliases (name, timestamp, time) renamed per line, as lines may differ in spelling."""
+    for alias, key in _ALIASES:
+        if alias in record and key not in record:
+            record[key] = record.pop(alias)
+    return record
 
 
 def read_csv(handle: IO[str], path: Path) -> pd.DataFrame:
@@ -105,9 +120,7 @@ def read_csv(handle: IO[str], path: Path) -> pd.DataFrame:
     metric_col = next((c for c in _METRIC_COLUMNS if c in frame.columns), None)
     time_col = next((c for c in _TIME_COLUMNS if c in frame.columns), None)
     missing = [
-        name
-        for name, found in (("metric", metric_col), ("timestamp", time_col))
-        if found is None
+        name for name, found in (("metric", metric_col), ("timestamp", time_col)) if found is None
     ] + ([] if "value" in frame.columns else ["value"])
     if missing:
         raise UnreadableFile(

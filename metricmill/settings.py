@@ -25,6 +25,8 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to print or log."""
+    if url == MEMORY_URL:
+        return url
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
@@ -92,7 +94,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = config_file_path()
+        home = getattr(init_settings, "init_kwargs", {}).get("home")
+        toml_file = config_file_path(home)
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
@@ -163,7 +166,7 @@ class Settings(BaseSettings):
         return self.export_dir
 
 
-def config_file_path() -> Path | None:
+def config_file_path(home: str | Path | None = None) -> Path | None:
     """METRICMILL_CONFIG if set (it must exist), else HOME/metricmill.toml when present."""
     explicit = os.environ.get("METRICMILL_CONFIG")
     if explicit:
@@ -171,8 +174,8 @@ def config_file_path() -> Path | None:
         if not path.is_file():
             raise SettingsError(f"METRICMILL_CONFIG points at {path}, which is not a file")
         return path
-    home = Path(os.environ.get("METRICMILL_HOME", "~/.metricmill")).expanduser()
-    candidate = home / "metricmill.toml"
+    home_dir = Path(home or os.environ.get("METRICMILL_HOME", "~/.metricmill")).expanduser()
+    candidate = home_dir / "metricmill.toml"
     return candidate if candidate.is_file() else None
 
 

@@ -1,4 +1,4 @@
-"""The seed-001 async API (`create_metrics_storage_system`, `MetricValue`) as a thin layer over Store.
+"""The seed-001 async API (create_metrics_storage_system, MetricValue): a thin layer over Store.
 
 Every call runs the synchronous Store method in a worker thread, one call at a time per system
 (a Store holds a single connection). Retention settings are accepted and kept; retention itself
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,6 +104,11 @@ def _open_store(config: StorageConfig) -> Store:
     return Store.open(str(url), timescaledb=options.get("timescaledb", "auto"))
 
 
+def _points(frame: pd.DataFrame) -> Iterator[tuple[Any, ...]]:
+    """(metric, labels, ts, value) for each row of a query result."""
+    return zip(*(frame[c].tolist() for c in ("metric", "labels", "ts", "value")), strict=True)
+
+
 def _selector(metric_name: str, labels: Mapping[str, str] | None) -> Selector:
     return Selector(metric_name, parse_selector(dict(labels or {})).matchers)
 
@@ -179,8 +184,8 @@ class MetricsStorageSystem:
         """Raw samples in [start_time, end_time); naive times are UTC."""
         frame = await self._call(self._query, metric_name, labels, start=start_time, end=end_time)
         return [
-            MetricValue(r.metric, float(r.value), r.ts.to_pydatetime(), dict(r.labels))
-            for r in frame.itertuples(index=False)
+            MetricValue(metric, float(value), ts.to_pydatetime(), dict(labels))
+            for metric, labels, ts, value in _points(frame)
         ]
 
     async def query_latest(
@@ -196,13 +201,8 @@ class MetricsStorageSystem:
         frame = await self._call(latest)
         if frame.empty:
             return None
-        newest = frame.loc[frame["ts"].idxmax()]
-        return MetricValue(
-            str(newest["metric"]),
-            float(newest["value"]),
-            newest["ts"].to_pydatetime(),
-            dict(newest["labels"]),
-        )
+        metric, labels, ts, value = max(_points(frame), key=lambda point: point[2])
+        return MetricValue(metric, float(value), ts.to_pydatetime(), dict(labels))
 
     async def query_range(
         self,
@@ -224,8 +224,8 @@ class MetricsStorageSystem:
             agg=aggregation,
         )
         return [
-            {"timestamp": r.ts.to_pydatetime(), "value": float(r.value), "labels": dict(r.labels)}
-            for r in frame.itertuples(index=False)
+            {"timestamp": ts.to_pydatetime(), "value": float(value), "labels": dict(labels)}
+            for _, labels, ts, value in _points(frame)
         ]
 
     # -- inspection and export ------------------------------------------------------------

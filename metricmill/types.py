@@ -27,6 +27,7 @@ class Reason:
     INVALID_UNICODE = "invalid_unicode"
     CONFLICTING_VALUES = "conflicting_values_in_batch"
     CARDINALITY_LIMIT = "cardinality_limit"
+    MALFORMED_LINE = "malformed_line"
 
 
 @dataclass

@@ -105,6 +105,16 @@ def hour_ranges(ts_us: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s) * hour, int(e) * hour) for s, e in zip(starts, ends, strict=True)]
 
 
+def row_json(row: dict[str, Any]) -> str:
+    """A rejected row as JSON text; escapes what UTF-8 cannot carry (lone surrogates)."""
+    text = json.dumps(row, default=str, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(row, default=str, ensure_ascii=True)
+    return text
+
+
 class Backend:
     """Base class: a live connection plus the SQL that is the same everywhere."""
 
@@ -230,10 +240,7 @@ class Backend:
             self.executemany(
                 "INSERT INTO quarantine (batch_id, source, reason, row_data) "
                 "VALUES (%s, %s, %s, %s)",
-                [
-                    (batch_id, source, reason, json.dumps(row, default=str, ensure_ascii=False))
-                    for row, reason in batch.rejected
-                ],
+                [(batch_id, source, reason, row_json(row)) for row, reason in batch.rejected],
             )
 
     def ledger_values(

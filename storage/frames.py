@@ -111,8 +111,20 @@ def canonical_labels(labels: Any) -> tuple[str | None, str | None]:
 
 def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """A DataFrame with columns metric, labels, ts, value (aliases name/timestamp/time accepted)."""
-    frame = samples if isinstance(samples, pd.DataFrame) else pd.DataFrame(list(samples))
-    frame = frame.rename(columns={k: v for k, v in _ALIASES.items() if v not in frame.columns})
+    if isinstance(samples, pd.DataFrame):
+        frame = samples
+    else:
+        # Arrow-backed strings cannot hold what we must quarantine (lone surrogates): keep
+        # Python objects for text; numbers still infer as float64/int64.
+        with pd.option_context("future.infer_string", False):
+            frame = pd.DataFrame(list(samples))
+    for alias, column in _ALIASES.items():
+        if alias in frame.columns:
+            # Rows may spell a column either way: fill the canonical one from the alias.
+            merged = (
+                frame[alias] if column not in frame.columns else frame[column].fillna(frame[alias])
+            )
+            frame = frame.drop(columns=[alias]).assign(**{column: merged})
     if len(frame) == 0:
         return pd.DataFrame({"metric": [], "labels": [], "ts": [], "value": []})
     missing = [c for c in ("metric", "ts", "value") if c not in frame.columns]
@@ -126,33 +138,64 @@ def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
     return frame
 
 
+def epoch_to_us(numbers: np.ndarray) -> np.ndarray:
+    """Epoch numbers to µs, the unit guessed per value from its size (as most collectors do).
+
+    |x| < 1e11 is seconds, < 1e14 milliseconds, < 1e17 microseconds, else nanoseconds; so a
+    file mixing precisions still lands each sample at its instant. Non-finite values give
+    MAX_TS_US + 1 (out of range).
+    """
+    x = np.asarray(numbers, dtype="float64")
+    magnitude = np.abs(x)
+    scale = np.select(
+        [magnitude < 1e11, magnitude < 1e14, magnitude < 1e17], [1e6, 1e3, 1.0], default=1e-3
+    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.round(x * scale)
+    unusable = ~np.isfinite(scaled) | (np.abs(scaled) >= 2**62)
+    return np.where(unusable, np.float64(MAX_TS_US + 1), scaled).astype(np.int64)
+
+
 def _timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch µs, unparseable mask); naive times are taken as UTC, numbers as epoch seconds."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        seconds = pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64")
-        bad = ~np.isfinite(seconds)
-        with np.errstate(invalid="ignore", over="ignore"):
-            scaled = np.where(bad, 0.0, np.round(seconds * 1e6))
-        out_of_int = np.abs(scaled) >= 2**62
-        us = np.where(out_of_int, np.int64(MAX_TS_US) + 1, scaled).astype(np.int64)
-        return us, bad
+    """(epoch µs, unparseable mask): datetimes (naive = UTC), ISO strings or epoch numbers."""
+    if pd.api.types.is_bool_dtype(column):
+        return np.zeros(len(column), dtype=np.int64), np.ones(len(column), dtype=bool)
+    if pd.api.types.is_numeric_dtype(column):
+        numbers = column.to_numpy(dtype="float64", na_value=np.nan)
+        return epoch_to_us(numbers), np.isnan(numbers)
     if isinstance(column.dtype, pd.DatetimeTZDtype):
         parsed = column.dt.tz_convert("UTC").dt.tz_localize(None)
-    elif pd.api.types.is_datetime64_dtype(column):
-        parsed = column
-    else:
-        parsed = pd.to_datetime(column, utc=True, errors="coerce", format="ISO8601")
-        parsed = parsed.dt.tz_localize(None)
-    values = parsed.to_numpy(dtype="datetime64[us]")
-    bad = np.isnat(values)
-    return values.view("int64").copy(), bad
+        values = parsed.to_numpy(dtype="datetime64[us]")
+        return values.view("int64").copy(), np.isnat(values)
+    if pd.api.types.is_datetime64_dtype(column):
+        values = column.to_numpy(dtype="datetime64[us]")
+        return values.view("int64").copy(), np.isnat(values)
+    # Mixed column: numbers are epoch values, everything else is parsed as ISO 8601.
+    is_number = column.map(
+        lambda v: isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+    ).to_numpy(dtype=bool)
+    us = np.zeros(len(column), dtype=np.int64)
+    bad = np.zeros(len(column), dtype=bool)
+    if is_number.any():
+        numbers = column[is_number].to_numpy(dtype="float64")
+        us[is_number] = epoch_to_us(numbers)
+        bad[is_number] = np.isnan(numbers)
+    if (~is_number).any():
+        text = column[~is_number]
+        parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+        values = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+        us[~is_number] = values.view("int64")
+        bad[~is_number] = np.isnat(values)
+    return us, bad
 
 
 def _raw_row(frame: pd.DataFrame, index: int) -> dict[str, Any]:
     """The row as received, JSON-safe, for the quarantine table."""
     row: dict[str, Any] = {}
     for column, value in frame.iloc[index].items():
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and math.isnan(value) and column != "value":
+            row[str(column)] = None
+        elif isinstance(value, float) and not math.isfinite(value):
             row[str(column)] = repr(value)
         elif isinstance(value, pd.Timestamp):
             row[str(column)] = value.isoformat()

@@ -30,6 +30,7 @@ each label set once); treat the dicts as read-only.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +40,7 @@ import pandas as pd
 
 from metricmill.types import Reason, datetime_to_us
 
-MALFORMED_LINE = "malformed_line"
+MALFORMED_LINE = Reason.MALFORMED_LINE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
 TIMESTAMP_OUT_OF_RANGE = Reason.TIMESTAMP_OUT_OF_RANGE
 
@@ -58,23 +59,22 @@ _PRECISIONS: dict[str, tuple[int, int]] = {
     "s": (1_000_000, 1),
 }
 
-# Lines without backslashes or quotes: measurement, tags, fields, optional timestamp.
-_FAST_LINE = re.compile(r"([^ ,]+)((?:,[^ ,=]+=[^ ,=]+)*) +([^ ]+)(?: +([^ ]+))? *")
-_FIELD_VALUE = re.compile(
-    r"(-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)"  # 1: float
-    r"|(-?[0-9]+)i"  # 2: integer
-    r"|([0-9]+)u"  # 3: unsigned
-    r"|(t|T|true|True|TRUE|f|F|false|False|FALSE)"  # 4: boolean
-)
-_INTEGER = re.compile(r"-?[0-9]+")
+_BOOLEANS = frozenset(("t", "T", "true", "True", "TRUE", "f", "F", "false", "False", "FALSE"))
+_FLOAT_FIRST = "-.0123456789"
+_FLOAT_LAST = ".0123456789"
+_INF = float("inf")
 
-_MEASUREMENT_ESCAPES = frozenset(", \\")
-_KEY_ESCAPES = frozenset(",= \\")
+# (characters a backslash escapes, next stop-or-backslash finder) per element
+_Element = tuple[str, Callable[[str, int], re.Match[str] | None]]
+_MEASUREMENT: _Element = (", \\", re.compile(r"[, \\]").search)
+_KEY: _Element = (",= \\", re.compile(r"[,= \\]").search)
+_STRING_SPECIAL = re.compile(r'["\\]').search
+_VALUE_END = re.compile(r"[, ]").search
 
 
 @dataclass
 class LineProtocolResult:
-    """Parsed samples, rejected lines with their reason, and counts of skipped non-numeric fields."""
+    """Parsed samples, rejected lines with reasons, and counts of skipped non-numeric fields."""
 
     frame: pd.DataFrame
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)
@@ -104,38 +104,43 @@ def sample_frame(
     )
 
 
-def _scan(line: str, i: int, escapes: frozenset[str], stops: str) -> tuple[str, int]:
-    """Unescape from ``i`` up to the first unescaped character in ``stops`` (or the end)."""
-    n = len(line)
+def _scan(line: str, i: int, element: _Element) -> tuple[str, int]:
+    """Unescape from ``i`` up to the element's first unescaped stop character (or the end)."""
+    escapes, special = element
     parts: list[str] = []
-    start = i
-    while i < n:
-        c = line[i]
-        if c == "\\" and i + 1 < n and line[i + 1] in escapes:
-            parts.append(line[start:i])
-            parts.append(line[i + 1])
-            i += 2
-            start = i
-            continue
-        if c in stops:
-            break
-        i += 1
-    parts.append(line[start:i])
-    return "".join(parts), i
+    while True:
+        found = special(line, i)
+        if found is None:
+            parts.append(line[i:])
+            return "".join(parts), len(line)
+        j = found.start()
+        if line[j] != "\\":
+            parts.append(line[i:j])
+            return "".join(parts), j
+        following = line[j + 1 : j + 2]
+        if following and following in escapes:
+            parts.append(line[i:j])
+            parts.append(following)
+            i = j + 2
+        else:  # a backslash before anything else is literal
+            parts.append(line[i : j + 1])
+            i = j + 1
 
 
-def _parse_slow(line: str) -> tuple[str, dict[str, str], list[tuple[str, str | None]], str | None]:
-    """(measurement, tags, [(field key, raw value or None for strings)], timestamp token)."""
+def _parse_slow(
+    line: str,
+) -> tuple[str, dict[str, str], list[tuple[str, str, str | None]], str | None]:
+    """(measurement, tags, [(field key, "=", raw value or None for a string)], timestamp token)."""
     n = len(line)
-    measurement, i = _scan(line, 0, _MEASUREMENT_ESCAPES, ", ")
+    measurement, i = _scan(line, 0, _MEASUREMENT)
     if not measurement:
         raise _LineError(MALFORMED_LINE)
     tags: dict[str, str] = {}
     while i < n and line[i] == ",":
-        key, i = _scan(line, i + 1, _KEY_ESCAPES, ",= ")
+        key, i = _scan(line, i + 1, _KEY)
         if not key or i >= n or line[i] != "=":
             raise _LineError(MALFORMED_LINE)
-        value, i = _scan(line, i + 1, _KEY_ESCAPES, ",= ")
+        value, i = _scan(line, i + 1, _KEY)
         if not value or (i < n and line[i] == "=") or key in tags:
             raise _LineError(MALFORMED_LINE)
         tags[key] = value
@@ -144,33 +149,30 @@ def _parse_slow(line: str) -> tuple[str, dict[str, str], list[tuple[str, str | N
     if i >= n:
         raise _LineError(MALFORMED_LINE)  # no field set
 
-    fields: list[tuple[str, str | None]] = []
+    fields: list[tuple[str, str, str | None]] = []
     while True:
-        key, i = _scan(line, i, _KEY_ESCAPES, ",= ")
+        key, i = _scan(line, i, _KEY)
         if not key or i >= n or line[i] != "=":
             raise _LineError(MALFORMED_LINE)
         i += 1
         if i < n and line[i] == '"':
             j = i + 1
-            while j < n:
-                c = line[j]
-                if c == "\\" and j + 1 < n and line[j + 1] in '"\\':
-                    j += 2
-                elif c == '"':
+            while True:
+                found = _STRING_SPECIAL(line, j)
+                if found is None:
+                    raise _LineError(MALFORMED_LINE)  # unterminated string
+                j = found.start()
+                if line[j] == '"':
                     break
-                else:
-                    j += 1
-            if j >= n:
-                raise _LineError(MALFORMED_LINE)  # unterminated string
-            fields.append((key, None))
+                j += 2  # a backslash and the character it escapes (or keeps)
+            fields.append((key, "=", None))
             i = j + 1
         else:
-            j = i
-            while j < n and line[j] not in ", ":
-                j += 1
+            found = _VALUE_END(line, i)
+            j = n if found is None else found.start()
             if j == i:
                 raise _LineError(MALFORMED_LINE)
-            fields.append((key, line[i:j]))
+            fields.append((key, "=", line[i:j]))
             i = j
         if i >= n:
             return measurement, tags, fields, None
@@ -193,25 +195,38 @@ def _parse_slow(line: str) -> tuple[str, dict[str, str], list[tuple[str, str | N
     return measurement, tags, fields, line[i:end]
 
 
-def _fast_tags(tag_text: str) -> dict[str, str]:
+def _parse_head(head: str) -> tuple[str, dict[str, str]] | None:
+    """Measurement and tags of an escape-free series head (``cpu,host=a``); None if not plain."""
+    items = head.split(",")
+    measurement = items[0]
+    if not measurement or measurement[0] == "#":
+        return None
     tags: dict[str, str] = {}
-    pairs = tag_text[1:].split(",")
-    for pair in pairs:
-        key, _, value = pair.partition("=")
+    for item in items[1:]:
+        key, _, value = item.partition("=")
+        if not key or not value or "=" in value:
+            return None
         tags[key] = value
-    if len(tags) != len(pairs):
-        raise _LineError(MALFORMED_LINE)  # duplicate tag key
-    return tags
+    if len(tags) != len(items) - 1:
+        return None  # duplicate tag key
+    return measurement, tags
 
 
-def _fast_fields(field_text: str) -> list[tuple[str, str | None]]:
-    fields: list[tuple[str, str | None]] = []
-    for item in field_text.split(","):
-        key, sep, value = item.partition("=")
-        if not key or not sep or not value:
-            raise _LineError(MALFORMED_LINE)
-        fields.append((key, value))
-    return fields
+def _field_number(token: str) -> float | None:
+    """An integer (``12i``) or unsigned (``7u``) field as float, None for a boolean; else raises."""
+    suffix = token[-1:]
+    if suffix == "i" or suffix == "u":
+        digits = token[:-1]
+        unsigned_digits = digits[1:] if suffix == "i" and digits[:1] == "-" else digits
+        if unsigned_digits.isascii() and unsigned_digits.isdigit():
+            integer = int(digits)
+            low, high = (_INT64_MIN, _INT64_MAX) if suffix == "i" else (0, _UINT64_MAX)
+            if low <= integer <= high:
+                return float(integer)
+        raise _LineError(MALFORMED_LINE)
+    if token in _BOOLEANS:
+        return None
+    raise _LineError(MALFORMED_LINE)
 
 
 def parse_line_protocol(
@@ -234,84 +249,104 @@ def parse_line_protocol(
     stamps: list[int] = []
     values: list[float] = []
     rejected: list[tuple[dict[str, Any], str]] = []
-    skipped = {"string": 0, "boolean": 0}
-    tag_cache: dict[str, dict[str, str]] = {}
-    metric_cache: dict[tuple[str, str], str] = {}
-    fast_line = _FAST_LINE.fullmatch
-    field_value = _FIELD_VALUE.fullmatch
+    n_strings = n_booleans = 0
+    # series head text -> (measurement, tags, field key -> metric name); None: not escape-free
+    head_cache: dict[str, tuple[str, dict[str, str], dict[str, str]] | None] = {}
+    metric_names: dict[str, dict[str, str]] = {}  # measurement -> field key -> metric name
+    add_metric, add_labels, add_stamp, add_value = (
+        metrics.append,
+        labels.append,
+        stamps.append,
+        values.append,
+    )
 
     for line_no, raw in enumerate(text.split("\n"), 1):
-        line = raw[:-1] if raw.endswith("\r") else raw
-        body = line.lstrip(" \t")
-        if not body or body[0] == "#":
-            continue
+        line = raw[:-1] if raw[-1:] == "\r" else raw
+        mark = len(values)
         try:
-            match = None if "\\" in body or '"' in body else fast_line(body)
-            if match is not None:
-                measurement, tag_text, field_text, ts_token = match.groups()
-                tags = tag_cache.get(tag_text)
-                if tags is None:
-                    tags = _fast_tags(tag_text) if tag_text else {}
-                    tag_cache[tag_text] = tags
-                fields = _fast_fields(field_text)
+            fields: tuple[tuple[str, str, str | None], ...] | list[tuple[str, str, str | None]]
+            # Fast path: nothing escaped or quoted, single spaces between the sections.
+            parts = line.split(" ")
+            n_parts = len(parts)
+            series = None
+            if 1 < n_parts < 4 and parts[1] and "\\" not in line and '"' not in line:
+                head = parts[0]
+                series = head_cache.get(head)
+                if series is None and head not in head_cache:
+                    plain = _parse_head(head)
+                    if plain is not None:
+                        names = metric_names.setdefault(plain[0], {})
+                        series = (plain[0], plain[1], names)
+                    head_cache[head] = series
+            if series is not None:
+                measurement, tags, names = series
+                field_text = parts[1]
+                if "," in field_text:
+                    fields = [item.partition("=") for item in field_text.split(",")]
+                else:
+                    fields = (field_text.partition("="),)
+                ts_token = parts[2] if n_parts == 3 and parts[2] else None
             else:
+                body = line.lstrip(" \t")
+                if not body or body[0] == "#":
+                    continue
                 measurement, tags, fields, ts_token = _parse_slow(body)
+                names = metric_names.setdefault(measurement, {})
 
             if ts_token is None:
                 ts = now_us
-            elif _INTEGER.fullmatch(ts_token):
+            elif ts_token.isascii() and (
+                ts_token.isdigit() or (ts_token[0] == "-" and ts_token[1:].isdigit())
+            ):
                 ts = int(ts_token) * multiplier // divisor
                 if ts < _US_MIN or ts > _US_MAX:
                     raise _LineError(TIMESTAMP_OUT_OF_RANGE)
             else:
                 raise _LineError(MALFORMED_LINE if "=" in ts_token else INVALID_TIMESTAMP)
 
-            line_values: list[tuple[str, float]] = []
-            n_strings = n_booleans = 0
-            for key, token in fields:
-                if token is None:
-                    n_strings += 1
-                    continue
-                parsed = field_value(token)
-                if parsed is None:
+            line_strings = line_booleans = 0
+            for key, sep, token in fields:
+                if not key or not sep:
                     raise _LineError(MALFORMED_LINE)
-                kind = parsed.lastindex
-                if kind == 1:
-                    number = float(token)
-                    if number in (float("inf"), float("-inf")):
-                        raise _LineError(MALFORMED_LINE)
-                elif kind == 2:
-                    integer = int(parsed.group(2))
-                    if integer < _INT64_MIN or integer > _INT64_MAX:
-                        raise _LineError(MALFORMED_LINE)
-                    number = float(integer)
-                elif kind == 3:
-                    integer = int(parsed.group(3))
-                    if integer > _UINT64_MAX:
-                        raise _LineError(MALFORMED_LINE)
-                    number = float(integer)
-                else:
-                    n_booleans += 1
+                if token is None:
+                    line_strings += 1
                     continue
-                metric = metric_cache.get((measurement, key))
+                if (
+                    token[-1:] in _FLOAT_LAST
+                    and token[:1] in _FLOAT_FIRST
+                    and token.isascii()
+                    and "_" not in token
+                ):
+                    # float syntax; with these first/last characters Python's float() agrees
+                    try:
+                        number = float(token)
+                    except ValueError:
+                        raise _LineError(MALFORMED_LINE) from None
+                    if number in (_INF, -_INF):
+                        raise _LineError(MALFORMED_LINE)  # overflow: no infinity in the protocol
+                else:
+                    integral = _field_number(token)  # integer, unsigned, boolean or invalid
+                    if integral is None:
+                        line_booleans += 1
+                        continue
+                    number = integral
+                metric = names.get(key)
                 if metric is None:
-                    metric = measurement if key == "value" else f"{measurement}_{key}"
-                    metric_cache[(measurement, key)] = metric
-                line_values.append((metric, number))
+                    metric = names[key] = measurement if key == "value" else f"{measurement}_{key}"
+                add_metric(metric)
+                add_labels(tags)
+                add_stamp(ts)
+                add_value(number)
         except _LineError as error:
+            if len(values) > mark:  # the line is rejected as a whole
+                del metrics[mark:], labels[mark:], stamps[mark:], values[mark:]
             rejected.append(({"line": line, "line_no": line_no}, error.reason))
             continue
-
-        skipped["string"] += n_strings
-        skipped["boolean"] += n_booleans
-        for metric, number in line_values:
-            metrics.append(metric)
-            labels.append(tags)
-            stamps.append(ts)
-            values.append(number)
+        n_strings += line_strings
+        n_booleans += line_booleans
 
     return LineProtocolResult(
         frame=sample_frame(metrics, labels, stamps, values),
         rejected=rejected,
-        skipped_fields=skipped,
+        skipped_fields={"string": n_strings, "boolean": n_booleans},
     )

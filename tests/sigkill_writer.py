@@ -29,7 +29,7 @@ import pandas as pd
 from storage.store import Store
 
 SERIES = 1_000
-STEPS = 300
+STEPS = 200
 SAMPLES = SERIES * STEPS
 FIRST_TS = pd.Timestamp("2024-03-01T00:00:00Z")
 

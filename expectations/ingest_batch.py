@@ -1,0 +1,198 @@
+"""The ingest-batch data-quality contract: what a micro-batch of samples must satisfy to be written.
+
+The suite runs on a *checked frame* derived from the batch (see `tasks.quality`): the columns
+metric, value, ts as given, plus helper columns that GX cannot compute itself (it cannot look
+inside the dict-valued labels column, nor across rows):
+
+- ``label_count``, ``max_label_key_len``, ``max_label_value_len``: per row, from its label set;
+- ``conflicting``: True where another row of the same series (metric + canonical labels) and
+  timestamp has a different value (identical repeats are not conflicts).
+
+Every expectation carries ``meta={"reason": <code>}``; a row failing several is quarantined with
+the reason of the first one in suite order (`CHECKS` order). The timestamp window depends on the
+time of validation, so its bounds are suite parameters (`TS_MIN_PARAM`, `TS_MAX_PARAM`) supplied
+per run by `suite_parameters`, which lets one built suite be reused for every batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from metricmill.errors import MetricmillError
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+
+SUITE_NAME = "ingest_batch"
+SUITE_VERSION = "1"
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("metric", "labels", "ts", "value")
+# The Prometheus metric-name pattern. `\Z` rather than `$`: with Python regex semantics (which
+# pandas uses for this pattern) `$` also matches before a trailing newline, so "cpu\n" would pass.
+METRIC_NAME_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*\Z"
+FLOAT_MAX = sys.float_info.max
+
+# helper columns derived before validation
+LABEL_COUNT = "label_count"
+MAX_LABEL_KEY_LEN = "max_label_key_len"
+MAX_LABEL_VALUE_LEN = "max_label_value_len"
+CONFLICTING = "conflicting"
+HELPER_COLUMNS: tuple[str, ...] = (LABEL_COUNT, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, CONFLICTING)
+
+# suite parameters ($PARAMETER) filled in per validation run
+TS_MIN_PARAM = "ts_min"
+TS_MAX_PARAM = "ts_max"
+
+
+class QualityReason:
+    """Quarantine reason codes of this suite (shared codes match `metricmill.types.Reason`)."""
+
+    INVALID_METRIC_NAME = "invalid_metric_name"
+    NON_FINITE_VALUE = "non_finite_value"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"
+    TOO_MANY_LABELS = "too_many_labels"
+    LABEL_NAME_TOO_LONG = "label_name_too_long"
+    LABEL_VALUE_TOO_LONG = "label_value_too_long"
+    CONFLICTING_VALUES = "conflicting_values_in_batch"
+
+
+class BatchUnusable(MetricmillError):
+    """The batch as a whole cannot be checked (e.g. a required column is missing)."""
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """Bounds the contract enforces. Hashable; `now` is not part of equality or the hash, so a
+    suite cached per limits serves every `now` (the time window is passed at validation)."""
+
+    max_future_skew: timedelta = timedelta(minutes=10)
+    retention_days: int = 30
+    max_labels: int = 32
+    max_label_name_length: int = 128
+    max_label_value_length: int = 2048
+    now: datetime | None = field(default=None, compare=False)
+
+    def reference_time(self) -> datetime:
+        """`now` (naive taken as UTC), or the current time."""
+        if self.now is None:
+            return datetime.now(UTC)
+        return self.now if self.now.tzinfo is not None else self.now.replace(tzinfo=UTC)
+
+    @property
+    def retention_horizon(self) -> datetime:
+        """The oldest accepted sample time."""
+        return self.reference_time() - timedelta(days=self.retention_days)
+
+    def ts_bounds(self) -> tuple[datetime, datetime]:
+        """(oldest, newest) accepted sample time, from one reading of the clock."""
+        now = self.reference_time()
+        return now - timedelta(days=self.retention_days), now + self.max_future_skew
+
+
+class Check(NamedTuple):
+    """One expectation of the suite, as the summary and the pandas cross-check describe it."""
+
+    expectation_type: str
+    column: str
+    reason: str
+
+
+# Suite order: the first failing check names a row's reason.
+CHECKS: tuple[Check, ...] = (
+    Check("expect_column_values_to_match_regex", "metric", QualityReason.INVALID_METRIC_NAME),
+    Check("expect_column_values_to_not_be_null", "value", QualityReason.NON_FINITE_VALUE),
+    Check("expect_column_values_to_be_between", "value", QualityReason.NON_FINITE_VALUE),
+    Check("expect_column_values_to_not_be_null", "ts", QualityReason.INVALID_TIMESTAMP),
+    Check("expect_column_values_to_be_between", "ts", QualityReason.TIMESTAMP_IN_FUTURE),
+    Check("expect_column_values_to_be_between", "ts", QualityReason.TIMESTAMP_TOO_OLD),
+    Check("expect_column_values_to_be_between", LABEL_COUNT, QualityReason.TOO_MANY_LABELS),
+    Check("expect_column_values_to_be_between", MAX_LABEL_KEY_LEN, QualityReason.LABEL_NAME_TOO_LONG),
+    Check(
+        "expect_column_values_to_be_between", MAX_LABEL_VALUE_LEN, QualityReason.LABEL_VALUE_TOO_LONG
+    ),
+    Check("expect_column_values_to_be_in_set", CONFLICTING, QualityReason.CONFLICTING_VALUES),
+)
+REASON_ORDER: tuple[str, ...] = tuple(dict.fromkeys(check.reason for check in CHECKS))
+
+
+def check_required_columns(columns: Iterable[Any]) -> None:
+    """Raise `BatchUnusable` unless every required column is present."""
+    present = {str(c) for c in columns}
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        raise BatchUnusable(
+            f"batch has no {', '.join(missing)} column(s) (has: {', '.join(sorted(present)) or '-'}); "
+            f"suite {SUITE_NAME} v{SUITE_VERSION} needs {', '.join(REQUIRED_COLUMNS)}"
+        )
+
+
+def suite_parameters(limits: QualityLimits) -> dict[str, datetime]:
+    """The per-run values of the suite's $PARAMETERs (the accepted time window)."""
+    oldest, newest = limits.ts_bounds()
+    return {TS_MIN_PARAM: oldest, TS_MAX_PARAM: newest}
+
+
+def build_suite(limits: QualityLimits) -> gx.ExpectationSuite:
+    """The suite for `limits`, in `CHECKS` order (imports great_expectations)."""
+    import great_expectations as gx
+
+    expect = gx.expectations
+
+    def meta(reason: str) -> dict[str, Any]:
+        return {"reason": reason}
+
+    r = QualityReason
+    expectations = [
+        expect.ExpectColumnValuesToMatchRegex(
+            column="metric", regex=METRIC_NAME_PATTERN, meta=meta(r.INVALID_METRIC_NAME)
+        ),
+        expect.ExpectColumnValuesToNotBeNull(column="value", meta=meta(r.NON_FINITE_VALUE)),
+        expect.ExpectColumnValuesToBeBetween(
+            column="value", min_value=-FLOAT_MAX, max_value=FLOAT_MAX, meta=meta(r.NON_FINITE_VALUE)
+        ),
+        expect.ExpectColumnValuesToNotBeNull(column="ts", meta=meta(r.INVALID_TIMESTAMP)),
+        expect.ExpectColumnValuesToBeBetween(
+            column="ts", max_value={"$PARAMETER": TS_MAX_PARAM}, meta=meta(r.TIMESTAMP_IN_FUTURE)
+        ),
+        expect.ExpectColumnValuesToBeBetween(
+            column="ts", min_value={"$PARAMETER": TS_MIN_PARAM}, meta=meta(r.TIMESTAMP_TOO_OLD)
+        ),
+        expect.ExpectColumnValuesToBeBetween(
+            column=LABEL_COUNT, max_value=limits.max_labels, meta=meta(r.TOO_MANY_LABELS)
+        ),
+        expect.ExpectColumnValuesToBeBetween(
+            column=MAX_LABEL_KEY_LEN,
+            max_value=limits.max_label_name_length,
+            meta=meta(r.LABEL_NAME_TOO_LONG),
+        ),
+        expect.ExpectColumnValuesToBeBetween(
+            column=MAX_LABEL_VALUE_LEN,
+            max_value=limits.max_label_value_length,
+            meta=meta(r.LABEL_VALUE_TOO_LONG),
+        ),
+        expect.ExpectColumnValuesToBeInSet(
+            column=CONFLICTING, value_set=[False], meta=meta(r.CONFLICTING_VALUES)
+        ),
+    ]
+    suite = gx.ExpectationSuite(
+        name=SUITE_NAME,
+        meta={
+            "suite_version": SUITE_VERSION,
+            "limits": {
+                "max_future_skew_seconds": limits.max_future_skew.total_seconds(),
+                "retention_days": limits.retention_days,
+                "max_labels": limits.max_labels,
+                "max_label_name_length": limits.max_label_name_length,
+                "max_label_value_length": limits.max_label_value_length,
+            },
+        },
+    )
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    return suite

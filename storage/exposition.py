@@ -1,0 +1,221 @@
+"""Prometheus text exposition format (version 0.0.4) → a metricmill sample frame.
+
+Sample lines are ``name[{label="value",...}] value [timestamp_ms]``; blanks and tabs may separate
+the tokens (and surround braces, commas and ``=`` inside the label set; a trailing comma is
+allowed). Label values unescape ``\\\\``, ``\\"`` and ``\\n``; any other escape, an invalid
+metric or label name, a duplicate label name, an unparseable value or extra tokens reject the
+line with ``malformed_line``. Values are floats, ``NaN``, ``+Inf`` and ``-Inf`` included (kept
+as floats: the storage layer rejects non-finite values with its own reason). The optional
+timestamp is integer milliseconds (non-integer: ``invalid_timestamp``; beyond what
+datetime64[us] can hold: ``timestamp_out_of_range``); without one the sample is stamped
+``scrape_time``.
+
+``# TYPE name type`` lines fill ``families`` (counter, gauge, histogram, summary, untyped); a
+malformed TYPE line, an unknown type or a second TYPE line giving a different type for the same
+family is rejected with ``malformed_line`` (the first type is kept). ``# HELP`` and all other
+comments are ignored, as are blank lines; CRLF line endings and a leading UTF-8 BOM are accepted.
+Histogram and summary series already appear flat in the text (``_bucket`` with ``le``, ``_sum``,
+``_count``; ``{quantile=...}``) and are kept as written; ``le="+Inf"`` stays a string label.
+
+As in Prometheus, a label with an empty value is the same as no label, so empty-valued labels
+are dropped. ``extra_labels`` (target labels such as ``instance`` and ``job``) are then added to
+every sample that does not already carry that label.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metricmill.types import Reason, datetime_to_us
+
+MALFORMED_LINE = "malformed_line"
+INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
+TIMESTAMP_OUT_OF_RANGE = Reason.TIMESTAMP_OUT_OF_RANGE
+
+METRIC_TYPES = frozenset({"counter", "gauge", "histogram", "summary", "untyped"})
+
+# datetime64[us] covers int64 except its minimum, which is NaT.
+_US_MIN = -(2**63) + 1
+_US_MAX = 2**63 - 1
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_NAME_AND_BLANKS = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)[ \t]*")
+_LABEL_PAIR = re.compile(
+    r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"([^"\\]*(?:\\.[^"\\]*)*)"[ \t]*'
+)
+_VALUE_AND_TIMESTAMP = re.compile(r"([^ \t]+)(?:[ \t]+([^ \t]+))?[ \t]*")
+_ESCAPE = re.compile(r"\\(.)")
+_UNESCAPED = {"\\": "\\", '"': '"', "n": "\n"}
+_TIMESTAMP = re.compile(r"[+-]?[0-9]+")
+
+
+@dataclass
+class ExpositionResult:
+    """Parsed samples, rejected lines with reasons, and metric family types from ``# TYPE``."""
+
+    frame: pd.DataFrame
+    rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    families: dict[str, str] = field(default_factory=dict)
+
+
+class _LineError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _sample_frame(
+    metrics: list[str], labels: list[dict[str, str]], ts_us: list[int], values: list[float]
+) -> pd.DataFrame:
+    label_col = np.empty(len(labels), dtype=object)
+    label_col[:] = labels
+    ts = pd.Series(np.array(ts_us, dtype=np.int64).view("datetime64[us]")).dt.tz_localize(UTC)
+    return pd.DataFrame(
+        {
+            "metric": pd.Series(metrics, dtype=object),
+            "labels": label_col,
+            "ts": ts,
+            "value": np.array(values, dtype=np.float64),
+        }
+    )
+
+
+def _unescape_match(match: re.Match[str]) -> str:
+    replacement = _UNESCAPED.get(match.group(1))
+    if replacement is None:
+        raise _LineError(MALFORMED_LINE)  # only \\, \" and \n are escapes in label values
+    return replacement
+
+
+def _skip_blanks(line: str, i: int) -> int:
+    n = len(line)
+    while i < n and line[i] in " \t":
+        i += 1
+    return i
+
+
+def _parse_sample(line: str) -> tuple[str, dict[str, str], str, str | None]:
+    """(metric name, labels, value token, timestamp token or None) of a sample line."""
+    head = _NAME_AND_BLANKS.match(line)
+    if head is None:
+        raise _LineError(MALFORMED_LINE)
+    name = head.group(1)
+    i = head.end()
+    labels: dict[str, str] = {}
+    if line[i : i + 1] == "{":
+        i += 1
+        while True:
+            i = _skip_blanks(line, i)
+            if line[i : i + 1] == "}":
+                i += 1
+                break
+            pair = _LABEL_PAIR.match(line, i)
+            if pair is None:
+                raise _LineError(MALFORMED_LINE)
+            key, raw = pair.groups()
+            if key in labels:
+                raise _LineError(MALFORMED_LINE)  # duplicate label name
+            labels[key] = _ESCAPE.sub(_unescape_match, raw) if "\\" in raw else raw
+            i = pair.end()
+            following = line[i : i + 1]
+            if following == ",":
+                i += 1
+            elif following == "}":
+                i += 1
+                break
+            else:
+                raise _LineError(MALFORMED_LINE)
+        i = _skip_blanks(line, i)
+    elif i == len(name):
+        raise _LineError(MALFORMED_LINE)  # name not followed by a blank or a label set
+    tail = _VALUE_AND_TIMESTAMP.fullmatch(line, i)
+    if tail is None:
+        raise _LineError(MALFORMED_LINE)  # no value, or more than value and timestamp
+    return name, labels, tail.group(1), tail.group(2)
+
+
+def _parse_value(token: str) -> float:
+    # Go's ParseFloat reads NaN, [+-]Inf and decimal/scientific numbers; Python's float() also
+    # takes digit-group underscores, which the format does not have.
+    if "_" in token:
+        raise _LineError(MALFORMED_LINE)
+    try:
+        return float(token)
+    except ValueError:
+        raise _LineError(MALFORMED_LINE) from None
+
+
+def parse_exposition(
+    text: str, *, scrape_time: datetime, extra_labels: dict[str, str] | None = None
+) -> ExpositionResult:
+    """Parse exposition text; bad lines come back in ``rejected`` with a reason code.
+
+    Rejected entries are ``({"line": <text without line ending>, "line_no": <1-based>}, reason)``
+    with reason ``malformed_line``, ``invalid_timestamp`` or ``timestamp_out_of_range``.
+    ``scrape_time`` may be naive (taken as UTC).
+    """
+    scrape_us = datetime_to_us(scrape_time)
+    extra = {k: v for k, v in (extra_labels or {}).items() if v != ""}
+    if text.startswith("\ufeff"):
+        text = text[1:]
+
+    metrics: list[str] = []
+    labels: list[dict[str, str]] = []
+    stamps: list[int] = []
+    values: list[float] = []
+    rejected: list[tuple[dict[str, Any], str]] = []
+    families: dict[str, str] = {}
+
+    for line_no, raw in enumerate(text.split("\n"), 1):
+        line = raw[:-1] if raw[-1:] == "\r" else raw
+        body = line.strip(" \t")
+        if not body:
+            continue
+        try:
+            if body[0] == "#":
+                words = body[1:].split(None, 3)
+                if words and words[0] == "TYPE":
+                    if (
+                        len(words) != 3
+                        or not _METRIC_NAME.fullmatch(words[1])
+                        or words[2] not in METRIC_TYPES
+                    ):
+                        raise _LineError(MALFORMED_LINE)
+                    if families.setdefault(words[1], words[2]) != words[2]:
+                        raise _LineError(MALFORMED_LINE)  # conflicting second TYPE line
+                continue
+
+            name, sample_labels, value_token, ts_token = _parse_sample(body)
+            value = _parse_value(value_token)
+            if ts_token is None:
+                ts = scrape_us
+            elif _TIMESTAMP.fullmatch(ts_token):
+                ts = int(ts_token) * 1000
+                if ts < _US_MIN or ts > _US_MAX:
+                    raise _LineError(TIMESTAMP_OUT_OF_RANGE)
+            else:
+                raise _LineError(INVALID_TIMESTAMP)
+        except _LineError as error:
+            rejected.append(({"line": line, "line_no": line_no}, error.reason))
+            continue
+
+        if "" in sample_labels.values():
+            sample_labels = {k: v for k, v in sample_labels.items() if v != ""}
+        for key, extra_value in extra.items():
+            sample_labels.setdefault(key, extra_value)
+        metrics.append(name)
+        labels.append(sample_labels)
+        stamps.append(ts)
+        values.append(value)
+
+    return ExpositionResult(
+        frame=_sample_frame(metrics, labels, stamps, values),
+        rejected=rejected,
+        families=families,
+    )

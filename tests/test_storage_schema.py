@@ -1,0 +1,118 @@
+"""The versioned schema: idempotent init, in-place upgrades, refusing the future, hypertables."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from metricmill.errors import SchemaError
+from storage.schema import ROLLUP_TABLES
+from storage.store import Store
+from tests.dbtargets import DbTarget
+
+T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+ROWS = [
+    {"metric": "cpu", "labels": {"host": "a"}, "ts": T0 + timedelta(minutes=i), "value": float(i)}
+    for i in range(5)
+]
+MISSING_RELATION = (sqlite3.OperationalError, psycopg.errors.UndefinedTable)
+
+
+def open_store(target: DbTarget, *, init: bool = True) -> Store:
+    return Store.open(target.url, timescaledb=target.timescaledb, init=init)
+
+
+def schema_snapshot(store: Store, target: DbTarget) -> list[tuple[Any, ...]]:
+    """Every table, view and column definition, in a stable order."""
+    if target.name == "sqlite":
+        return store.backend.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+            "ORDER BY type, name"
+        )
+    return store.backend.execute(
+        "SELECT c.table_name, c.column_name, c.data_type, c.is_nullable, c.column_default "
+        "FROM information_schema.columns c WHERE c.table_schema = current_schema() "
+        "ORDER BY c.table_name, c.ordinal_position"
+    )
+
+
+def test_init_twice_is_a_noop(db_target: DbTarget) -> None:
+    with open_store(db_target) as store:
+        store.write_samples(ROWS)
+        before = schema_snapshot(store, db_target)
+
+        assert store.init() == (2, 2)
+
+        assert schema_snapshot(store, db_target) == before
+        assert store.backend.execute("SELECT version FROM schema_version ORDER BY version") == [
+            (1,),
+            (2,),
+        ]
+        assert store.stats()["samples"] == len(ROWS)
+    with open_store(db_target) as reopened:
+        assert schema_snapshot(reopened, db_target) == before
+
+
+def test_version_1_database_upgrades_in_place(db_target: DbTarget) -> None:
+    with open_store(db_target, init=False) as old:
+        assert old.schema_version() is None
+        assert old.init(target=1) == (0, 1)
+        assert old.schema_version() == 1
+        old.write_samples(ROWS)
+        with pytest.raises(MISSING_RELATION):
+            old.backend.execute("SELECT count(*) FROM metrics_view")
+
+    with open_store(db_target) as upgraded:
+        assert upgraded.schema_version() == 2
+        points = upgraded.query("cpu", start=T0, end=T0 + timedelta(hours=1))
+        assert points["value"].tolist() == [float(i) for i in range(5)]
+        view_rows = upgraded.backend.execute(
+            "SELECT metric, value FROM metrics_view ORDER BY time"
+        )
+        assert view_rows == [("cpu", float(i)) for i in range(5)]
+        assert upgraded.backend.execute("SELECT count(*) FROM rollup_1m_view") == [(0,)]
+        assert upgraded.health().ok
+
+
+def test_newer_schema_version_is_refused(db_target: DbTarget) -> None:
+    with open_store(db_target) as store:
+        if db_target.name == "sqlite":
+            store.backend.execute("INSERT INTO schema_version VALUES (3, 0)")
+        else:
+            store.backend.execute("INSERT INTO schema_version (version) VALUES (3)")
+
+    with pytest.raises(SchemaError, match="newer"):
+        open_store(db_target)
+    with open_store(db_target, init=False) as store, pytest.raises(SchemaError):
+        store.init()
+
+
+def test_timescaledb_keeps_samples_and_rollups_in_compressed_hypertables(
+    pg_only_target: DbTarget,
+) -> None:
+    with open_store(pg_only_target) as store:
+        extension = store.backend.execute(
+            "SELECT extname FROM pg_extension WHERE extname = 'timescaledb'"
+        )
+        hypertables = (
+            dict(
+                store.backend.execute(
+                    "SELECT hypertable_name, compression_enabled "
+                    "FROM timescaledb_information.hypertables "
+                    "WHERE hypertable_schema = current_schema()"
+                )
+            )
+            if extension
+            else {}
+        )
+
+    if pg_only_target.name == "timescaledb":
+        expected = {"samples", *ROLLUP_TABLES.values()}
+        assert hypertables == dict.fromkeys(expected, True)
+    else:
+        assert extension == []
+        assert hypertables == {}
