@@ -3,8 +3,9 @@
 Run: uv run python benchmarks/gx_vs_pandas.py [--frames N] [--rows N]
 
 Batches look like NDJSON input (each row has its own labels dict); about 1% of rows are bad,
-spread over every reason. Both paths are timed end to end (helper columns included), interleaved per
-batch, after one warm-up call each (the GX import and context setup are excluded and reported separately).
+spread over every reason. Both paths are timed end to end (helper columns included),
+interleaved per batch, after one warm-up call each (the GX import and context setup are excluded
+and reported separately).
 The last line is `RATIO gx_vs_pandas <gx seconds / pandas seconds>`.
 """
 
@@ -18,14 +19,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from tasks.quality import QualityLimits, validate_batch, validate_batch_pandas  # noqa: E402
+from tasks.quality import QualityLimits, validate_batch, validate_batch_pandas
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-METRICS = ["http_requests_total", "node_cpu_seconds_total", "process_resident_memory_bytes",
-           "disk:io_time_seconds", "go_goroutines"]
+METRICS = [
+    "http_requests_total",
+    "node_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "disk:io_time_seconds",
+    "go_goroutines",
+]
 
 
 def make_frame(seed: int, rows: int) -> pd.DataFrame:
@@ -100,10 +106,13 @@ def main() -> None:
         and g.good.index.equals(p.good.index)
         for g, p in zip(gx_results, pandas_results, strict=True)
     )
-    print(f"pandas: {pandas_s:.2f} s ({pandas_s / len(frames) * 1000:.1f} ms/batch), "
-          f"rejected {rejected_pd}")
-    print(f"gx:     {gx_s:.2f} s ({gx_s / len(frames) * 1000:.1f} ms/batch), "
-          f"rejected {rejected_gx}")
+    print(
+        f"pandas: {pandas_s:.2f} s ({pandas_s / len(frames) * 1000:.1f} ms/batch), "
+        f"rejected {rejected_pd}"
+    )
+    print(
+        f"gx:     {gx_s:.2f} s ({gx_s / len(frames) * 1000:.1f} ms/batch), rejected {rejected_gx}"
+    )
     print(f"same rejects and good rows: {same}")
     print(f"RATIO gx_vs_pandas {gx_s / pandas_s:.2f}")
 

@@ -443,4 +443,8 @@ def ratio(mine: Result, baseline: Result, rows: int) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # cleanup already ran in the finally blocks on the way out
+        log("interrupted")
+        sys.exit(130)

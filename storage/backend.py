@@ -42,7 +42,11 @@ class SeriesIds:
     ids: np.ndarray
     first_us: np.ndarray
     last_us: np.ndarray
-    new_series: int = 0
+    is_new: np.ndarray  # inserted by this batch, already carrying the batch's span
+
+    @property
+    def new_series(self) -> int:
+        return int(self.is_new.sum())
 
     @classmethod
     def empty(cls, n: int) -> SeriesIds:
@@ -50,6 +54,7 @@ class SeriesIds:
             ids=np.zeros(n, dtype=np.int64),
             first_us=np.full(n, NO_TS, dtype=np.int64),
             last_us=np.full(n, NO_TS, dtype=np.int64),
+            is_new=np.zeros(n, dtype=bool),
         )
 
 
@@ -70,17 +75,28 @@ def sorted_rows(
     return ids[order], ts, batch.values[order], may_exist
 
 
-def series_seen_changes(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
-    """Rows (series_id, new first_seen, new last_seen) for series whose span grows."""
-    n = len(known.ids)
+def batch_spans(batch: PreparedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Per series of the batch: its earliest and latest accepted timestamp (µs)."""
+    n = len(batch.series)
     lo = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     hi = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
     np.minimum.at(lo, batch.codes, batch.ts_us)
     np.maximum.at(hi, batch.codes, batch.ts_us)
+    return lo, hi
+
+
+def series_seen_changes(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
+    """Rows (series_id, first_seen, last_seen) for stored series whose span grows.
+
+    New series were inserted with their span already; series with no samples yet
+    (NO_TS) are updated too.
+    """
+    lo, hi = batch_spans(batch)
     has_old = known.last_us != NO_TS
     new_lo = np.where(has_old, np.minimum(lo, known.first_us), lo)
     new_hi = np.where(has_old, np.maximum(hi, known.last_us), hi)
-    grows = (hi >= lo) & (~has_old | (new_lo != known.first_us) | (new_hi != known.last_us))
+    grows = (hi >= lo) & ~known.is_new
+    grows &= ~has_old | (new_lo != known.first_us) | (new_hi != known.last_us)
     return np.column_stack([known.ids[grows], new_lo[grows], new_hi[grows]])
 
 

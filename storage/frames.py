@@ -196,7 +196,9 @@ def _raw_row(frame: pd.DataFrame, index: int) -> dict[str, Any]:
         if isinstance(value, float) and math.isnan(value) and column != "value":
             row[str(column)] = None
         elif isinstance(value, float) and not math.isfinite(value):
-            row[str(column)] = repr(value)
+            row[str(column)] = (
+                "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            )
         elif isinstance(value, pd.Timestamp):
             row[str(column)] = value.isoformat()
         elif value is None or isinstance(value, str | int | float | bool | dict | list):

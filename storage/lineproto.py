@@ -199,7 +199,7 @@ def _parse_head(head: str) -> tuple[str, dict[str, str]] | None:
     """Measurement and tags of an escape-free series head (``cpu,host=a``); None if not plain."""
     items = head.split(",")
     measurement = items[0]
-    if not measurement or measurement[0] == "#":
+    if not measurement or measurement[0] in "#\t":  # comment, or leading blank (stripped)
         return None
     tags: dict[str, str] = {}
     for item in items[1:]:
@@ -293,17 +293,6 @@ def parse_line_protocol(
                 measurement, tags, fields, ts_token = _parse_slow(body)
                 names = metric_names.setdefault(measurement, {})
 
-            if ts_token is None:
-                ts = now_us
-            elif ts_token.isascii() and (
-                ts_token.isdigit() or (ts_token[0] == "-" and ts_token[1:].isdigit())
-            ):
-                ts = int(ts_token) * multiplier // divisor
-                if ts < _US_MIN or ts > _US_MAX:
-                    raise _LineError(TIMESTAMP_OUT_OF_RANGE)
-            else:
-                raise _LineError(MALFORMED_LINE if "=" in ts_token else INVALID_TIMESTAMP)
-
             line_strings = line_booleans = 0
             for key, sep, token in fields:
                 if not key or not sep:
@@ -335,8 +324,23 @@ def parse_line_protocol(
                     metric = names[key] = measurement if key == "value" else f"{measurement}_{key}"
                 add_metric(metric)
                 add_labels(tags)
-                add_stamp(ts)
                 add_value(number)
+
+            if ts_token is None:
+                ts = now_us
+            elif ts_token.isascii() and (
+                ts_token.isdigit() or (ts_token[0] == "-" and ts_token[1:].isdigit())
+            ):
+                ts = int(ts_token) * multiplier // divisor
+                if ts < _US_MIN or ts > _US_MAX:
+                    raise _LineError(TIMESTAMP_OUT_OF_RANGE)
+            else:
+                raise _LineError(MALFORMED_LINE if "=" in ts_token else INVALID_TIMESTAMP)
+            added = len(values) - mark
+            if added == 1:
+                add_stamp(ts)
+            elif added:
+                stamps.extend([ts] * added)
         except _LineError as error:
             if len(values) > mark:  # the line is rejected as a whole
                 del metrics[mark:], labels[mark:], stamps[mark:], values[mark:]

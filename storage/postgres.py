@@ -14,10 +14,10 @@ from psycopg import sql
 from metricmill.errors import DatabaseUnavailable, SchemaError
 from metricmill.settings import mask_url
 from storage.backend import (
-    NO_TS,
     Backend,
     SeriesIds,
     WriteCounts,
+    batch_spans,
     hour_ranges,
     series_seen_changes,
     sorted_rows,
@@ -185,36 +185,47 @@ class PostgresBackend(Backend):
 
     # -- writes ---------------------------------------------------------------------------
     def _resolve_series(self, cur: psycopg.Cursor[Any], batch: PreparedBatch) -> SeriesIds:
+        lo, hi = batch_spans(batch)
         cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS series_stage "
-            "(pos integer, series_key text, metric text, labels jsonb) ON COMMIT DELETE ROWS"
+            "CREATE TEMP TABLE IF NOT EXISTS series_stage (pos integer, series_key text, "
+            "metric text, labels jsonb, lo bigint, hi bigint) ON COMMIT DELETE ROWS"
         )
-        with cur.copy("COPY series_stage (pos, series_key, metric, labels) FROM STDIN") as copy:
+        with cur.copy("COPY series_stage FROM STDIN") as copy:
             for pos, s in enumerate(batch.series):
-                copy.write_row((pos, s.key, s.metric, s.labels_json))
-        cur.execute(
-            "INSERT INTO series (series_key, metric, labels) "
-            "SELECT series_key, metric, labels FROM series_stage ORDER BY pos "
-            "ON CONFLICT (series_key) DO NOTHING"
-        )
-        new_series = cur.rowcount
-        cur.execute(
-            f"SELECT st.pos, s.series_id, {self.ts_out.format(col='s.first_seen')}, "  # noqa: S608
-            f"{self.ts_out.format(col='s.last_seen')} FROM series_stage st "
-            "JOIN series s ON s.series_key = st.series_key"
-        )
-        rows = np.array(
-            [
-                (p, i, NO_TS if f is None else f, NO_TS if la is None else la)
-                for p, i, f, la in cur.fetchall()
-            ],
-            dtype=np.int64,
-        ).reshape(-1, 4)
+                copy.write_row((pos, s.key, s.metric, s.labels_json, int(lo[pos]), int(hi[pos])))
         out = SeriesIds.empty(len(batch.series))
-        out.ids[rows[:, 0]] = rows[:, 1]
-        out.first_us[rows[:, 0]] = rows[:, 2]
-        out.last_us[rows[:, 0]] = rows[:, 3]
-        out.new_series = new_series
+        found = np.zeros(len(batch.series), dtype=bool)
+
+        def take_existing() -> None:
+            cur.execute(
+                f"SELECT st.pos, s.series_id, {self.ts_out.format(col='s.first_seen')}, "  # noqa: S608
+                f"{self.ts_out.format(col='s.last_seen')} FROM series_stage st "
+                "JOIN series s ON s.series_key = st.series_key"
+            )
+            for pos, sid, first, last in cur.fetchall():
+                if not found[pos] and not out.is_new[pos]:
+                    out.ids[pos] = sid
+                    if first is not None and last is not None:
+                        out.first_us[pos], out.last_us[pos] = first, last
+                    found[pos] = True
+
+        take_existing()
+        if not found.all():
+            start = self.ts_in.replace("%s", "st.lo")
+            end = self.ts_in.replace("%s", "st.hi")
+            cur.execute(
+                "INSERT INTO series (series_key, metric, labels, first_seen, last_seen) "  # noqa: S608
+                f"SELECT st.series_key, st.metric, st.labels, {start}, {end} "
+                "FROM series_stage st WHERE NOT EXISTS "
+                "(SELECT 1 FROM series s WHERE s.series_key = st.series_key) ORDER BY st.pos "
+                "ON CONFLICT (series_key) DO NOTHING RETURNING series_id, series_key"
+            )
+            position = {s.key: pos for pos, s in enumerate(batch.series)}
+            for sid, key in cur.fetchall():
+                out.ids[position[key]] = sid
+                out.is_new[position[key]] = True
+            if not (found | out.is_new).all():
+                take_existing()  # a concurrent writer created some of them first
         return out
 
     def _copy_stage(
@@ -265,8 +276,15 @@ class PostgresBackend(Backend):
                 (batch_id, source),
             )
             if cur.rowcount == 0:
-                counts.replay = True
-                return counts
+                # Committed (or quarantined whole) before; only the latter may be retried.
+                cur.execute(
+                    "UPDATE ingest_batches SET status = 'writing' "
+                    "WHERE batch_id = %s AND status = 'quarantined'",
+                    (batch_id,),
+                )
+                if cur.rowcount == 0:
+                    counts.replay = True
+                    return counts
             counts.guarded_new_series = self.guard_cardinality(
                 batch, batch_id=batch_id, source=source, max_new_series=max_new_series
             )

@@ -19,6 +19,7 @@ from storage.backend import (
     Backend,
     SeriesIds,
     WriteCounts,
+    batch_spans,
     hour_ranges,
     series_seen_changes,
     sorted_rows,
@@ -128,7 +129,9 @@ class SQLiteBackend(Backend):
 
     def _resolve_series(self, batch: PreparedBatch) -> SeriesIds:
         keys = [s.key for s in batch.series]
-        known: dict[str, tuple[int, int | None, int | None]] = {}
+        out = SeriesIds.empty(len(keys))
+        position = {key: pos for pos, key in enumerate(keys)}
+        found = np.zeros(len(keys), dtype=bool)
         for offset in range(0, len(keys), _CHUNK):
             chunk = keys[offset : offset + _CHUNK]
             marks = ",".join("?" * len(chunk))
@@ -137,26 +140,27 @@ class SQLiteBackend(Backend):
                 f"WHERE series_key IN ({marks})",
                 chunk,
             ):
-                known[key] = (sid, first, last)
-        missing = [s for s in batch.series if s.key not in known]
-        if missing:
+                pos = position[key]
+                out.ids[pos], found[pos] = sid, True
+                if first is not None and last is not None:
+                    out.first_us[pos], out.last_us[pos] = first, last
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            lo, hi = batch_spans(batch)
             self.conn.executemany(
-                "INSERT INTO series (series_key, metric, labels) VALUES (?, ?, ?)",
-                self.series_defs_params(missing),
+                "INSERT INTO series (series_key, metric, labels, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (*self.series_defs_params([batch.series[pos]])[0], int(lo[pos]), int(hi[pos]))
+                    for pos in missing
+                ],
             )
             first_new = self.conn.execute(
-                "SELECT series_id FROM series WHERE series_key = ?", (missing[0].key,)
+                "SELECT series_id FROM series WHERE series_key = ?", (keys[missing[0]],)
             ).fetchone()[0]
             # One transaction, one writer: the ids of this executemany are consecutive.
-            for offset, s in enumerate(missing):
-                known[s.key] = (first_new + offset, None, None)
-        out = SeriesIds.empty(len(keys))
-        for pos, key in enumerate(keys):
-            sid, first, last = known[key]
-            out.ids[pos] = sid
-            if first is not None and last is not None:
-                out.first_us[pos], out.last_us[pos] = first, last
-        out.new_series = len(missing)
+            out.ids[missing] = first_new + np.arange(len(missing))
+            out.is_new[missing] = True
         return out
 
     def count_known_series(self, keys: list[str]) -> int:
@@ -183,9 +187,12 @@ class SQLiteBackend(Backend):
     ) -> WriteCounts:
         counts = WriteCounts()
         with self.transaction():
-            if self.batch_status(batch_id) is not None:
+            status = self.batch_status(batch_id)
+            if status == "committed":
                 counts.replay = True
                 return counts
+            if status is not None:  # quarantined whole earlier: a replay may now land it
+                self.execute("DELETE FROM ingest_batches WHERE batch_id = %s", (batch_id,))
             counts.guarded_new_series = self.guard_cardinality(
                 batch, batch_id=batch_id, source=source, max_new_series=max_new_series
             )

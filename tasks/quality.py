@@ -18,8 +18,8 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import chain
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from expectations.ingest_batch import (
     CONFLICTING,
     FLOAT_MAX,
     LABEL_COUNT,
+    LABEL_LIMIT_EXCEEDED,
     MAX_LABEL_KEY_LEN,
     MAX_LABEL_VALUE_LEN,
     METRIC_NAME_PATTERN,
@@ -39,7 +40,9 @@ from expectations.ingest_batch import (
     TS_MAX_PARAM,
     TS_MIN_PARAM,
     BatchUnusable,
+    Check,
     QualityLimits,
+    QualityReason,
     build_suite,
     check_required_columns,
     suite_parameters,
@@ -108,6 +111,7 @@ class QualityResult:
 class _Prepared:
     frame: pd.DataFrame  # the batch, RangeIndex
     checked: pd.DataFrame  # what the suite sees: metric, value, ts + helper columns
+    ts_us: np.ndarray  # epoch µs of checked["ts"] (NaT: int64 min)
 
 
 def _label_text(value: Any) -> str:
@@ -291,13 +295,13 @@ def _conflicting(series: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> n
     return out
 
 
-def _prepare(frame: pd.DataFrame) -> _Prepared:
+def _prepare(frame: pd.DataFrame, limits: QualityLimits) -> _Prepared:
+    """The batch with a RangeIndex, and the checked frame the suite runs on."""
     check_required_columns(frame.columns)
     if not (
         isinstance(frame.index, pd.RangeIndex) and frame.index.start == 0 and frame.index.step == 1
     ):
         frame = frame.reset_index(drop=True)
-    n = len(frame)
     metric = _metric_column(frame["metric"])
     values = _value_column(frame["value"])
     ts = _ts_column(frame["ts"])
@@ -318,10 +322,29 @@ def _prepare(frame: pd.DataFrame) -> _Prepared:
             LABEL_COUNT: labels.count,
             MAX_LABEL_KEY_LEN: labels.max_key_len,
             MAX_LABEL_VALUE_LEN: labels.max_value_len,
+            LABEL_LIMIT_EXCEEDED: _label_limit_exceeded(labels, limits),
             CONFLICTING: _conflicting(series, ts_us, values),
         }
     )
-    return _Prepared(frame=frame, checked=checked)
+    return _Prepared(frame=frame, checked=checked, ts_us=ts_us)
+
+
+def _label_limit_exceeded(labels: _LabelColumns, limits: QualityLimits) -> pd.Series:
+    """ "" or the reason code of the first label limit exceeded (count, key, value length)."""
+    code = np.select(
+        [
+            labels.count > limits.max_labels,
+            labels.max_key_len > limits.max_label_name_length,
+            labels.max_value_len > limits.max_label_value_length,
+        ],
+        [
+            QualityReason.TOO_MANY_LABELS,
+            QualityReason.LABEL_NAME_TOO_LONG,
+            QualityReason.LABEL_VALUE_TOO_LONG,
+        ],
+        default="",
+    )
+    return pd.Series(code.astype(object), dtype="str")
 
 
 def _json_safe(value: Any) -> Any:
@@ -339,7 +362,12 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     if isinstance(value, pd.Timestamp | datetime):
-        return None if pd.isna(value) else value.isoformat()
+        if pd.isna(value):
+            return None
+        try:
+            return value.isoformat()
+        except (ValueError, NotImplementedError, OverflowError):  # beyond Python's year 9999
+            return str(pd.Timestamp(value).asm8)
     if _is_missing(value):
         return None
     return str(value)
@@ -364,19 +392,36 @@ def _rejected_rows(frame: pd.DataFrame, reasons: np.ndarray) -> list[tuple[dict[
     return out
 
 
+def _row_reasons(
+    prepared: _Prepared, check: Check, rows: np.ndarray, newest_us: int
+) -> np.ndarray | str:
+    """The reason code per failing row of `check` (one code for single-reason checks)."""
+    if len(check.reasons) == 1:
+        return check.reasons[0]
+    if check.column == "ts":  # (in future, too old) by the side of the window
+        future, too_old = check.reasons
+        return np.where(prepared.ts_us[rows] > newest_us, future, too_old).astype(object)
+    if check.column == LABEL_LIMIT_EXCEEDED:  # the helper holds the code
+        return prepared.checked[LABEL_LIMIT_EXCEEDED].to_numpy(dtype=object)[rows]
+    raise AssertionError(f"no row-reason rule for {check}")
+
+
 def _result(
     prepared: _Prepared,
     failures: list[tuple[dict[str, Any], np.ndarray]],
+    newest_us: int,
     engine: str,
 ) -> QualityResult:
-    """Assemble a QualityResult from per-expectation (summary entry, failing row positions)."""
+    """Assemble a QualityResult from (summary entry, failing row positions) per check, in
+    `CHECKS` order: a row's reason is that of the first check it fails."""
     frame = prepared.frame
     n = len(frame)
     reasons = np.full(n, None, dtype=object)
-    for entry, rows in sorted(failures, key=lambda f: REASON_ORDER.index(f[0]["reason"])):
+    for check, (_, rows) in zip(CHECKS, failures, strict=True):
         if len(rows):
-            free = rows[pd.isna(reasons[rows])]
-            reasons[free] = entry["reason"]
+            row_reasons = _row_reasons(prepared, check, rows, newest_us)
+            free = pd.isna(reasons[rows])
+            reasons[rows[free]] = row_reasons if isinstance(row_reasons, str) else row_reasons[free]
     bad = pd.notna(reasons)
     rejected = _rejected_rows(frame, reasons)
     good = frame.loc[~bad] if bad.any() else frame
@@ -445,7 +490,7 @@ def validate_batch(frame: pd.DataFrame, limits: QualityLimits | None = None) -> 
     evaluate an expectation.
     """
     limits = limits or QualityLimits()
-    prepared = _prepare(frame)
+    prepared = _prepare(frame, limits)
     parameters = suite_parameters(limits)
     with _gx_lock:
         batch_definition = _gx_batch_definition()
@@ -454,12 +499,22 @@ def validate_batch(frame: pd.DataFrame, limits: QualityLimits | None = None) -> 
         outcome = batch.validate(
             suite, result_format="COMPLETE", expectation_parameters=dict(parameters)
         )
+    if len(outcome.results) != len(CHECKS):
+        raise QualityCheckError(
+            f"suite {SUITE_NAME} v{SUITE_VERSION}: {len(outcome.results)} results for "
+            f"{len(CHECKS)} expectations"
+        )
     failures: list[tuple[dict[str, Any], np.ndarray]] = []
-    for item in outcome.results:
+    for check, item in zip(CHECKS, outcome.results, strict=True):
         config = item.expectation_config
         assert config is not None
         column = str(config.kwargs.get("column"))
         reason = str((config.meta or {}).get("reason"))
+        if (config.type, column, reason) != (check.expectation_type, check.column, check.reason):
+            raise QualityCheckError(
+                f"suite {SUITE_NAME} v{SUITE_VERSION}: result for {config.type} on {column} "
+                f"where {check.expectation_type} on {check.column} was expected"
+            )
         problem = _raised(item.exception_info)
         if problem is not None:
             raise QualityCheckError(
@@ -475,17 +530,17 @@ def validate_batch(frame: pd.DataFrame, limits: QualityLimits | None = None) -> 
             "success": bool(item.success),
         }
         failures.append((entry, _index_positions(result.get("unexpected_index_list"))))
-    return _result(prepared, failures, engine="great_expectations")
+    return _result(prepared, failures, _us(parameters[TS_MAX_PARAM]), engine="great_expectations")
 
 
 # -- the same checks in plain pandas ----------------------------------------------------------
 def validate_batch_pandas(
     frame: pd.DataFrame, limits: QualityLimits | None = None
 ) -> QualityResult:
-    """The suite's checks as vectorised pandas/numpy, with GX's semantics (value checks other
-    than not-null skip missing values). Same result shape as `validate_batch`."""
+    """The suite's checks as vectorised pandas/numpy, with GX's semantics (checks other than
+    not-null skip missing values). Same result shape as `validate_batch`."""
     limits = limits or QualityLimits()
-    prepared = _prepare(frame)
+    prepared = _prepare(frame, limits)
     c = prepared.checked
     parameters = suite_parameters(limits)
     oldest = _us(parameters[TS_MIN_PARAM])
@@ -495,18 +550,16 @@ def validate_batch_pandas(
     pattern = re.compile(METRIC_NAME_PATTERN)
     name_ok = np.array([pattern.search(str(name)) is not None for name in names] + [True])
     values = c["value"].to_numpy()
-    ts_us = c["ts"].to_numpy(dtype="datetime64[us]").view(np.int64)
+    value_null = np.isnan(values)
+    ts_us = prepared.ts_us
     ts_null = c["ts"].isna().to_numpy()
     masks = [
         ~name_ok[codes],  # code -1 (missing) picks the appended True: nulls are not matched
-        np.isnan(values),
-        ~np.isnan(values) & ~((values >= -FLOAT_MAX) & (values <= FLOAT_MAX)),
+        value_null,
+        ~value_null & ~((values >= -FLOAT_MAX) & (values <= FLOAT_MAX)),
         ts_null,
-        ~ts_null & (ts_us > newest),
-        ~ts_null & (ts_us < oldest),
-        c[LABEL_COUNT].to_numpy() > limits.max_labels,
-        c[MAX_LABEL_KEY_LEN].to_numpy() > limits.max_label_name_length,
-        c[MAX_LABEL_VALUE_LEN].to_numpy() > limits.max_label_value_length,
+        ~ts_null & ((ts_us > newest) | (ts_us < oldest)),
+        c[LABEL_LIMIT_EXCEEDED].to_numpy(dtype=object) != "",
         c[CONFLICTING].to_numpy(dtype=bool),
     ]
     failures = []
@@ -520,7 +573,7 @@ def validate_batch_pandas(
             "success": not len(rows),
         }
         failures.append((entry, rows))
-    return _result(prepared, failures, engine="pandas")
+    return _result(prepared, failures, newest, engine="pandas")
 
 
 def _us(moment: datetime) -> int:

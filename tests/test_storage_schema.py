@@ -34,9 +34,10 @@ def schema_snapshot(store: Store, target: DbTarget) -> list[tuple[Any, ...]]:
             "ORDER BY type, name"
         )
     return store.backend.execute(
-        "SELECT c.table_name, c.column_name, c.data_type, c.is_nullable, c.column_default "
-        "FROM information_schema.columns c WHERE c.table_schema = current_schema() "
-        "ORDER BY c.table_name, c.ordinal_position"
+        "SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod), "
+        "a.attnotnull FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+        "WHERE n.nspname = current_schema() ORDER BY c.relname, a.attnum"
     )
 
 
