@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -11,9 +12,14 @@ from metricmill.settings import load_settings
 from tasks.ingest import SourceOutcome, claim_landing, ingest_file, ingest_records, scrape_target
 
 
+def _run_name() -> str:
+    """Ingestion takes everything up to now: name the run by the minute it covers to."""
+    return f"ingest-to-{datetime.now(UTC):%Y-%m-%dT%H:%MZ}"
+
+
 @flow(
     name="ingest",
-    flow_run_name="ingest-{landing}-{scrape}",
+    flow_run_name=_run_name,
     description="Land new files, scrape targets and caller samples; quarantine bad rows.",
     log_prints=False,
 )

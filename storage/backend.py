@@ -188,6 +188,17 @@ class Backend:
         new = len(batch.series) - self.count_known_series([s.key for s in batch.series])
         if new <= max_new_series:
             return 0
+        # Keep the accepted samples so `quarantine replay` can land them once allowed.
+        stamps = pd.to_datetime(batch.ts_us, unit="us", utc=True).map(lambda t: t.isoformat())
+        samples = [
+            {
+                "metric": batch.series[c].metric,
+                "labels": batch.series[c].labels,
+                "ts": t,
+                "value": v,
+            }
+            for c, t, v in zip(batch.codes.tolist(), stamps, batch.values.tolist(), strict=True)
+        ]
         self.executemany(
             "INSERT INTO quarantine (batch_id, source, reason, detail, row_data) "
             "VALUES (%s, %s, %s, %s, %s)",
@@ -197,7 +208,7 @@ class Backend:
                     source,
                     "cardinality_limit",
                     f"batch would create {new} new series; the limit is {max_new_series}",
-                    json.dumps({"rows": batch.rows_in, "new_series": new}),
+                    row_json({"rows": batch.rows_in, "new_series": new, "samples": samples}),
                 )
             ],
         )
@@ -286,6 +297,33 @@ class Backend:
             f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, {self.ts_in}, {self.ts_in})",
             values,
         )
+
+    # -- quarantine ----------------------------------------------------------------------
+    def quarantine_rows(
+        self, *, entry_id: int | None = None, limit: int = 100, pending_only: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """(id, batch_id, source, reason, detail, row_data, created_at µs, replayed_at µs)."""
+        where = ["TRUE" if self.name == "postgresql" else "1 = 1"]
+        params: list[Any] = []
+        if entry_id is not None:
+            where.append("id = %s")
+            params.append(entry_id)
+        if pending_only:
+            where.append("replayed_at IS NULL")
+        params.append(limit)
+        return self.execute(
+            "SELECT id, batch_id, source, reason, detail, row_data, "  # noqa: S608
+            f"{self.ts_out.format(col='created_at')}, {self.ts_out.format(col='replayed_at')} "
+            f"FROM quarantine WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s",
+            params,
+        )
+
+    def mark_replayed(self, entry_id: int, now_us: int) -> None:
+        with self.transaction():
+            self.execute(
+                f"UPDATE quarantine SET replayed_at = {self.ts_in} WHERE id = %s",  # noqa: S608
+                (now_us, entry_id),
+            )
 
     # -- reads ---------------------------------------------------------------------------
     def find_series(self, metric: str | None) -> list[tuple[int, str, dict[str, str]]]:

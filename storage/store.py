@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import time
 from collections import Counter
@@ -152,6 +153,32 @@ class Store:
             report.min_ts = us_to_datetime(int(batch.ts_us.min()))
             report.max_ts = us_to_datetime(int(batch.ts_us.max()))
         return report
+
+    # -- quarantine -----------------------------------------------------------------------
+    def quarantine(self, *, limit: int = 100, pending_only: bool = False) -> pd.DataFrame:
+        """The newest quarantined rows and batches, with their reason codes."""
+        rows = self.backend.quarantine_rows(limit=limit, pending_only=pending_only)
+        return pd.DataFrame(
+            [_quarantine_record(r) for r in rows],
+            columns=[
+                "id",
+                "batch_id",
+                "source",
+                "reason",
+                "detail",
+                "row",
+                "created_at",
+                "replayed_at",
+            ],
+        )
+
+    def quarantine_entry(self, entry_id: int) -> dict[str, Any] | None:
+        """One quarantine entry with the row as received, or None."""
+        rows = self.backend.quarantine_rows(entry_id=entry_id, limit=1)
+        return _quarantine_record(rows[0]) if rows else None
+
+    def mark_replayed(self, entry_id: int) -> None:
+        self.backend.mark_replayed(entry_id, datetime_to_us(datetime.now(UTC)))
 
     # -- reads ----------------------------------------------------------------------------
     def _window(self, start: str | datetime | None, end: str | datetime | None) -> tuple[int, int]:
@@ -346,6 +373,24 @@ class Store:
     @staticmethod
     def rollup_tables() -> dict[str, str]:
         return dict(ROLLUP_TABLES)
+
+
+def _quarantine_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    entry_id, batch_id, source, reason, detail, row_data, created, replayed = row
+    try:
+        parsed = json.loads(row_data) if row_data else None
+    except ValueError:
+        parsed = row_data
+    return {
+        "id": int(entry_id),
+        "batch_id": batch_id,
+        "source": source,
+        "reason": reason,
+        "detail": detail,
+        "row": parsed,
+        "created_at": None if created is None else us_to_datetime(int(created)),
+        "replayed_at": None if replayed is None else us_to_datetime(int(replayed)),
+    }
 
 
 def aggregate(stats: pd.DataFrame, agg: str) -> pd.Series:
