@@ -23,6 +23,7 @@ from expectations.ingest_batch import BatchUnusable, QualityLimits
 from metricmill.readers import UnreadableFile, read_samples_file
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
+from storage.frames import to_frame
 from storage.landing import Claim, claim_files, move_done, move_quarantined
 from storage.lineproto import parse_line_protocol
 from storage.store import Store
@@ -181,10 +182,7 @@ def ingest_records(
     """Samples handed in by a caller (a flow parameter or Python)."""
     started = time.perf_counter()
     outcome = SourceOutcome(source="programmatic", kind="programmatic")
-    frame = samples if isinstance(samples, pd.DataFrame) else pd.DataFrame(list(samples))
-    frame = frame.rename(columns={"name": "metric", "timestamp": "ts"})
-    if "labels" not in frame.columns and len(frame):
-        frame["labels"] = [{} for _ in range(len(frame))]
+    frame = to_frame(samples)  # aliases resolved; a missing column is a clear error
     _write(settings, frame, outcome, batch_id=None, pre_rejected=[])
     outcome.seconds = time.perf_counter() - started
     return outcome
