@@ -88,7 +88,8 @@ def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:
             rejected.append(({"line": number, "text": text}, MALFORMED_LINE))
     if rejected and not rows:
         raise UnreadableFile(f"{path}: not NDJSON: no line is a JSON object")
-    frame = pd.DataFrame(rows)
+    # Object columns: JSON may carry text Arrow strings cannot hold (lone surrogates).
+    frame = pd.DataFrame(rows, dtype=object)
     frame.attrs["rejected"] = rejected
     return frame
 

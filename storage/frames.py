@@ -114,10 +114,9 @@ def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
     if isinstance(samples, pd.DataFrame):
         frame = samples
     else:
-        # Arrow-backed strings cannot hold what we must quarantine (lone surrogates): keep
-        # Python objects for text; numbers still infer as float64/int64.
-        with pd.option_context("future.infer_string", False):
-            frame = pd.DataFrame(list(samples))
+        # Arrow-backed strings cannot hold what we must quarantine (lone surrogates):
+        # keep Python objects; prepare() converts values and timestamps column-wise.
+        frame = pd.DataFrame(list(samples), dtype=object)
     for alias, column in _ALIASES.items():
         if alias in frame.columns:
             # Rows may spell a column either way: fill the canonical one from the alias.
@@ -230,15 +229,22 @@ def _value_reasons(raw_values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         return values, reasons
     # Mixed or text column: numbers and numeric strings ("1.5", "NaN", "inf") are values.
     values = pd.to_numeric(raw_values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-    spelled_non_finite = raw_values.map(
-        lambda v: (
-            isinstance(v, float | np.floating)
-            or (isinstance(v, str) and v.strip().lower().lstrip("+-") in {"nan", "inf", "infinity"})
-        )
-    ).to_numpy(dtype=bool)
     non_finite = ~np.isfinite(values)
-    reasons[non_finite & spelled_non_finite] = Reason.NON_FINITE_VALUE
-    reasons[non_finite & ~spelled_non_finite] = Reason.INVALID_VALUE
+    if non_finite.any():
+        # Only the non-finite rows are inspected: spelled NaN/inf, or not a number at all?
+        spelled = raw_values[non_finite].map(
+            lambda v: (
+                (isinstance(v, float | np.floating) and not isinstance(v, bool))
+                or (
+                    isinstance(v, str)
+                    and v.strip().lower().lstrip("+-") in {"nan", "inf", "infinity"}
+                )
+            )
+        )
+        spelled_non_finite = np.zeros(n, dtype=bool)
+        spelled_non_finite[non_finite] = spelled.to_numpy(dtype=bool)
+        reasons[non_finite & spelled_non_finite] = Reason.NON_FINITE_VALUE
+        reasons[non_finite & ~spelled_non_finite] = Reason.INVALID_VALUE
     return values, reasons
 
 
