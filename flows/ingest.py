@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic.json_schema import SkipJsonSchema
 
 from metricmill.settings import load_settings
 from tasks.ingest import SourceOutcome, claim_landing, ingest_file, ingest_records, scrape_target
@@ -24,7 +26,9 @@ def _run_name() -> str:
     log_prints=False,
 )
 def ingest(
-    samples: list[dict[str, Any]] | None = None,
+    # A DataFrame is accepted from Python; it stays out of the schema, so the UI's form is the
+    # list of sample objects.
+    samples: list[dict[str, Any]] | SkipJsonSchema[pd.DataFrame] | None = None,
     landing: bool = True,
     scrape: bool = True,
     database_url: str | None = None,
@@ -35,7 +39,7 @@ def ingest(
     settings = load_settings(database_url=database_url, home=home)
     settings.ensure_dirs()
     outcomes: list[SourceOutcome] = []
-    if samples:
+    if samples is not None and len(samples):  # a DataFrame has no truth value
         outcomes.append(ingest_records(settings, samples))
     if landing:
         claim = claim_landing(settings)
@@ -44,10 +48,20 @@ def ingest(
             outcomes.extend(f.result() for f in futures)
         finally:
             claim.release()
+    errors: dict[str, str] = {}
     if scrape:
-        futures = [scrape_target.submit(settings, url) for url in settings.scrape_targets]
-        outcomes.extend(f.result() for f in futures)
-    rows = [o.row() for o in outcomes]
+        # One failing target (after its retries) must not fail the run nor hide the others:
+        # it gets a summary row with its error and the run carries on.
+        scrapes = [(url, scrape_target.submit(settings, url)) for url in settings.scrape_targets]
+        for url, future in scrapes:
+            try:
+                outcomes.append(future.result())
+            except Exception as exc:
+                failed = SourceOutcome(source=f"scrape:{url}", kind="scrape")
+                errors[failed.source] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                logger.error("scrape of %s failed: %s", url, errors[failed.source])
+                outcomes.append(failed)
+    rows = [{**o.row(), "error": errors.get(o.source, "")} for o in outcomes]
     guarded = [o.source for o in outcomes if o.file_quarantined == "cardinality_limit"]
     if guarded:
         logger.warning("cardinality guard quarantined %s", ", ".join(guarded))

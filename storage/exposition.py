@@ -34,7 +34,7 @@ import pandas as pd
 
 from metricmill.types import Reason, datetime_to_us
 
-MALFORMED_LINE = "malformed_line"
+MALFORMED_LINE = Reason.MALFORMED_LINE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
 TIMESTAMP_OUT_OF_RANGE = Reason.TIMESTAMP_OUT_OF_RANGE
 

@@ -83,3 +83,17 @@ def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbTarg
 def pg_only_target(request: pytest.FixtureRequest) -> Iterator[DbTarget]:
     """Like db_target, for tests that need a PostgreSQL server (no sqlite case)."""
     yield from _server_target(request, request.param)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect API server (and database) for the whole session, for flow runs.
+
+    Starting it takes a while on a loaded machine, hence the generous timeout and the session
+    scope: tests that run flows depend on this fixture and share the server.
+    """
+    # Imported here: sessions that run no flow do not pay for importing Prefect's test tools.
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,522 @@
+"""Ingest-flow benchmark: NDJSON landing files through the Prefect `ingest` flow into PostgreSQL,
+against ``psql \\copy`` of the same rows.
+
+    uv run python benchmarks/ingest_flow.py [--rows 1000000] [--files 100] [--series 10000]
+                                            [--pg-url URL] [--profile N]
+
+One synthetic workload (benchmarks/ingest.py's: metric ``bench_metric``, labels host/region,
+seeded random values, scrape order), moved to recent timestamps (now - 2 days, 10 s apart, so
+the quality window accepts every row), is written before the timed part as ``--files`` NDJSON
+files (``{"metric", "labels", "timestamp", "value"}`` per line; even files ISO 8601 timestamps,
+odd files epoch seconds) and as one CSV (series_id, ts, value).
+
+Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema created first):
+
+* ``flows.ingest.ingest(landing=True, scrape=False, ...)``: claim, parse, GX quality suite and
+  ``Store.write_samples`` per file, as Prefect tasks, under ``prefect_test_harness`` (the
+  harness's server start-up, the GX import/context set-up and one empty warm-up flow run are
+  one-time process costs and are not timed; their durations are printed);
+* ``psql -c "\\copy samples_copy FROM file WITH (FORMAT csv)"`` into a table with the samples
+  table's columns and primary key (benchmarks/ingest.py's baseline).
+
+A second, untimed-by-the-flow pass decodes, validates and writes the same files stage by stage
+(``tasks.ingest.decode_file``, ``tasks.quality.validate_batch``, ``Store.open`` +
+``Store.write_samples``), and runs ``validate_batch_pandas`` on the same frames, for where the
+time goes and the GX-vs-pandas comparison. ``--profile N`` adds a cProfile of each stage over the
+first N files. The output ends with ``RATIO ingest_flow_vs_copy`` (flow rows/s over \\copy rows/s)
+and ``RATIO gx_vs_pandas`` (GX seconds over pandas seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import json
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+import psycopg
+
+from benchmarks._common import (
+    PSQL,
+    PgServer,
+    format_table,
+    log,
+    print_machine,
+    rate,
+    ratio_line,
+    throwaway_pg,
+    timed,
+)
+from benchmarks.ingest import (
+    PG_COPY_TABLE,
+    START_US,
+    Workload,
+    build_workload,
+    check_metricmill_pg,
+    check_pg,
+    run_psql_copy,
+    write_pg_csv,
+)
+
+# The flow reads its settings from the environment: claim files at once, and let the first
+# file create all 10,000 series without the cardinality guard quarantining it. TimescaleDB off,
+# as benchmarks/ingest.py does for plain PostgreSQL: with "auto", on a server where the
+# extension is installed but not preloaded, CREATE EXTENSION fails with a FATAL error that
+# closes the connection, and the next statement fails with "the connection is closed".
+FLOW_ENV = {
+    "METRICMILL_SETTLE_SECONDS": "0",
+    "METRICMILL_MAX_NEW_SERIES_PER_BATCH": "100000",
+    "METRICMILL_TIMESCALEDB": "off",
+}
+STEP_SECONDS = 10
+AGE = timedelta(days=2)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def recent_workload(rows: int, series: int, *, seed: int) -> Workload:
+    """benchmarks/ingest.py's workload (scrape order), moved to start at now - 2 days (whole s)."""
+    work = build_workload(rows, series, step_seconds=STEP_SECONDS, order="time", seed=seed)
+    start_s = int((datetime.now(UTC) - AGE).timestamp())
+    work.ts_us = work.ts_us - START_US + start_s * 1_000_000
+    work.frame["ts"] = pd.to_datetime(work.ts_us, unit="us", utc=True)
+    return work
+
+
+def write_ndjson_files(work: Workload, directory: Path, files: int) -> list[Path]:
+    """The workload as `files` NDJSON files of consecutive rows; even files ISO timestamps, odd
+    files epoch seconds. Values are written with repr (round-trips exactly)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # one serialised prefix per series (labels are the same dict for all its rows)
+    labels = work.frame["labels"].to_numpy(dtype=object)
+    metric = work.frame["metric"].to_numpy(dtype=object)
+    first_row = np.unique(work.series_id, return_index=True)[1]
+    prefix: dict[int, str] = {}
+    for row in first_row:
+        head = json.dumps({"metric": metric[row], "labels": labels[row]}, separators=(",", ":"))
+        prefix[int(work.series_id[row])] = head[:-1] + ',"timestamp":'
+    # one rendering per distinct timestamp, in each format
+    stamps, stamp_of_row = np.unique(work.ts_us, return_inverse=True)
+    iso = [
+        f'"{s}"' for s in pd.to_datetime(stamps, unit="us", utc=True).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ]
+    epoch = [str(int(us // 1_000_000)) for us in stamps]
+    paths = []
+    for number, chunk in enumerate(np.array_split(np.arange(work.rows), files)):
+        rendered = iso if number % 2 == 0 else epoch
+        lines = [
+            f'{prefix[sid]}{rendered[stamp]},"value":{value!r}}}\n'
+            for sid, stamp, value in zip(
+                work.series_id[chunk].tolist(),
+                stamp_of_row[chunk].tolist(),
+                work.values[chunk].tolist(),
+                strict=True,
+            )
+        ]
+        path = directory / f"batch-{number:04d}.ndjson"
+        path.write_text("".join(lines), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def stage_landing(sources: list[Path], home: Path) -> None:
+    """Copy the files into home/landing (mtimes in the past: settled)."""
+    landing = home / "landing"
+    landing.mkdir(parents=True, exist_ok=True)
+    for path in sources:
+        shutil.copy2(path, landing / path.name)
+
+
+def create_schema(url: str) -> None:
+    """metricmill's schema, created before timing (as \\copy's table is)."""
+    from storage.store import Store
+
+    Store.open(url).close()
+
+
+# --------------------------------------------------------------------------- flow
+
+
+@dataclass
+class FlowRun:
+    seconds: float
+    rows: list[dict[str, Any]]
+    harness_seconds: float
+    gx_warmup_seconds: float
+    flow_warmup_seconds: float
+
+
+def warm_up_gx() -> float:
+    """Import GX and build its context and suite once, on a tiny frame (one-time process cost)."""
+    from tasks.quality import QualityLimits, validate_batch, validate_batch_pandas
+
+    now = pd.Timestamp.now(tz="UTC")
+    tiny = pd.DataFrame(
+        {
+            "metric": ["warm_up", "warm_up"],
+            "labels": [{"host": "a"}, {"host": "b"}],
+            "ts": [now - pd.Timedelta(seconds=1), now - pd.Timedelta(seconds=2)],
+            "value": [1.0, 2.0],
+        }
+    )
+    seconds, result = timed(validate_batch, tiny, QualityLimits())
+    validate_batch_pandas(tiny, QualityLimits())
+    if result.rejected:
+        raise RuntimeError(f"GX warm-up rejected rows: {result.rejected}")
+    return seconds
+
+
+def run_flow(server: PgServer, sources: list[Path], tmp: Path, work: Workload) -> FlowRun:
+    """The timed flow call (plus its untimed harness, GX and empty-run warm-ups)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ingest import ingest
+
+    log("starting the Prefect test harness (not timed)")
+    started = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=180):
+        harness_seconds = time.perf_counter() - started
+        log(f"  harness up after {harness_seconds:.1f}s; warming up GX (not timed)")
+        gx_warmup_seconds = warm_up_gx()
+        log(f"  GX warm-up {gx_warmup_seconds:.1f}s")
+
+        with server.fresh_database("mm_flow_warmup") as url:
+            warm_home = tmp / "home-warmup"
+            create_schema(url)
+            flow_warmup_seconds, warm_rows = timed(
+                ingest, landing=True, scrape=False, home=str(warm_home), database_url=url
+            )
+        if warm_rows:
+            raise RuntimeError(f"warm-up flow run found sources: {warm_rows}")
+        log(f"  empty warm-up flow run {flow_warmup_seconds:.1f}s")
+
+        with server.fresh_database("mm_flow") as url:
+            home = tmp / "home-flow"
+            stage_landing(sources, home)
+            create_schema(url)
+            log(f"flow: {work.rows:,} rows in {len(sources)} files (timed)")
+            cpu = time.process_time()
+            seconds, rows = timed(
+                ingest, landing=True, scrape=False, home=str(home), database_url=url
+            )
+            cpu = time.process_time() - cpu
+            log(
+                f"  flow {seconds:.2f}s ({rate(work.rows, seconds):,.0f} rows/s; "
+                f"{cpu:.2f}s CPU in this process)"
+            )
+            check_flow(rows, home, work, len(sources))
+            check_metricmill_pg(url, work)
+    return FlowRun(seconds, rows, harness_seconds, gx_warmup_seconds, flow_warmup_seconds)
+
+
+def check_flow(rows: list[dict[str, Any]], home: Path, work: Workload, files: int) -> None:
+    if len(rows) != files:
+        raise RuntimeError(f"flow reported {len(rows)} sources, expected {files}")
+    bad = [r for r in rows if r["file_quarantined"] or r["quarantined"] or r["replay"]]
+    if bad:
+        raise RuntimeError(f"flow quarantined or replayed files: {bad[:3]}")
+    written = sum(r["written"] for r in rows)
+    if written != work.rows:
+        raise RuntimeError(f"flow wrote {written} rows, expected {work.rows}")
+    left = [p.name for p in (home / "landing").iterdir() if p.is_file()]
+    if left:
+        raise RuntimeError(f"files left in landing/: {left[:5]}")
+
+
+# --------------------------------------------------------------------------- copy
+
+
+def run_copy(server: PgServer, csv_path: Path, work: Workload) -> float:
+    with server.fresh_database("copy_flow") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(PG_COPY_TABLE)
+        log("psql \\copy (timed)")
+        seconds, _ = timed(run_psql_copy, url, "samples_copy", csv_path)
+        check_pg(url, "samples_copy", work, "\\copy into samples_copy")
+    log(f"  \\copy {seconds:.2f}s ({rate(work.rows, seconds):,.0f} rows/s)")
+    return seconds
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Stages:
+    """Seconds per stage, summed over the files of the second pass."""
+
+    read_hash: float = 0.0
+    decode: float = 0.0
+    validate_gx: float = 0.0
+    validate_pandas: float = 0.0
+    open_store: float = 0.0
+    write: float = 0.0
+    same_results: bool = True
+    gx_rejected: int = 0
+    pandas_rejected: int = 0
+    per_file_gx: list[float] = field(default_factory=list)
+
+    @property
+    def flow_path(self) -> float:
+        """What one ingest_file task does, less Prefect: hash, decode, GX, open, write."""
+        return self.read_hash + self.decode + self.validate_gx + self.open_store + self.write
+
+
+def run_stages(server: PgServer, sources: list[Path], tmp: Path, work: Workload) -> Stages:
+    """decode / validate (GX, and pandas on the same frame) / write per file, outside the flow."""
+    from metricmill.settings import load_settings
+    from storage.store import Store
+    from tasks.ingest import decode_file, quality_limits
+    from tasks.quality import validate_batch, validate_batch_pandas
+
+    stages = Stages()
+    with server.fresh_database("mm_stages") as url:
+        create_schema(url)
+        settings = load_settings(database_url=url, home=str(tmp / "home-stages"))
+        log(f"second pass: decode / validate / write of {len(sources)} files, stage by stage")
+        for path in sources:
+            started = time.perf_counter()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            stages.read_hash += time.perf_counter() - started
+
+            seconds, (frame, pre_rejected, _) = timed(decode_file, path, settings)
+            stages.decode += seconds
+
+            limits = quality_limits(settings)
+            seconds, checked_pd = timed(validate_batch_pandas, frame, limits)
+            stages.validate_pandas += seconds
+            seconds, checked = timed(validate_batch, frame, limits)
+            stages.validate_gx += seconds
+            stages.per_file_gx.append(seconds)
+            stages.gx_rejected += len(checked.rejected)
+            stages.pandas_rejected += len(checked_pd.rejected)
+            stages.same_results &= [r for _, r in checked.rejected] == [
+                r for _, r in checked_pd.rejected
+            ] and checked.good.index.equals(checked_pd.good.index)
+
+            seconds, store = timed(Store.open, settings=settings)
+            stages.open_store += seconds
+            try:
+                seconds, report = timed(
+                    store.write_samples,
+                    checked.good,
+                    source=f"file:{path.name}",
+                    batch_id=digest,
+                    rejected=pre_rejected + checked.rejected,
+                    max_new_series=settings.max_new_series_per_batch,
+                )
+            finally:
+                store.close()
+            stages.write += seconds
+            if report.replay or report.rejected or report.guarded_new_series:
+                raise RuntimeError(f"{path.name}: unexpected write report {report}")
+        check_metricmill_pg(url, work)
+    return stages
+
+
+def open_and_write(
+    settings: Any, frame: pd.DataFrame, name: str, digest: str, rejected: list[Any]
+) -> Any:
+    """What tasks.ingest._write does after validation: open the store, write, close."""
+    from storage.store import Store
+
+    with Store.open(settings=settings) as store:
+        return store.write_samples(
+            frame,
+            source=f"file:{name}",
+            batch_id=digest,
+            rejected=rejected,
+            max_new_series=settings.max_new_series_per_batch,
+        )
+
+
+def profile_stages(server: PgServer, sources: list[Path], tmp: Path) -> str:
+    """cProfile of decode, GX validation and open+write over the given files, one profile per
+    stage; the top functions of each by own time and by cumulative time."""
+    from metricmill.settings import load_settings
+    from tasks.ingest import decode_file, quality_limits
+    from tasks.quality import validate_batch
+
+    profiles = {name: cProfile.Profile() for name in ("decode", "validate (GX)", "open+write")}
+    with server.fresh_database("mm_profile") as url:
+        create_schema(url)
+        settings = load_settings(database_url=url, home=str(tmp / "home-profile"))
+        for path in sources:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            frame, pre_rejected, _ = profiles["decode"].runcall(decode_file, path, settings)
+            checked = profiles["validate (GX)"].runcall(
+                validate_batch, frame, quality_limits(settings)
+            )
+
+            profiles["open+write"].runcall(
+                open_and_write,
+                settings,
+                checked.good,
+                path.name,
+                digest,
+                pre_rejected + checked.rejected,
+            )
+    out = io.StringIO()
+    for name, profile in profiles.items():
+        stats = pstats.Stats(profile, stream=out)
+        total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+        print(f"--- cProfile {name}: {len(sources)} files, {total:.2f}s own time total", file=out)
+        stats.sort_stats("tottime").print_stats(12)
+        stats.sort_stats("cumulative").print_stats(12)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="samples in all files")
+    parser.add_argument("--files", type=int, default=100, help="NDJSON files (one task each)")
+    parser.add_argument("--series", type=int, default=10_000, help="distinct series")
+    parser.add_argument("--pg-url", help="use this PostgreSQL server instead of a throwaway one")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="cProfile the stages over N files"
+    )
+    parser.add_argument("--seed", type=int, default=20250101)
+    args = parser.parse_args(argv)
+    if min(args.rows, args.files, args.series) < 1 or args.files > args.rows:
+        parser.error("--rows, --files and --series must be positive, --files <= --rows")
+    return args
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {f"{name} (python)": version(name) for name in ("prefect", "great-expectations")} | {
+        "pandas (python)": pd.__version__
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.update(FLOW_ENV)
+
+    with tempfile.TemporaryDirectory(prefix="metricmill-bench-flow-") as tmp_name:
+        tmp = Path(tmp_name)
+        log(f"building {args.rows:,} rows over {args.series:,} series in {args.files} files")
+        work = recent_workload(args.rows, args.series, seed=args.seed)
+        sources = write_ndjson_files(work, tmp / "source", args.files)
+        csv_path = tmp / "samples_pg.csv"
+        write_pg_csv(work, csv_path)
+        ndjson_mb = sum(p.stat().st_size for p in sources) / 1e6
+
+        with throwaway_pg(args.pg_url) as server:
+            print_machine({"postgresql server": server.version(), "psql": PSQL, **versions()})
+            first = pd.to_datetime(int(work.ts_us.min()), unit="us", utc=True)
+            print(
+                f"workload: {work.rows:,} samples, {work.n_series:,} series, {args.files} NDJSON "
+                f"files ({ndjson_mb:.0f} MB; even files ISO timestamps, odd files epoch "
+                f"seconds), {STEP_SECONDS}s spacing from {first.isoformat()} (now - 2 days), "
+                "fresh database per run, schema created before timing",
+                flush=True,
+            )
+            copy_seconds = run_copy(server, csv_path, work)
+            flow = run_flow(server, sources, tmp, work)
+            stages = run_stages(server, sources, tmp, work)
+            profile = profile_stages(server, sources[: args.profile], tmp) if args.profile else ""
+
+    flow_rate, copy_rate = rate(work.rows, flow.seconds), rate(work.rows, copy_seconds)
+    print()
+    print(
+        "not timed (one-time process costs): "
+        f"Prefect test harness start-up {flow.harness_seconds:.1f}s, "
+        f"GX import + context + suite on a 2-row frame {flow.gx_warmup_seconds:.1f}s, "
+        f"one empty warm-up flow run {flow.flow_warmup_seconds:.1f}s"
+    )
+    print()
+    print(
+        format_table(
+            ["method", "rows/s", "seconds"],
+            [
+                ("ingest flow (parse + GX + write)", f"{flow_rate:,.0f}", f"{flow.seconds:.2f}"),
+                ("psql \\copy (csv)", f"{copy_rate:,.0f}", f"{copy_seconds:.2f}"),
+            ],
+        )
+    )
+    print()
+    print_flow_tasks(flow)
+    print()
+    print_stages(stages, work.rows, flow)
+    if profile:
+        print()
+        print(profile.rstrip())
+    print()
+    print(ratio_line("ingest_flow_vs_copy", flow_rate / copy_rate))
+    print(ratio_line("gx_vs_pandas", stages.validate_gx / stages.validate_pandas))
+    return 0
+
+
+def print_flow_tasks(flow: FlowRun) -> None:
+    seconds = np.array([r["seconds"] for r in flow.rows], dtype=float)
+    total = float(seconds.sum())
+    print(
+        f"flow tasks (summary rows' seconds: hash + decode + GX + open + write per file, "
+        f"inside the task): {len(seconds)} tasks, sum {total:.2f}s, "
+        f"median {np.median(seconds):.3f}s, max {seconds.max():.3f}s; "
+        f"sum / flow wall time = {total / flow.seconds:.2f} (tasks overlap in Prefect's "
+        "thread pool)"
+    )
+
+
+def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
+    path = stages.flow_path
+    entries = [
+        ("read + sha256", stages.read_hash),
+        ("decode_file (NDJSON reader)", stages.decode),
+        ("validate_batch (GX)", stages.validate_gx),
+        ("Store.open", stages.open_store),
+        ("Store.write_samples", stages.write),
+    ]
+    print(
+        "second pass, sequential, outside the flow (same files, fresh database): "
+        f"{path:.2f}s = {rate(rows, path):,.0f} rows/s"
+    )
+    print(
+        format_table(
+            ["stage", "seconds", "share", "rows/s alone"],
+            [(name, f"{s:.2f}", f"{s / path:.0%}", f"{rate(rows, s):,.0f}") for name, s in entries],
+        )
+    )
+    print(
+        f"flow wall time {flow.seconds:.2f}s vs the same work in sequence {path:.2f}s: "
+        f"{flow.seconds - path:+.2f}s for Prefect (task runs, state and log traffic to the "
+        "API server, artifacts), claiming and moving files, and thread contention"
+    )
+    print()
+    print(
+        f"validation on the same {len(stages.per_file_gx)} frames: GX {stages.validate_gx:.2f}s "
+        f"({stages.validate_gx / len(stages.per_file_gx) * 1000:.0f} ms/batch), pandas "
+        f"{stages.validate_pandas:.2f}s "
+        f"({stages.validate_pandas / len(stages.per_file_gx) * 1000:.0f} ms/batch); "
+        f"rejected GX {stages.gx_rejected}, pandas {stages.pandas_rejected}; "
+        f"same rejects and good rows: {stages.same_results}"
+    )
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # cleanup already ran in the finally blocks on the way out
+        log("interrupted")
+        sys.exit(130)
