@@ -93,9 +93,10 @@ def decode_file(path: Path, settings: Settings) -> tuple[pd.DataFrame, list[tupl
         raise UnreadableFile(f"{path.name}: empty file")
     if kind == ".parquet":
         try:
-            return pd.read_parquet(path), [], 0
+            raw_frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
             raise UnreadableFile(f"{path.name}: not a Parquet file: {exc}") from None
+        return _parquet_samples(raw_frame), [], 0
     if kind in _LINE_PROTOCOL_SUFFIXES:
         try:
             raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -106,6 +107,30 @@ def decode_file(path: Path, settings: Settings) -> tuple[pd.DataFrame, list[tupl
         return parsed.frame, parsed.rejected, sum(parsed.skipped_fields.values())
     frame = read_samples_file(path)
     return frame, list(frame.attrs.get("rejected", [])), 0
+
+
+def _parquet_samples(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet columns read as CSV's are: metric (or name), ts (or timestamp, time), value, and a
+    labels column or one column per label (a null or empty cell: the row lacks that label)."""
+    for column, aliases in (("metric", ("name",)), ("ts", ("timestamp", "time"))):
+        alias = next((a for a in aliases if a in frame.columns), None)
+        if column not in frame.columns and alias is not None:
+            frame = frame.rename(columns={alias: column})
+    if "labels" in frame.columns or not {"metric", "ts", "value"} <= set(frame.columns):
+        return frame  # a missing column is the quality check's to report
+    label_columns = [c for c in frame.columns if c not in ("metric", "ts", "value")]
+    labels = [
+        {str(k): str(v) for k, v in record.items() if not _empty_cell(v)}
+        for record in frame[label_columns].to_dict(orient="records")
+    ]
+    label_column = pd.Series(labels, index=frame.index, dtype=object)
+    return frame[["metric", "ts", "value"]].assign(labels=label_column)
+
+
+def _empty_cell(value: Any) -> bool:
+    if value is None:
+        return True
+    return bool(pd.api.types.is_scalar(value) and (value == "" or pd.isna(value)))
 
 
 def _write(

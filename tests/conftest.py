@@ -95,5 +95,14 @@ def prefect_server() -> Iterator[None]:
     # Imported here: sessions that run no flow do not pay for importing Prefect's test tools.
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    # The throwaway server must not phone home (its heartbeat also contends for its SQLite).
+    previous = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = previous

@@ -22,13 +22,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.ingest import ingest
+from metricmill.settings import Settings
+from storage.postgres import TimescaleMode
 from storage.store import Store
 from tests.dbtargets import DbTarget
 
@@ -42,7 +44,8 @@ REQUIRE_NODE_EXPORTER_ENV = "METRICMILL_REQUIRE_NODE_EXPORTER"
 # The one sample of the recorded text with its own timestamp (1716290000123 ms).
 STAMPED_METRIC = "node_textfile_backup_last_run_info"
 STAMPED_TS = datetime(2024, 5, 21, 11, 13, 20, 123000, tzinfo=UTC)
-EVER = {"start": datetime(2000, 1, 1, tzinfo=UTC), "end": datetime(2200, 1, 1, tzinfo=UTC)}
+EVER_START = datetime(2000, 1, 1, tzinfo=UTC)
+EVER_END = datetime(2200, 1, 1, tzinfo=UTC)
 
 SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 
@@ -52,7 +55,7 @@ SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 
 @pytest.fixture(scope="module")
 def prefect_backend(request: pytest.FixtureRequest) -> Iterator[None]:
-    """conftest's session-wide `prefect_server` when there is one, else a harness for this module."""
+    """conftest's session-wide `prefect_server` if there is one, else a harness for this module."""
     try:
         request.getfixturevalue("prefect_server")
     except pytest.FixtureLookupError:
@@ -161,7 +164,9 @@ def run_ingest(
     **env: str,
 ) -> Run:
     """One `ingest(landing=False)` run scraping `targets`; it must complete."""
-    monkeypatch.delenv("METRICMILL_CONFIG", raising=False)
+    # Only what this test sets: no settings from the caller's environment or a config file.
+    for name in [*Settings.model_fields, "config"]:
+        monkeypatch.delenv(f"METRICMILL_{name.upper()}", raising=False)
     monkeypatch.setenv("METRICMILL_HOME", str(home))
     monkeypatch.setenv("METRICMILL_SCRAPE_TARGETS", json.dumps(targets))
     if db is not None:
@@ -183,7 +188,7 @@ def run_ingest(
 def open_store(home: Path, db: DbTarget | None = None) -> Store:
     if db is None:
         return Store.open(f"sqlite:///{home / 'metrics.db'}")
-    return Store.open(db.url, timescaledb=db.timescaledb)
+    return Store.open(db.url, timescaledb=cast(TimescaleMode, db.timescaledb))
 
 
 def series_key(metric: str, labels: dict[str, str]) -> SeriesKey:
@@ -194,7 +199,7 @@ def stored_samples(store: Store) -> dict[SeriesKey, list[tuple[datetime, float]]
     """Every stored sample, by series."""
     found: dict[SeriesKey, list[tuple[datetime, float]]] = {}
     for metric in sorted(set(store.series()["metric"])):
-        frame = store.query(metric, **EVER)
+        frame = store.query(metric, start=EVER_START, end=EVER_END)
         for labels, ts, value in zip(frame["labels"], frame["ts"], frame["value"], strict=True):
             points = found.setdefault(series_key(metric, labels), [])
             points.append((ts.to_pydatetime(), float(value)))
@@ -221,13 +226,22 @@ def one_value(
     return matches[0][0][1]
 
 
+def by_label(
+    samples: dict[SeriesKey, list[tuple[datetime, float]]], metric: str, label: str
+) -> dict[str, float]:
+    """{value of `label`: the sample's value} over the single-sample series of `metric`."""
+    found: dict[str, float] = {}
+    for labels, points in family(samples, metric).items():
+        assert len(points) == 1, (metric, labels, points)
+        found[dict(labels)[label]] = points[0][1]
+    return found
+
+
 def quarantined(store: Store) -> list[dict[str, Any]]:
-    return store.quarantine(limit=1000).to_dict("records")
-
-
-def row_metric(entry: dict[str, Any]) -> str:
-    row = entry["row"]
-    return row.get("metric") or row.get("name") or "" if isinstance(row, dict) else str(row)
+    return [
+        {str(k): v for k, v in entry.items()}
+        for entry in store.quarantine(limit=1000).to_dict("records")
+    ]
 
 
 # -- the recorded exposition -----------------------------------------------------------------
@@ -295,8 +309,13 @@ def test_recorded_exposition_lands_flat_with_target_labels(
 
     # A histogram: one flat series per bucket (le kept as written), plus _sum and _count.
     hist = "node_textfile_backup_duration_seconds"
-    buckets = {dict(k)["le"]: points[0][1] for k, points in family(samples, f"{hist}_bucket").items()}
-    assert buckets == {"60": 0, "300": 3, "900": 11, "3600": 14, "+Inf": 14}
+    assert by_label(samples, f"{hist}_bucket", "le") == {
+        "60": 0,
+        "300": 3,
+        "900": 11,
+        "3600": 14,
+        "+Inf": 14,
+    }
     for labels in family(samples, f"{hist}_bucket"):
         assert dict(labels) == {
             "job_name": "nightly",
@@ -308,11 +327,12 @@ def test_recorded_exposition_lands_flat_with_target_labels(
     assert one_value(samples, f"{hist}_count", job_name="nightly") == 14
 
     # A summary: quantile series, _sum and _count; the NaN quantile is quarantined.
-    quantiles = {
-        dict(k)["quantile"]: points[0][1]
-        for k, points in family(samples, "go_gc_duration_seconds").items()
+    assert by_label(samples, "go_gc_duration_seconds", "quantile") == {
+        "0": 2.3781e-05,
+        "0.25": 3.1104e-05,
+        "0.5": 4.0135e-05,
+        "0.75": 5.6298e-05,
     }
-    assert quantiles == {"0": 2.3781e-05, "0.25": 3.1104e-05, "0.5": 4.0135e-05, "0.75": 5.6298e-05}
     assert one_value(samples, "go_gc_duration_seconds_sum") == 0.084612361
     assert one_value(samples, "go_gc_duration_seconds_count") == 1689
     assert family(samples, "node_hwmon_temp_crit_celsius") == {}  # +Inf: quarantined
@@ -329,10 +349,15 @@ def test_recorded_exposition_lands_flat_with_target_labels(
     # The two non-finite samples are quarantined with their reason, from this scrape.
     assert sorted(e["reason"] for e in rejects) == ["non_finite_value", "non_finite_value"]
     assert {e["source"] for e in rejects} == {f"scrape:{server.url}"}
-    assert sorted(row_metric(e) for e in rejects) == [
-        "go_gc_duration_seconds",
-        "node_hwmon_temp_crit_celsius",
-    ]
+    bad = {e["row"]["metric"]: e["row"] for e in rejects}
+    assert sorted(bad) == ["go_gc_duration_seconds", "node_hwmon_temp_crit_celsius"]
+    assert bad["go_gc_duration_seconds"]["labels"] == {
+        "quantile": "1",
+        "instance": server.instance,
+        "job": "scrape",
+    }
+    assert bad["go_gc_duration_seconds"]["value"] == "nan"
+    assert bad["node_hwmon_temp_crit_celsius"]["value"] == "inf"
 
 
 # -- retries -----------------------------------------------------------------------------------
@@ -358,10 +383,11 @@ def test_5xx_is_retried_and_lands_exactly_once(
     with open_store(tmp_path) as store:
         samples = stored_samples(store)
         rejects = quarantined(store)
-        batches = store.backend.execute("SELECT count(*) FROM series")[0][0]
+        series_count = len(store.series())
     assert sum(len(points) for points in samples.values()) == total - 3
     assert all(len(points) == 1 for points in samples.values())
-    assert int(batches) == total - 3
+    assert series_count == total - 3
+    assert len({e["batch_id"] for e in rejects}) == 1  # one batch, written once
     assert sorted(e["reason"] for e in rejects) == [
         "non_finite_value",
         "non_finite_value",
@@ -519,14 +545,19 @@ def test_real_node_exporter_scrape(
     assert one_value(samples, "node_memory_MemTotal_bytes") > 0
 
     # A summary from the exporter's own Go runtime: quantile series plus _sum and _count.
-    quantiles = {dict(labels)["quantile"] for labels in family(samples, "go_gc_duration_seconds")}
-    assert quantiles == {"0", "0.25", "0.5", "0.75", "1"}
+    quantiles = by_label(samples, "go_gc_duration_seconds", "quantile")
+    assert set(quantiles) == {"0", "0.25", "0.5", "0.75", "1"}
     assert one_value(samples, "go_gc_duration_seconds_count") >= 0
     assert len(family(samples, "go_gc_duration_seconds_sum")) == 1
 
     # A histogram re-exposed by the textfile collector: flat buckets with `le`.
     hist = "metricmill_test_job_duration_seconds"
-    buckets = {dict(k)["le"]: points[0][1] for k, points in family(samples, f"{hist}_bucket").items()}
-    assert buckets == {"60": 0, "300": 3, "900": 11, "3600": 14, "+Inf": 14}
+    assert by_label(samples, f"{hist}_bucket", "le") == {
+        "60": 0,
+        "300": 3,
+        "900": 11,
+        "3600": 14,
+        "+Inf": 14,
+    }
     assert one_value(samples, f"{hist}_sum", job_name="nightly") == 7421.5
     assert one_value(samples, f"{hist}_count", job_name="nightly") == 14

@@ -1,0 +1,586 @@
+"""Reliability of the `ingest` flow: kill -9 at random points, PostgreSQL crashing mid-batch,
+two runs at once. Every test ends by comparing the database and the directories with the
+source files: every sample exactly once, every file once in done/ or quarantine/.
+
+Importing the flow stack and warming Great Expectations cost tens of seconds, so this process
+does it once; every flow run is an `os.fork()` of it that runs the real Prefect flow (against
+the session's test Prefect server, whose URL the child inherits in memory) and `os._exit`s.
+The parent SIGKILLs children it wants dead and only ever signals or reaps pids it forked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+
+import flows.ingest
+from metricmill.devtools.pgcluster import PgCluster
+
+# -- source files ------------------------------------------------------------------------------
+
+BROKEN_FILE = "broken.ndjson"  # not UTF-8: the reader cannot decode it -> quarantine
+RUN_TIMEOUT = 300.0  # seconds a flow run that is not killed may take
+
+
+@dataclass
+class Source:
+    """The files of a landing directory, and what the database must hold after ingesting them."""
+
+    directory: Path
+    good: list[str]
+    bad: list[str]
+    samples: int
+    series: int
+
+    def copy_to(self, landing: Path) -> None:
+        landing.mkdir(parents=True, exist_ok=True)
+        for name in self.good + self.bad:
+            shutil.copyfile(self.directory / name, landing / name)
+
+    def digests(self) -> dict[str, str]:
+        return {
+            name: hashlib.sha256((self.directory / name).read_bytes()).hexdigest()
+            for name in self.good
+        }
+
+    def frame(self) -> pd.DataFrame:
+        """The samples of the readable files, read back from the files with pandas."""
+        frames = [
+            pd.read_json(
+                self.directory / name,
+                lines=True,
+                dtype=False,
+                convert_dates=False,
+                precise_float=True,
+            )
+            for name in self.good
+        ]
+        raw = pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(
+            {
+                "metric": raw["metric"].astype(str),
+                "labels": raw["labels"].map(_canonical_labels),
+                "ts_us": _iso_to_us(raw["ts"]),
+                "value": raw["value"].astype("float64"),
+            }
+        )
+
+
+def make_source(
+    directory: Path, *, files: int, series: int, steps: int, seed: int, broken: bool = True
+) -> Source:
+    """`files` NDJSON files of `series` x `steps` samples, each file its own series and times.
+
+    Timestamps are ISO 8601 with microseconds, within the last two days (inside the retention
+    window, never in the future); values are random with three decimals.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    start_us = (int(time.time()) - 2 * 86_400) * 1_000_000
+    good = []
+    for k in range(files):
+        name = f"batch-{k:03d}.ndjson"
+        ts_us = start_us + k * 1_001 + np.arange(steps, dtype=np.int64) * 60_000_000
+        ts = pd.to_datetime(ts_us, unit="us", utc=True).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        values = np.round(rng.uniform(-1e6, 1e6, size=(series, steps)), 3)
+        lines = []
+        for s in range(series):
+            labels = {"file": f"f{k:03d}", "host": f"h{s:04d}", "zone": "z" + str(s % 3)}
+            metric = f"reliability_metric_{s % 4}"
+            lines.extend(
+                json.dumps({"metric": metric, "labels": labels, "ts": t, "value": float(v)})
+                for t, v in zip(ts, values[s], strict=True)
+            )
+        (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        good.append(name)
+    bad = []
+    if broken:
+        (directory / BROKEN_FILE).write_bytes(b"\xff\xfe\x00\x9c not utf-8 \xc3\x28\n")
+        bad.append(BROKEN_FILE)
+    return Source(directory, good, bad, samples=files * series * steps, series=files * series)
+
+
+def _iso_to_us(column: pd.Series) -> np.ndarray:
+    parsed = pd.to_datetime(column, utc=True, format="ISO8601").dt.tz_localize(None)
+    return parsed.to_numpy(dtype="datetime64[us]").view("int64")
+
+
+def _canonical_labels(labels: Any) -> str:
+    if isinstance(labels, str):
+        labels = json.loads(labels)
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"))
+
+
+def checksum(frame: pd.DataFrame) -> int:
+    """Order-independent: the sum (mod 2**64) of one hash per (metric, labels, ts, value)."""
+    if frame.empty:
+        return 0
+    columns = frame[["metric", "labels", "ts_us", "value"]].astype(
+        {"metric": object, "labels": object, "ts_us": "int64", "value": "float64"}
+    )
+    hashes = pd.util.hash_pandas_object(columns, index=False).to_numpy(dtype=np.uint64)
+    return int(hashes.sum(dtype=np.uint64))
+
+
+# -- the database, read without metricmill's storage code ------------------------------------
+
+
+@dataclass
+class DbState:
+    samples: pd.DataFrame
+    series: int
+    ledger: dict[str, tuple[str, int]]  # batch_id -> (status, rows_in)
+    pending_batches: set[str]  # batch ids with rollup_pending rows
+    quarantined_rows: int
+
+
+def read_db(url: str) -> DbState:
+    if url.startswith("sqlite:///"):
+        conn: Any = sqlite3.connect(url.removeprefix("sqlite:///"))
+        samples_sql = (
+            "SELECT r.metric, r.labels, s.ts, s.value FROM samples s "
+            "JOIN series r ON r.series_id = s.series_id"
+        )
+    else:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        samples_sql = (
+            "SELECT r.metric, r.labels::text, (extract(epoch FROM s.ts) * 1000000)::bigint, "
+            "s.value FROM samples s JOIN series r ON r.series_id = s.series_id"
+        )
+    try:
+
+        def rows(sql: str) -> list[tuple[Any, ...]]:
+            return list(conn.execute(sql).fetchall())
+
+        tables = {
+            r[0]
+            for r in rows(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                if url.startswith("sqlite:///")
+                else "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+        if "samples" not in tables:  # no run got as far as creating the schema
+            empty = pd.DataFrame(columns=["metric", "labels", "ts_us", "value"])
+            return DbState(empty, 0, {}, set(), 0)
+        samples = pd.DataFrame(rows(samples_sql), columns=["metric", "labels", "ts_us", "value"])
+        samples["labels"] = samples["labels"].map(_canonical_labels)
+        return DbState(
+            samples=samples,
+            series=rows("SELECT count(*) FROM series")[0][0],
+            ledger={
+                b: (status, int(n))
+                for b, status, n in rows("SELECT batch_id, status, rows_in FROM ingest_batches")
+            },
+            pending_batches={r[0] for r in rows("SELECT DISTINCT batch_id FROM rollup_pending")},
+            quarantined_rows=rows("SELECT count(*) FROM quarantine")[0][0],
+        )
+    finally:
+        conn.close()
+
+
+def sample_diff(expected: pd.DataFrame, actual: pd.DataFrame) -> str:
+    """Lost / duplicated / unexpected sample counts, for an assertion message."""
+    keys = ["metric", "labels", "ts_us"]
+    dup = int(actual.duplicated(keys).sum())
+    merged = expected.merge(actual.drop_duplicates(keys), on=keys, how="outer", indicator=True)
+    lost = int((merged["_merge"] == "left_only").sum())
+    extra = int((merged["_merge"] == "right_only").sum())
+    both = merged[merged["_merge"] == "both"]
+    wrong = int((both["value_x"] != both["value_y"]).sum())
+    return f"lost {lost}, duplicated {dup}, unexpected {extra}, wrong value {wrong}"
+
+
+def assert_database_holds_exactly(url: str, source: Source) -> None:
+    """Every source sample once, nothing else; one committed ledger row per file, each with
+    its rollup_pending rows (written in the same transaction)."""
+    state = read_db(url)
+    expected = source.frame()
+    got = state.samples
+    assert len(expected) == source.samples
+    same = len(got) == len(expected) and checksum(got) == checksum(expected)
+    assert same, (
+        f"database holds {len(got)} samples, the files {len(expected)}: "
+        f"{sample_diff(expected, got)}"
+    )
+    assert not got.duplicated(["metric", "labels", "ts_us"]).any()
+    assert state.series == source.series
+    assert state.quarantined_rows == 0
+    digests = source.digests()
+    rows_per_file = source.samples // len(source.good)
+    assert state.ledger == {d: ("committed", rows_per_file) for d in digests.values()}
+    assert state.pending_batches == set(digests.values())
+
+
+def assert_files_settled(home: Path, source: Source) -> None:
+    """Each readable file once in done/ (unchanged), each unreadable one in quarantine/ with
+    a .reason; nothing left in landing/ or landing/processing/."""
+    landing = home / "landing"
+    done = sorted(p.name for p in (landing / "done").iterdir())
+    assert done == sorted(source.good), f"done/ holds {done}"
+    for name in source.good:
+        assert (landing / "done" / name).read_bytes() == (source.directory / name).read_bytes()
+    quarantine = home / "quarantine"
+    names = sorted(p.name for p in quarantine.iterdir()) if quarantine.exists() else []
+    assert names == sorted([*source.bad, *(f"{n}.reason" for n in source.bad)]), names
+    for name in source.bad:
+        reason = (quarantine / f"{name}.reason").read_text(encoding="utf-8")
+        assert reason.startswith("unreadable_file\n"), reason
+    left = sorted(p.name for p in landing.iterdir() if p.is_file())
+    assert left == [], f"files left in landing/: {left}"
+    processing = landing / "processing"
+    stuck = (
+        sorted(
+            str(p.relative_to(processing))
+            for p in processing.rglob("*")
+            if p.is_file() and p.name != ".lock"
+        )
+        if processing.exists()
+        else []
+    )
+    assert stuck == [], f"files left in landing/processing/: {stuck}"
+
+
+# -- flow runs in forked children --------------------------------------------------------------
+
+
+class FlowRuns:
+    """Forks children that run the ingest flow; reaps (and if need be kills) only those."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.live: set[int] = set()
+        self.count = 0
+
+    def start(self, home: Path, url: str, *, gate: int | None = None) -> tuple[int, Path]:
+        """Fork a child running `ingest(landing only)`; with `gate`, it first waits to read
+        one byte from that pipe so several children can be released at once."""
+        self.count += 1
+        log = self.log_dir / f"run-{self.count:03d}.log"
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                with open(log, "w", encoding="utf-8") as out:
+                    try:
+                        # Keep Prefect's console chatter out of pytest's capture.
+                        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+                            logging.getLogger(name).setLevel(logging.WARNING)
+                        if gate is not None:
+                            os.read(gate, 1)
+                        rows = flows.ingest.ingest(
+                            landing=True, scrape=False, database_url=url, home=str(home)
+                        )
+                        out.write(json.dumps(rows, default=str) + "\n")
+                        code = 0
+                    except BaseException:
+                        out.write(traceback.format_exc())
+            finally:
+                os._exit(code)
+        self.live.add(pid)
+        return pid, log
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The child's exit code, or None if it is still running after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.live.discard(pid)
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+
+    def kill(self, pid: int) -> int:
+        """SIGKILL a child of ours that has not been reaped yet (so the pid is still ours)."""
+        if pid in self.live:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            self.live.discard(pid)
+            return os.waitstatus_to_exitcode(status)
+        return 0
+
+    def run(self, home: Path, url: str) -> float:
+        """One run to completion; fails the test unless it succeeds. Returns its duration."""
+        started = time.monotonic()
+        pid, log = self.start(home, url)
+        code = self.wait(pid, RUN_TIMEOUT)
+        if code is None:
+            self.kill(pid)
+        assert code == 0, f"flow run exited with {code}:\n{tail(log)}"
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        for pid in list(self.live):
+            self.kill(pid)
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+@pytest.fixture(scope="module")
+def warm_process() -> None:
+    """Import and build Great Expectations once in this process; forked runs inherit it."""
+    from tasks.quality import validate_batch
+
+    now_ms = int(time.time() * 1000)
+    frame = pd.DataFrame(
+        {"metric": ["warm_up"], "labels": [{"a": "b"}], "ts": [now_ms], "value": [1.0]}
+    )
+    validate_batch(frame)
+
+
+@pytest.fixture
+def flow_runs(
+    prefect_server: None, warm_process: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[FlowRuns]:
+    """Forked flow runs, with the environment they inherit: no settle time, no config file."""
+    for name in list(os.environ):
+        if name.startswith("METRICMILL_") and not name.startswith("METRICMILL_REQUIRE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("METRICMILL_SETTLE_SECONDS", "0")
+    monkeypatch.setenv("METRICMILL_TIMESCALEDB", "off")  # plain PostgreSQL tables
+    runs = FlowRuns(tmp_path / "logs")
+    try:
+        yield runs
+    finally:
+        runs.close()
+
+
+@dataclass
+class Databases:
+    """Fresh empty databases of one backend, made on demand (server ones dropped at teardown)."""
+
+    backend: str
+    tmp_path: Path
+    cluster: PgCluster | None = None
+    created: list[str] = field(default_factory=list)
+
+    def new(self, tag: str) -> str:
+        if self.cluster is None:
+            return f"sqlite:///{self.tmp_path / f'{tag}.db'}"
+        name = f"rel_{tag}_{uuid.uuid4().hex[:8]}"
+        self.cluster.create_database(name)
+        self.created.append(name)
+        return self.cluster.url(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databases]:
+    if request.param == "sqlite":
+        yield Databases("sqlite", tmp_path)
+        return
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    dbs = Databases("postgres", tmp_path, cluster)
+    try:
+        yield dbs
+    finally:
+        for name in dbs.created:
+            cluster.drop_database(name)
+
+
+def _seed() -> int:
+    return int(os.environ.get("METRICMILL_RELIABILITY_SEED") or time.time_ns() % 2**32)
+
+
+# -- 1. kill -9 at random points ---------------------------------------------------------------
+
+# SQLite gets the full 20 kill trials; PostgreSQL 5, to keep the test's time down (each trial
+# is a real flow run against the Prefect test server).
+KILL_TRIALS = {"sqlite": 20, "postgres": 5}
+
+
+@dataclass
+class Trial:
+    delay: float
+    exit_code: int | None  # None: killed at `delay`
+    done_after: int  # files in done/ after the trial
+    claims_after: int  # claim directories left in landing/processing/ after the trial
+
+
+@pytest.mark.timeout(900)
+def test_kill_9_at_random_points_loses_and_duplicates_nothing(
+    databases: Databases, flow_runs: FlowRuns, tmp_path: Path
+) -> None:
+    seed = _seed()
+    rng = random.Random(seed)
+    source = make_source(tmp_path / "source", files=16, series=20, steps=50, seed=seed)
+
+    # One unkilled run over a separate copy: the duration the kill delays are drawn from.
+    measure_home = tmp_path / "measure"
+    source.copy_to(measure_home / "landing")
+    measure_url = databases.new("measure")
+    full_run = flow_runs.run(measure_home, measure_url)
+    assert_database_holds_exactly(measure_url, source)
+    assert_files_settled(measure_home, source)
+
+    home = tmp_path / "home"
+    landing = home / "landing"
+    source.copy_to(landing)
+    url = databases.new("trials")
+    trials: list[Trial] = []
+    for _ in range(KILL_TRIALS[databases.backend]):
+        delay = rng.uniform(0.0, full_run)
+        pid, log = flow_runs.start(home, url)
+        code = flow_runs.wait(pid, delay)
+        if code is None:
+            flow_runs.kill(pid)
+        else:
+            # A run nobody killed must not fail, whatever the runs before it left behind.
+            assert code == 0, f"seed {seed}: unkilled run exited with {code}:\n{tail(log)}"
+        done = landing / "done"
+        processing = landing / "processing"
+        trials.append(
+            Trial(
+                delay=round(delay, 3),
+                exit_code=code,
+                done_after=len(list(done.iterdir())) if done.exists() else 0,
+                claims_after=len(list(processing.iterdir())) if processing.exists() else 0,
+            )
+        )
+    flow_runs.run(home, url)  # the clean run that finishes whatever is left
+
+    context = f"seed {seed}, full run {full_run:.2f}s, trials {trials}"
+    try:
+        assert_database_holds_exactly(url, source)
+        assert_files_settled(home, source)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{context}") from None
+    killed = sum(t.exit_code is None for t in trials)
+    print(f"{databases.backend}: {killed}/{len(trials)} runs killed; {context}")
+
+
+# -- 2. PostgreSQL stopped with -m immediate in the middle of a batch --------------------------
+
+BIG_SERIES = 1_000
+BIG_STEPS = 300  # 300,000 samples in one file
+_IN_FLIGHT = (
+    "SELECT query FROM pg_stat_activity WHERE datname = %s AND backend_xid IS NOT NULL "
+    "AND pid <> pg_backend_pid()"
+)
+
+
+@pytest.mark.timeout(900)
+def test_postgres_immediate_stop_mid_batch_is_all_or_nothing(
+    pg_cluster: PgCluster, flow_runs: FlowRuns, tmp_path: Path
+) -> None:
+    # A dedicated cluster (the session cluster's binaries): the shared one is never stopped.
+    cluster = PgCluster(tmp_path / "crash-pg", bindir=pg_cluster.bindir)
+    cluster.start()
+    try:
+        dbname = "crash"
+        cluster.create_database(dbname)
+        url = cluster.url(dbname)
+        source = make_source(
+            tmp_path / "source",
+            files=1,
+            series=BIG_SERIES,
+            steps=BIG_STEPS,
+            seed=_seed(),
+            broken=False,
+        )
+        home = tmp_path / "home"
+        source.copy_to(home / "landing")
+
+        pid, log = flow_runs.start(home, url)
+        caught = ""
+        with psycopg.connect(cluster.url("postgres"), autocommit=True) as watch:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            first_seen: float | None = None
+            while not caught:
+                # Wait for the batch's write transaction; stop the server inside its COPY of
+                # the samples, or 0.3 s after the transaction opened if the COPY went unseen.
+                queries = [r[0] for r in watch.execute(_IN_FLIGHT, (dbname,)).fetchall()]
+                if queries and first_seen is None:
+                    first_seen = time.monotonic()
+                copying = [q for q in queries if q.lstrip().upper().startswith("COPY SAMPLES")]
+                if copying:
+                    caught = copying[0]
+                elif queries and first_seen is not None and time.monotonic() - first_seen > 0.3:
+                    caught = queries[0]
+                else:
+                    code = flow_runs.wait(pid, 0)
+                    assert code is None, f"run ended ({code}) before its write was caught:\n" + (
+                        tail(log)
+                    )
+                    assert time.monotonic() < deadline, "no write transaction seen"
+                    time.sleep(0.01)
+        cluster.stop(mode="immediate")
+        try:
+            # The run loses its connection; its retries find no server and it gives up.
+            code = flow_runs.wait(pid, 120)
+            if code is None:
+                flow_runs.kill(pid)
+        finally:
+            cluster.start()
+
+        state = read_db(url)
+        digest = next(iter(source.digests().values()))
+        assert len(state.samples) in (0, source.samples), (
+            f"partial batch visible: {len(state.samples)} of {source.samples} samples "
+            f"(stopped during {caught[:60]!r})"
+        )
+        if len(state.samples) == 0:
+            assert state.ledger == {} and state.series == 0 and not state.pending_batches
+        else:  # the commit beat the stop
+            assert state.ledger == {digest: ("committed", source.samples)}
+        processing = home / "landing" / "processing"
+        assert not any(p.is_file() for p in (home / "landing").iterdir())
+        if len(state.samples) == 0:
+            # Not written: the file must still be claimable (left in a dead run's claim).
+            assert [p.name for p in processing.rglob("*.ndjson")] == source.good
+
+        flow_runs.run(home, url)  # the next run completes the work
+        assert_database_holds_exactly(url, source)
+        assert_files_settled(home, source)
+    finally:
+        cluster.close()
+
+
+# -- 3. two runs at once -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_two_runs_at_once_end_like_one(
+    databases: Databases, flow_runs: FlowRuns, tmp_path: Path
+) -> None:
+    source = make_source(tmp_path / "source", files=12, series=20, steps=50, seed=_seed())
+    home = tmp_path / "home"
+    source.copy_to(home / "landing")
+    url = databases.new("concurrent")
+    read_end, write_end = os.pipe()
+    try:
+        first, first_log = flow_runs.start(home, url, gate=read_end)
+        second, second_log = flow_runs.start(home, url, gate=read_end)
+        os.write(write_end, b"go")  # release both at once
+        codes = [flow_runs.wait(first, RUN_TIMEOUT), flow_runs.wait(second, RUN_TIMEOUT)]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert codes == [0, 0], f"exit codes {codes}:\n{tail(first_log)}\n---\n{tail(second_log)}"
+    assert_database_holds_exactly(url, source)
+    assert_files_settled(home, source)
