@@ -11,8 +11,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic.json_schema import SkipJsonSchema
 
 from metricmill.settings import load_settings
-from storage.store import Store
-from tasks.ingest import SourceOutcome, claim_landing, ingest_file, ingest_records, scrape_target
+from tasks.ingest import (
+    SourceOutcome,
+    claim_landing,
+    ingest_file,
+    ingest_records,
+    prepare_store,
+    scrape_target,
+)
 
 
 def _run_name() -> str:
@@ -39,9 +45,7 @@ def ingest(
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
     settings.ensure_dirs()
-    # Create or upgrade the schema once, before tasks open the store side by side: concurrent
-    # first connections race to create the TimescaleDB extension on a new database.
-    Store.open(settings=settings).close()
+    prepare_store(settings)
     outcomes: list[SourceOutcome] = []
     if samples is not None and len(samples):  # a DataFrame has no truth value
         outcomes.append(ingest_records(settings, samples))

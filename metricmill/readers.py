@@ -61,8 +61,8 @@ def _reader_for(path: Path) -> Callable[[IO[str], Path], pd.DataFrame]:
 
 def _open_text(path: Path) -> IO[str]:
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open("r", encoding="utf-8-sig", newline="")
 
 
 def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:

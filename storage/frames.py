@@ -155,7 +155,7 @@ def epoch_to_us(numbers: np.ndarray) -> np.ndarray:
     return np.where(unusable, np.float64(MAX_TS_US + 1), scaled).astype(np.int64)
 
 
-def _timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(epoch µs, unparseable mask): datetimes (naive = UTC), ISO strings or epoch numbers."""
     if pd.api.types.is_bool_dtype(column):
         return np.zeros(len(column), dtype=np.int64), np.ones(len(column), dtype=bool)
@@ -265,7 +265,7 @@ def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatc
     reject(per_row != None, per_row)  # noqa: E711 - elementwise comparison on an object array
 
     # timestamps
-    ts_us, unparseable = _timestamps_us(frame["ts"])
+    ts_us, unparseable = timestamps_us(frame["ts"])
     reject(unparseable, Reason.INVALID_TIMESTAMP)
     reject((ts_us < MIN_TS_US) | (ts_us >= MAX_TS_US), Reason.TIMESTAMP_OUT_OF_RANGE)
 

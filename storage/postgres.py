@@ -117,7 +117,10 @@ class PostgresBackend(Backend):
             self.timescale_note = "extension not installed on this server"
         else:
             try:
-                self.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                # Concurrent first connections would race on the catalog: serialise them.
+                with self.transaction():
+                    self.execute("SELECT pg_advisory_xact_lock(7423002)")
+                    self.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
                 self.timescale_version = self.execute(
                     "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
                 )[0][0]

@@ -165,6 +165,13 @@ def _write(
     return not report.guarded_new_series
 
 
+@task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
+def prepare_store(settings: Settings) -> None:
+    """Create or upgrade the schema once, before the run's tasks open the store side by side
+    (on a new database, concurrent first connections race to create the TimescaleDB extension)."""
+    Store.open(settings=settings).close()
+
+
 @task
 def claim_landing(settings: Settings) -> Claim:
     """Claim settled files in the landing directory (and adopt those of dead runs)."""

@@ -47,6 +47,7 @@ from expectations.ingest_batch import (
     check_required_columns,
     suite_parameters,
 )
+from storage.frames import timestamps_us
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -252,25 +253,10 @@ def _value_column(column: pd.Series) -> np.ndarray:
 
 
 def _ts_column(column: pd.Series) -> pd.Series:
-    """Sample times as datetime64[us, UTC]; naive = UTC, numbers = epoch seconds, else ISO text."""
-    if isinstance(column.dtype, pd.DatetimeTZDtype):
-        parsed = column.dt.tz_convert("UTC")
-    elif pd.api.types.is_datetime64_dtype(column):
-        parsed = column.dt.tz_localize("UTC")
-    elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        seconds = pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64")
-        with np.errstate(invalid="ignore", over="ignore"):
-            us = np.round(seconds * 1e6)
-        bad = ~np.isfinite(us) | (np.abs(us) >= 2**62)
-        as_int = np.where(bad, 0, us).astype(np.int64)
-        parsed = pd.Series(pd.to_datetime(as_int, unit="us", utc=True), index=column.index).mask(
-            bad
-        )
-    else:
-        parsed = pd.to_datetime(column, utc=True, errors="coerce", format="ISO8601")
-    if parsed.dtype != "datetime64[us, UTC]":
-        parsed = parsed.astype("datetime64[us, UTC]")
-    return parsed
+    """Sample times as datetime64[us, UTC], read by the store's own rule (storage.frames)."""
+    us, unparseable = timestamps_us(column)
+    parsed = pd.Series(us.astype("datetime64[us]"), index=column.index).dt.tz_localize("UTC")
+    return parsed.mask(unparseable)
 
 
 def _conflicting(series: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> np.ndarray:
