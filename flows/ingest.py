@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic.json_schema import SkipJsonSchema
 
 from metricmill.settings import load_settings
@@ -31,6 +32,8 @@ def _run_name() -> str:
     flow_run_name=_run_name,
     description="Land new files, scrape targets and caller samples; quarantine bad rows.",
     log_prints=False,
+    # Files share series rows and the GIL: a hundred files at once only queue on locks.
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
 )
 def ingest(
     # A DataFrame is accepted from Python; it stays out of the schema, so the UI's form is the

@@ -172,22 +172,14 @@ class Backend:
     ) -> WriteCounts:
         raise NotImplementedError
 
-    def count_known_series(self, keys: list[str]) -> int:
-        raise NotImplementedError
-
     def write_ledger(self, values: tuple[Any, ...]) -> None:
         """Record the batch's ledger row (inside the write transaction)."""
         raise NotImplementedError
 
-    def guard_cardinality(
-        self, batch: PreparedBatch, *, batch_id: str, source: str, max_new_series: int | None
-    ) -> int:
-        """0, or the number of new series that made the batch quarantined whole."""
-        if max_new_series is None:
-            return 0
-        new = len(batch.series) - self.count_known_series([s.key for s in batch.series])
-        if new <= max_new_series:
-            return 0
+    def quarantine_whole_batch(
+        self, batch: PreparedBatch, *, batch_id: str, source: str, new: int, limit: int
+    ) -> None:
+        """The cardinality guard's verdict: the batch is kept in quarantine, nothing written."""
         # Keep the accepted samples so `quarantine replay` can land them once allowed.
         stamps = pd.to_datetime(batch.ts_us, unit="us", utc=True).map(lambda t: t.isoformat())
         samples = [
@@ -207,7 +199,7 @@ class Backend:
                     batch_id,
                     source,
                     "cardinality_limit",
-                    f"batch would create {new} new series; the limit is {max_new_series}",
+                    f"batch would create {new} new series; the limit is {limit}",
                     row_json({"rows": batch.rows_in, "new_series": new, "samples": samples}),
                 )
             ],
@@ -215,7 +207,6 @@ class Backend:
         self.write_ledger(
             (batch_id, source, "quarantined", batch.rows_in, 0, 0, 0, batch.rows_in, 0, None, None)
         )
-        return new
 
     def bucket_expr(self, step_us: int) -> str:
         raise NotImplementedError

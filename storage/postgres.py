@@ -187,7 +187,11 @@ class PostgresBackend(Backend):
         return before, max(before, target)
 
     # -- writes ---------------------------------------------------------------------------
-    def _resolve_series(self, cur: psycopg.Cursor[Any], batch: PreparedBatch) -> SeriesIds:
+    def _resolve_series(
+        self, cur: psycopg.Cursor[Any], batch: PreparedBatch, max_new_series: int | None
+    ) -> SeriesIds | int:
+        """Ids and spans of the batch's series, creating the new ones — or, when that would
+        create more than max_new_series, the number of new series (nothing is created)."""
         lo, hi = batch_spans(batch)
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS series_stage (pos integer, series_key text, "
@@ -213,7 +217,10 @@ class PostgresBackend(Backend):
                     found[pos] = True
 
         take_existing()
-        if not found.all():
+        missing = int((~found).sum())
+        if max_new_series is not None and missing > max_new_series:
+            return missing
+        if missing:
             start = self.ts_in.replace("%s", "st.lo")
             end = self.ts_in.replace("%s", "st.hi")
             cur.execute(
@@ -245,12 +252,6 @@ class PostgresBackend(Backend):
         )
         with cur.copy(statement) as copy:
             copy.write(binary_copy_payload(ids, ts, v))
-
-    def count_known_series(self, keys: list[str]) -> int:
-        rows = self.execute(
-            "SELECT count(*) FROM series WHERE series_key = ANY(%s::text[])", (keys,)
-        )
-        return int(rows[0][0])
 
     def write_ledger(self, values: tuple[Any, ...]) -> None:
         # The row was inserted as 'writing' at the start of the transaction (it is the lock).
@@ -288,12 +289,14 @@ class PostgresBackend(Backend):
                 if cur.rowcount == 0:
                     counts.replay = True
                     return counts
-            counts.guarded_new_series = self.guard_cardinality(
-                batch, batch_id=batch_id, source=source, max_new_series=max_new_series
-            )
-            if counts.guarded_new_series:
+            known = self._resolve_series(cur, batch, max_new_series)
+            if isinstance(known, int):
+                assert max_new_series is not None
+                self.quarantine_whole_batch(
+                    batch, batch_id=batch_id, source=source, new=known, limit=max_new_series
+                )
+                counts.guarded_new_series = known
                 return counts
-            known = self._resolve_series(cur, batch)
             counts.new_series = known.new_series
             ids, ts, values, may_exist = sorted_rows(batch, known)
             fresh = ~may_exist

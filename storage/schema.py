@@ -238,7 +238,10 @@ def migrations(types: Types, time_expr: str) -> dict[int, list[str]]:
             for table in ROLLUP_TABLES.values()
         ),
     ]
-    return {1: _render(_V1, types), 2: v2}
+    # 3: series rows are updated on every batch (first/last seen): leave room on each page so
+    # PostgreSQL can update them in place (HOT) instead of growing every index.
+    v3 = ["ALTER TABLE series SET (fillfactor = 70)"] if types is POSTGRES_TYPES else []
+    return {1: _render(_V1, types), 2: v2, 3: v3}
 
 
-LATEST_VERSION = 2
+LATEST_VERSION = 3

@@ -127,7 +127,9 @@ class SQLiteBackend(Backend):
         )
         return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
 
-    def _resolve_series(self, batch: PreparedBatch) -> SeriesIds:
+    def _resolve_series(self, batch: PreparedBatch, max_new_series: int | None) -> SeriesIds | int:
+        """Ids and spans of the batch's series, creating the new ones — or, when that would
+        create more than max_new_series, the number of new series (nothing is created)."""
         keys = [s.key for s in batch.series]
         out = SeriesIds.empty(len(keys))
         position = {key: pos for pos, key in enumerate(keys)}
@@ -145,6 +147,8 @@ class SQLiteBackend(Backend):
                 if first is not None and last is not None:
                     out.first_us[pos], out.last_us[pos] = first, last
         missing = np.flatnonzero(~found)
+        if max_new_series is not None and len(missing) > max_new_series:
+            return len(missing)
         if len(missing):
             lo, hi = batch_spans(batch)
             self.conn.executemany(
@@ -162,17 +166,6 @@ class SQLiteBackend(Backend):
             out.ids[missing] = first_new + np.arange(len(missing))
             out.is_new[missing] = True
         return out
-
-    def count_known_series(self, keys: list[str]) -> int:
-        known = 0
-        for offset in range(0, len(keys), _CHUNK):
-            chunk = keys[offset : offset + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            known += self.conn.execute(
-                f"SELECT count(*) FROM series WHERE series_key IN ({marks})",  # noqa: S608
-                chunk,
-            ).fetchone()[0]
-        return known
 
     def write_ledger(self, values: tuple[Any, ...]) -> None:
         self.insert_ledger(values)
@@ -193,12 +186,14 @@ class SQLiteBackend(Backend):
                 return counts
             if status is not None:  # quarantined whole earlier: a replay may now land it
                 self.execute("DELETE FROM ingest_batches WHERE batch_id = %s", (batch_id,))
-            counts.guarded_new_series = self.guard_cardinality(
-                batch, batch_id=batch_id, source=source, max_new_series=max_new_series
-            )
-            if counts.guarded_new_series:
+            known = self._resolve_series(batch, max_new_series)
+            if isinstance(known, int):
+                assert max_new_series is not None
+                self.quarantine_whole_batch(
+                    batch, batch_id=batch_id, source=source, new=known, limit=max_new_series
+                )
+                counts.guarded_new_series = known
                 return counts
-            known = self._resolve_series(batch)
             counts.new_series = known.new_series
             ids, ts, values, may_exist = sorted_rows(batch, known)
             fresh = ~may_exist

@@ -284,6 +284,26 @@ def assert_files_settled(home: Path, source: Source) -> None:
 # -- flow runs in forked children --------------------------------------------------------------
 
 
+@dataclass
+class RunProfile:
+    claimed: float
+    first_done: float
+    last_done: float
+    ended: float
+    files: int  # files moved to done/
+
+    @property
+    def per_file(self) -> float:
+        """Seconds between two files reaching done/, once the first is through."""
+        return (self.last_done - self.first_done) / max(self.files - 1, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"claimed at {self.claimed:.2f}s, first file done at {self.first_done:.2f}s, "
+            f"{self.per_file:.2f}s per file after it, ended at {self.ended:.2f}s"
+        )
+
+
 class FlowRuns:
     """Forks children that run the ingest flow; reaps (and if need be kills) only those."""
 
@@ -332,6 +352,50 @@ class FlowRuns:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.005)
+
+    def profile(self, home: Path, url: str) -> RunProfile:
+        """One run to completion (it must succeed), timing when it claimed, when the first
+        and the last file reached done/, and when it ended (seconds after the fork)."""
+        done = home / "landing" / "done"
+        processing = home / "landing" / "processing"
+        started = time.monotonic()
+        pid, log = self.start(home, url)
+        marks: dict[str, float] = {}
+        files = 0
+        code = None
+        while code is None:
+            now = time.monotonic() - started
+            if "claimed" not in marks and any(processing.glob(f"*-{pid}-*")):
+                marks["claimed"] = now
+            count = len(os.listdir(done)) if done.exists() else 0
+            if count > files:
+                marks.setdefault("first_done", now)
+                marks["last_done"] = now
+                files = count
+            code = self.wait(pid, 0)
+            assert now < RUN_TIMEOUT, "flow run did not end"
+            time.sleep(0.002)
+        assert code == 0, f"flow run exited with {code}:\n{tail(log)}"
+        ended = time.monotonic() - started
+        return RunProfile(
+            claimed=marks.get("claimed", 0.0),
+            first_done=marks.get("first_done", ended),
+            last_done=marks.get("last_done", ended),
+            ended=ended,
+            files=files,
+        )
+
+    def wait_for_claim(self, pid: int, home: Path, timeout: float) -> int | None:
+        """Wait until the child's claim directory exists: None, or its exit code if it ended
+        first (a run with nothing to claim removes its claim again at once)."""
+        processing = home / "landing" / "processing"
+        deadline = time.monotonic() + timeout
+        while not any(processing.glob(f"*-{pid}-*")):
+            code = self.wait(pid, 0)
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(0.002)
+        return None
 
     def kill(self, pid: int) -> int:
         """SIGKILL a child of ours that has not been reaped yet (so the pid is still ours)."""
@@ -434,23 +498,27 @@ def _seed() -> int:
 # SQLite gets 20 kill trials; PostgreSQL 5, to keep the test's time down (each trial is a real
 # flow run against the Prefect test server).
 KILL_TRIALS = {"sqlite": 20, "postgres": 5}
-KILL_WINDOW_FILES = 4  # a run is killed within its startup and the time for this many files
+EARLY_KILLS = 0.3  # share of runs killed at a random point of their first idle-run's time
+KILL_WINDOW_FILES = 3  # the others die at most the first file's + this many files' time after
+# their claim
 
 
 @dataclass
 class Trial:
-    bound: float  # the delay was drawn from [0, bound)
+    early: bool  # killed counting from its start, else counting from its claim
     delay: float
+    at: float  # seconds after the fork the run was killed (or ended)
     killed: bool  # False: the run ended before the delay (and must have succeeded)
     left_before: int  # files not yet in done/ or quarantine/ when the run started
     left_after: int
-    stranded: int  # files left in claims of dead runs, for the next run to adopt
+    stranded: int  # files the run left in its claim, for the next run to adopt
 
     def __str__(self) -> str:
         end = "killed" if self.killed else "ended"
+        mode = "after start" if self.early else "after claim"
         return (
-            f"{end} at {self.delay:.2f}/{self.bound:.2f}s: {self.left_before}->{self.left_after}"
-            f" left, {self.stranded} stranded"
+            f"{end} at {self.at:.2f}s ({self.delay:.2f}s {mode}): "
+            f"{self.left_before}->{self.left_after} left, {self.stranded} stranded"
         )
 
 
@@ -472,50 +540,54 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(
     seed = _seed()
     rng = random.Random(seed)
     source = make_source(tmp_path / "source", files=24, series=10, steps=50, seed=seed)
-    total = len(source.good) + len(source.bad)
 
-    # Unkilled runs over a separate copy: a full run, then a rerun with nothing left to do
-    # (which must change nothing). Their durations bound the kill delays.
+    # Unkilled runs over a separate copy: a full run, timed, then a rerun with nothing left to
+    # do (which must change nothing). Their timings bound the kill delays.
     measure_home = tmp_path / "measure"
     source.copy_to(measure_home / "landing")
     measure_url = databases.new("measure")
-    full_run = flow_runs.run(measure_home, measure_url)
+    full_run = flow_runs.profile(measure_home, measure_url)
     idle_run = flow_runs.run(measure_home, measure_url)
     assert_database_holds_exactly(measure_url, source)
     assert_files_settled(measure_home, source)
 
     # The trials share one landing directory and database: each run resumes what the killed
     # ones left, adopting their claims. A delay drawn from [0, full run) would let the first
-    # two or three runs finish the directory and leave every later kill to runs with nothing
-    # to do; so each delay is uniform over an idle run's duration plus the time a run takes
-    # for a few of the files still left. The kills then land anywhere from the start of a run
-    # to the middle of its writes and moves, over most of the trials, and the last trials kill
-    # runs over a settled directory (claim, adoption, release, artifacts).
-    per_file = max(full_run - idle_run, 0.0) / total
+    # two or three runs finish the directory, leaving every later kill to runs with nothing to
+    # do; and a run's startup (Prefect, fork, a loaded machine) varies by seconds. So a share of
+    # the runs is killed at a random point of an idle run's duration from its start (startup,
+    # claim, adoption), the others at a random point between their claim and the time a few
+    # files take after it (reads, checks, write transactions, moves); the last trials may find
+    # the directory settled and be killed in a run with nothing to do.
+    after_claim = full_run.first_done - full_run.claimed + KILL_WINDOW_FILES * full_run.per_file
     home = tmp_path / "home"
     source.copy_to(home / "landing")
     url = databases.new("trials")
     trials: list[Trial] = []
     for _ in range(KILL_TRIALS[databases.backend]):
         left = _unsettled(home, source)
-        bound = idle_run + per_file * min(left, KILL_WINDOW_FILES)
-        delay = rng.uniform(0.0, bound)
+        early = rng.random() < EARLY_KILLS
+        delay = rng.uniform(0.0, idle_run if early else after_claim)
+        started = time.monotonic()
         pid, log = flow_runs.start(home, url)
-        code = flow_runs.wait(pid, delay)
+        code = None if early else flow_runs.wait_for_claim(pid, home, RUN_TIMEOUT)
+        if code is None:
+            code = flow_runs.wait(pid, delay)
+        at = time.monotonic() - started
         if code is None:
             flow_runs.kill(pid)
         else:
             # A run nobody killed must not fail, whatever the runs before it left behind.
             assert code == 0, f"seed {seed}: unkilled run exited with {code}:\n{tail(log)}"
         trials.append(
-            Trial(bound, delay, code is None, left, _unsettled(home, source), _stranded(home))
+            Trial(early, delay, at, code is None, left, _unsettled(home, source), _stranded(home))
         )
     flow_runs.run(home, url)  # the clean run that finishes whatever is left
 
     report = (
-        f"{databases.backend}, seed {seed}: full run {full_run:.2f}s, idle run {idle_run:.2f}s,"
+        f"{databases.backend}, seed {seed}: full run {full_run}; idle run {idle_run:.2f}s;"
         f" {sum(t.killed for t in trials)}/{len(trials)} runs killed, "
-        f"{sum(t.killed and t.stranded > 0 for t in trials)} of them with files in flight\n"
+        f"{sum(t.killed and t.stranded > 0 for t in trials)} of them holding claimed files\n"
         + "\n".join(f"  trial {i}: {t}" for i, t in enumerate(trials, start=1))
     )
     try:
@@ -626,7 +698,15 @@ def test_two_runs_at_once_end_like_one(
 ) -> None:
     source = make_source(tmp_path / "source", files=12, series=20, steps=50, seed=_seed())
     home = tmp_path / "home"
-    source.copy_to(home / "landing")
+    landing = home / "landing"
+    source.copy_to(landing)
+    # A third of the files sit in the claim of a dead run, as kill -9 leaves them: both runs
+    # race to adopt it as well as to claim the rest.
+    dead_claim = landing / "processing" / "1700000000-99999-deadbeef"
+    dead_claim.mkdir(parents=True)
+    (dead_claim / ".lock").touch()
+    for name in source.good[::3]:
+        (landing / name).rename(dead_claim / name)
     url = databases.new("concurrent")
     read_end, write_end = os.pipe()
     try:
@@ -637,6 +717,8 @@ def test_two_runs_at_once_end_like_one(
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert codes == [0, 0], f"exit codes {codes}:\n{tail(first_log)}\n---\n{tail(second_log)}"
+    logs = f"{tail(first_log)}\n---\n{tail(second_log)}"
+    assert codes == [0, 0], f"exit codes {codes}:\n{logs}"
     assert_database_holds_exactly(url, source)
     assert_files_settled(home, source)
+    assert not dead_claim.exists()

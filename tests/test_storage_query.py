@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from metricmill.errors import QueryError, SelectorError
+from storage.schema import LATEST_VERSION
 from storage.store import Store
 from tests.dbtargets import DbTarget
 
@@ -29,8 +30,10 @@ def sample(metric: str, seconds: float, value: float, **labels: str) -> dict[str
 
 
 FIXTURE_ROWS = [
-    *(sample("http_requests", s, v, host="a", env="prod", job="api")
-      for s, v in [(0, 1.0), (60, 2.0), (120, 3.0), (180, 4.0)]),
+    *(
+        sample("http_requests", s, v, host="a", env="prod", job="api")
+        for s, v in [(0, 1.0), (60, 2.0), (120, 3.0), (180, 4.0)]
+    ),
     sample("http_requests", 0, 10.0, host="b", env="dev", job="api-gw"),
     sample("http_requests", 60, 20.0, host="b", env="dev", job="api-gw"),
     sample("http_requests", 0, 100.0, host="c", env="prod"),
@@ -179,7 +182,7 @@ def test_start_not_before_end_is_a_query_error(store: Store) -> None:
 
 
 def test_malformed_selector_is_a_selector_error(store: Store) -> None:
-    for selector in ['{host="a"', '{host=a}', '{host=~"("}', "{host}"]:
+    for selector in ['{host="a"', "{host=a}", '{host=~"("}', "{host}"]:
         with pytest.raises(SelectorError):
             store.query("http_requests", selector, **WINDOW)
 
@@ -193,16 +196,14 @@ def test_stats_count_rows_series_and_time_bounds(store: Store) -> None:
     assert stats["tables"]["ingest_batches"]["rows"] == 1
     assert stats["oldest_sample"] == T0 - timedelta(hours=1)
     assert stats["newest_sample"] == T0 + timedelta(hours=2)
-    assert stats["schema_version"] == 2
+    assert stats["schema_version"] == LATEST_VERSION
 
 
-def test_health_reports_schema_version_and_backend_mode(
-    store: Store, db_target: DbTarget
-) -> None:
+def test_health_reports_schema_version_and_backend_mode(store: Store, db_target: DbTarget) -> None:
     health = store.health()
 
     assert health.ok, health.problems
-    assert health.schema_version == 2
+    assert health.schema_version == LATEST_VERSION
     assert health.backend == ("postgresql" if db_target.name == "postgres" else db_target.name)
     if db_target.name == "sqlite":
         assert health.details["journal_mode"] == "wal"

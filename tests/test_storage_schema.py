@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from metricmill.errors import SchemaError
-from storage.schema import ROLLUP_TABLES
+from storage.schema import LATEST_VERSION, ROLLUP_TABLES
 from storage.store import Store
 from tests.dbtargets import DbTarget
 
@@ -46,12 +46,11 @@ def test_init_twice_is_a_noop(db_target: DbTarget) -> None:
         store.write_samples(ROWS)
         before = schema_snapshot(store, db_target)
 
-        assert store.init() == (2, 2)
+        assert store.init() == (LATEST_VERSION, LATEST_VERSION)
 
         assert schema_snapshot(store, db_target) == before
         assert store.backend.execute("SELECT version FROM schema_version ORDER BY version") == [
-            (1,),
-            (2,),
+            (version,) for version in range(1, LATEST_VERSION + 1)
         ]
         assert store.stats()["samples"] == len(ROWS)
     with open_store(db_target) as reopened:
@@ -68,12 +67,15 @@ def test_version_1_database_upgrades_in_place(db_target: DbTarget) -> None:
             old.backend.execute("SELECT count(*) FROM metrics_view")
 
     with open_store(db_target) as upgraded:
-        assert upgraded.schema_version() == 2
+        assert upgraded.schema_version() == LATEST_VERSION
+        if db_target.name != "sqlite":  # version 3: room for in-place updates of series rows
+            options = upgraded.backend.execute(
+                "SELECT reloptions FROM pg_class WHERE relname = 'series'"
+            )
+            assert options == [(["fillfactor=70"],)]
         points = upgraded.query("cpu", start=T0, end=T0 + timedelta(hours=1))
         assert points["value"].tolist() == [float(i) for i in range(5)]
-        view_rows = upgraded.backend.execute(
-            "SELECT metric, value FROM metrics_view ORDER BY time"
-        )
+        view_rows = upgraded.backend.execute("SELECT metric, value FROM metrics_view ORDER BY time")
         assert view_rows == [("cpu", float(i)) for i in range(5)]
         assert upgraded.backend.execute("SELECT count(*) FROM rollup_1m_view") == [(0,)]
         assert upgraded.health().ok
@@ -82,9 +84,13 @@ def test_version_1_database_upgrades_in_place(db_target: DbTarget) -> None:
 def test_newer_schema_version_is_refused(db_target: DbTarget) -> None:
     with open_store(db_target) as store:
         if db_target.name == "sqlite":
-            store.backend.execute("INSERT INTO schema_version VALUES (3, 0)")
+            store.backend.execute(
+                "INSERT INTO schema_version VALUES (%s, 0)", (LATEST_VERSION + 1,)
+            )
         else:
-            store.backend.execute("INSERT INTO schema_version (version) VALUES (3)")
+            store.backend.execute(
+                "INSERT INTO schema_version (version) VALUES (%s)", (LATEST_VERSION + 1,)
+            )
 
     with pytest.raises(SchemaError, match="newer"):
         open_store(db_target)

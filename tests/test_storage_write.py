@@ -166,8 +166,12 @@ def test_replayed_batch_writes_nothing(store: Store) -> None:
 
 def test_same_rows_in_another_order_are_a_replay(store: Store) -> None:
     rows = [
-        {"metric": "cpu", "labels": {"host": "a", "dc": "eu"}, "ts": T0 + timedelta(seconds=i),
-         "value": float(i)}
+        {
+            "metric": "cpu",
+            "labels": {"host": "a", "dc": "eu"},
+            "ts": T0 + timedelta(seconds=i),
+            "value": float(i),
+        }
         for i in range(5)
     ] + [sample("mem", 0, 7.0, host="b")]
     shuffled = [
@@ -418,10 +422,28 @@ def test_each_committed_batch_has_one_ledger_row_with_its_counts(store: Store) -
 
     assert count(store, "ingest_batches") == 2
     assert ledger_row(store, first.batch_id) == (
-        "agent-1", "committed", 4, 3, 0, 0, 1, 2, T0, T0 + timedelta(seconds=4500),
+        "agent-1",
+        "committed",
+        4,
+        3,
+        0,
+        0,
+        1,
+        2,
+        T0,
+        T0 + timedelta(seconds=4500),
     )
     assert ledger_row(store, second.batch_id) == (
-        "agent-2", "committed", 3, 1, 1, 1, 0, 0, T0, T0 + timedelta(seconds=7200),
+        "agent-2",
+        "committed",
+        3,
+        1,
+        1,
+        1,
+        0,
+        0,
+        T0,
+        T0 + timedelta(seconds=7200),
     )
 
 
