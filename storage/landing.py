@@ -31,16 +31,28 @@ class Claim:
 
     def release(self) -> None:
         """Drop the claim; files still in it (a failed step) are adopted by the next run."""
-        if not any(p.name != ".lock" for p in self.directory.iterdir()):
-            (self.directory / ".lock").unlink(missing_ok=True)
-            self.directory.rmdir()
+        _remove_if_empty(self.directory)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
 
 
+def _remove_if_empty(directory: Path) -> None:
+    """Remove a claim directory holding nothing but its lock; tolerate a racing remover."""
+    try:
+        if any(p.name != ".lock" for p in directory.iterdir()):
+            return
+        (directory / ".lock").unlink(missing_ok=True)
+        directory.rmdir()
+    except (FileNotFoundError, OSError):
+        pass  # another run removed it, or a file arrived: either way it is not ours to drop
+
+
 def _take_lock(directory: Path) -> IO[bytes] | None:
-    handle = open(directory / ".lock", "ab")  # noqa: SIM115 - held for the claim's lifetime
+    try:
+        handle = open(directory / ".lock", "ab")  # noqa: SIM115 - held for the claim's lifetime
+    except FileNotFoundError:
+        return None  # the directory went away under us: nothing to take
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,15 +75,29 @@ def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = Non
     """Claim settled files from `landing` and adopt the files of claims left by dead runs."""
     processing = landing / "processing"
     processing.mkdir(parents=True, exist_ok=True)
-    claim_dir = processing / f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    claim_dir.mkdir()
-    claim = Claim(claim_dir, _lock=_take_lock(claim_dir))
+    # Lock the claim under a hidden name first, then publish it: other runs never see an
+    # unlocked claim directory (they would take it for a dead run's).
+    name = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    hidden = processing / f".new-{name}"
+    hidden.mkdir()
+    lock = _take_lock(hidden)
+    assert lock is not None, "a fresh claim directory is ours alone"
+    claim_dir = processing / name
+    os.rename(hidden, claim_dir)
+    claim = Claim(claim_dir, _lock=lock)
     for orphan in _orphaned_claims(processing, exclude=claim_dir):
-        for path in sorted(orphan.iterdir()):
+        try:
+            leftovers = sorted(orphan.iterdir())
+        except FileNotFoundError:
+            continue  # emptied and removed by another run between its lock and ours
+        for path in leftovers:
             if path.name == ".lock":
                 continue
             target = claim_dir / path.name
-            os.replace(path, target)
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                continue
             claim.files.append(target)
     now = time.time()
     for path in sorted(p for p in landing.iterdir() if p.is_file()):
@@ -90,20 +116,15 @@ def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = Non
 
 def _orphaned_claims(processing: Path, *, exclude: Path) -> Iterator[Path]:
     for directory in sorted(processing.iterdir()):
-        if directory == exclude or not directory.is_dir():
+        if directory == exclude or directory.name.startswith(".") or not directory.is_dir():
             continue
         handle = _take_lock(directory)
         if handle is None:
-            continue  # a live run owns it
+            continue  # a live run owns it, or it is gone
         try:
             yield directory
         finally:
-            for leftover in directory.iterdir():
-                if leftover.name != ".lock":
-                    break
-            else:
-                (directory / ".lock").unlink(missing_ok=True)
-                directory.rmdir()
+            _remove_if_empty(directory)
             handle.close()
 
 

@@ -256,7 +256,7 @@ def assert_files_settled(home: Path, source: Source) -> None:
     """Each readable file once in done/ (unchanged), each unreadable one in quarantine/ with
     a .reason; nothing left in landing/ or landing/processing/."""
     landing = home / "landing"
-    done = sorted(p.name for p in (landing / "done").iterdir())
+    done = sorted(p.name for p in (landing / "done").glob("*"))
     assert done == sorted(source.good), f"done/ holds {done}"
     for name in source.good:
         assert (landing / "done" / name).read_bytes() == (source.directory / name).read_bytes()
@@ -498,9 +498,8 @@ def _seed() -> int:
 # SQLite gets 20 kill trials; PostgreSQL 5, to keep the test's time down (each trial is a real
 # flow run against the Prefect test server).
 KILL_TRIALS = {"sqlite": 20, "postgres": 5}
-EARLY_KILLS = 0.3  # share of runs killed at a random point of their first idle-run's time
-KILL_WINDOW_FILES = 3  # the others die at most the first file's + this many files' time after
-# their claim
+EARLY_KILLS = 0.3  # share of runs killed within an idle run's duration after their start
+KILL_WINDOW_FILES = 3  # the others within the first file's time + this many files' after claiming
 
 
 @dataclass
@@ -722,3 +721,5 @@ def test_two_runs_at_once_end_like_one(
     assert_database_holds_exactly(url, source)
     assert_files_settled(home, source)
     assert not dead_claim.exists()
+    shares = [len(json.loads(log.read_text(encoding="utf-8"))) for log in (first_log, second_log)]
+    print(f"{databases.backend}: the two runs ingested {shares} sources")
