@@ -113,8 +113,14 @@ class PostgresBackend(Backend):
         available = self.execute(
             "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
         )
+        preloaded = "timescaledb" in str(self.execute("SHOW shared_preload_libraries")[0][0])
         if not available:
-            self.timescale_note = "extension not installed on this server"
+            self.timescale_note = "not installed on this server"
+        elif not preloaded:
+            # CREATE EXTENSION would fail (and can end the session): say how to enable it.
+            self.timescale_note = (
+                "installed but not preloaded: add timescaledb to shared_preload_libraries"
+            )
         else:
             try:
                 # Concurrent first connections would race on the catalog: serialise them.
@@ -125,9 +131,10 @@ class PostgresBackend(Backend):
                     "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
                 )[0][0]
             except psycopg.Error as exc:
-                self.timescale_note = f"available but not enabled: {str(exc).splitlines()[0]}"
+                first_line = str(exc).splitlines()[0]
+                self.timescale_note = f"available but could not be created: {first_line}"
         if self.mode == "require" and self.timescale_version is None:
-            raise SchemaError(f"TimescaleDB is required but {self.timescale_note}")
+            raise SchemaError(f"TimescaleDB is required but is {self.timescale_note}")
 
     @property
     def timescale(self) -> bool:
