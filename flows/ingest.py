@@ -33,7 +33,7 @@ def _run_name() -> str:
     description="Land new files, scrape targets and caller samples; quarantine bad rows.",
     log_prints=False,
     # Files share series rows and the GIL: a hundred files at once only queue on locks.
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    task_runner=ThreadPoolTaskRunner[Any](max_workers=2),
 )
 def ingest(
     # A DataFrame is accepted from Python; it stays out of the schema, so the UI's form is the
