@@ -176,6 +176,24 @@ class Backend:
         """Record the batch's ledger row (inside the write transaction)."""
         raise NotImplementedError
 
+    def guarded(
+        self,
+        known: SeriesIds | int,
+        batch: PreparedBatch,
+        counts: WriteCounts,
+        *,
+        batch_id: str,
+        source: str,
+        limit: int | None,
+    ) -> bool:
+        """True when series resolution stopped at the cardinality guard (then recorded here)."""
+        if not isinstance(known, int):
+            return False
+        assert limit is not None
+        self.quarantine_whole_batch(batch, batch_id=batch_id, source=source, new=known, limit=limit)
+        counts.guarded_new_series = known
+        return True
+
     def quarantine_whole_batch(
         self, batch: PreparedBatch, *, batch_id: str, source: str, new: int, limit: int
     ) -> None:

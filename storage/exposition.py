@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from metricmill.types import Reason, datetime_to_us
+from storage.frames import LineRejected, sample_frame
 
 MALFORMED_LINE = Reason.MALFORMED_LINE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
@@ -64,32 +64,10 @@ class ExpositionResult:
     families: dict[str, str] = field(default_factory=dict)
 
 
-class _LineError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _sample_frame(
-    metrics: list[str], labels: list[dict[str, str]], ts_us: list[int], values: list[float]
-) -> pd.DataFrame:
-    label_col = np.empty(len(labels), dtype=object)
-    label_col[:] = labels
-    ts = pd.Series(np.array(ts_us, dtype=np.int64).view("datetime64[us]")).dt.tz_localize(UTC)
-    return pd.DataFrame(
-        {
-            "metric": pd.Series(metrics, dtype=object),
-            "labels": label_col,
-            "ts": ts,
-            "value": np.array(values, dtype=np.float64),
-        }
-    )
-
-
 def _unescape_match(match: re.Match[str]) -> str:
     replacement = _UNESCAPED.get(match.group(1))
     if replacement is None:
-        raise _LineError(MALFORMED_LINE)  # only \\, \" and \n are escapes in label values
+        raise LineRejected(MALFORMED_LINE)  # only \\, \" and \n are escapes in label values
     return replacement
 
 
@@ -104,7 +82,7 @@ def _parse_sample(line: str) -> tuple[str, dict[str, str], str, str | None]:
     """(metric name, labels, value token, timestamp token or None) of a sample line."""
     head = _NAME_AND_BLANKS.match(line)
     if head is None:
-        raise _LineError(MALFORMED_LINE)
+        raise LineRejected(MALFORMED_LINE)
     name = head.group(1)
     i = head.end()
     labels: dict[str, str] = {}
@@ -117,10 +95,10 @@ def _parse_sample(line: str) -> tuple[str, dict[str, str], str, str | None]:
                 break
             pair = _LABEL_PAIR.match(line, i)
             if pair is None:
-                raise _LineError(MALFORMED_LINE)
+                raise LineRejected(MALFORMED_LINE)
             key, raw = pair.groups()
             if key in labels:
-                raise _LineError(MALFORMED_LINE)  # duplicate label name
+                raise LineRejected(MALFORMED_LINE)  # duplicate label name
             labels[key] = _ESCAPE.sub(_unescape_match, raw) if "\\" in raw else raw
             i = pair.end()
             following = line[i : i + 1]
@@ -130,13 +108,13 @@ def _parse_sample(line: str) -> tuple[str, dict[str, str], str, str | None]:
                 i += 1
                 break
             else:
-                raise _LineError(MALFORMED_LINE)
+                raise LineRejected(MALFORMED_LINE)
         i = _skip_blanks(line, i)
     elif i == len(name):
-        raise _LineError(MALFORMED_LINE)  # name not followed by a blank or a label set
+        raise LineRejected(MALFORMED_LINE)  # name not followed by a blank or a label set
     tail = _VALUE_AND_TIMESTAMP.fullmatch(line, i)
     if tail is None:
-        raise _LineError(MALFORMED_LINE)  # no value, or more than value and timestamp
+        raise LineRejected(MALFORMED_LINE)  # no value, or more than value and timestamp
     return name, labels, tail.group(1), tail.group(2)
 
 
@@ -144,11 +122,11 @@ def _parse_value(token: str) -> float:
     # Go's ParseFloat reads NaN, [+-]Inf and decimal/scientific numbers; Python's float() also
     # takes digit-group underscores, which the format does not have.
     if "_" in token:
-        raise _LineError(MALFORMED_LINE)
+        raise LineRejected(MALFORMED_LINE)
     try:
         return float(token)
     except ValueError:
-        raise _LineError(MALFORMED_LINE) from None
+        raise LineRejected(MALFORMED_LINE) from None
 
 
 def parse_exposition(
@@ -186,9 +164,9 @@ def parse_exposition(
                         or not _METRIC_NAME.fullmatch(words[1])
                         or words[2] not in METRIC_TYPES
                     ):
-                        raise _LineError(MALFORMED_LINE)
+                        raise LineRejected(MALFORMED_LINE)
                     if families.setdefault(words[1], words[2]) != words[2]:
-                        raise _LineError(MALFORMED_LINE)  # conflicting second TYPE line
+                        raise LineRejected(MALFORMED_LINE)  # conflicting second TYPE line
                 continue
 
             name, sample_labels, value_token, ts_token = _parse_sample(body)
@@ -198,10 +176,10 @@ def parse_exposition(
             elif _TIMESTAMP.fullmatch(ts_token):
                 ts = int(ts_token) * 1000
                 if ts < _US_MIN or ts > _US_MAX:
-                    raise _LineError(TIMESTAMP_OUT_OF_RANGE)
+                    raise LineRejected(TIMESTAMP_OUT_OF_RANGE)
             else:
-                raise _LineError(INVALID_TIMESTAMP)
-        except _LineError as error:
+                raise LineRejected(INVALID_TIMESTAMP)
+        except LineRejected as error:
             rejected.append(({"line": line, "line_no": line_no}, error.reason))
             continue
 
@@ -215,7 +193,7 @@ def parse_exposition(
         values.append(value)
 
     return ExpositionResult(
-        frame=_sample_frame(metrics, labels, stamps, values),
+        frame=sample_frame(metrics, labels, stamps, values),
         rejected=rejected,
         families=families,
     )

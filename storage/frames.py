@@ -70,6 +70,31 @@ class PreparedBatch:
         return digest.hexdigest()
 
 
+class LineRejected(Exception):
+    """A text-format parser's verdict on one line: the reason code it is quarantined with."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sample_frame(
+    metrics: list[str], labels: list[dict[str, str]], ts_us: list[int], values: list[float]
+) -> pd.DataFrame:
+    """Parsed samples as a frame: metric, labels (dict per row), ts (datetime64[us, UTC]), value."""
+    label_col = np.empty(len(labels), dtype=object)
+    label_col[:] = labels
+    ts = pd.Series(np.array(ts_us, dtype=np.int64).view("datetime64[us]")).dt.tz_localize("UTC")
+    return pd.DataFrame(
+        {
+            "metric": pd.Series(metrics, dtype=object),
+            "labels": label_col,
+            "ts": ts,
+            "value": np.array(values, dtype=np.float64),
+        }
+    )
+
+
 def series_key(metric: str, labels_json: str) -> str:
     return hashlib.sha256(f"{metric}\x00{labels_json}".encode()).hexdigest()
 

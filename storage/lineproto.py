@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from metricmill.types import Reason, datetime_to_us
+from storage.frames import LineRejected, sample_frame
 
 MALFORMED_LINE = Reason.MALFORMED_LINE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
@@ -81,29 +81,6 @@ class LineProtocolResult:
     skipped_fields: dict[str, int] = field(default_factory=lambda: {"string": 0, "boolean": 0})
 
 
-class _LineError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def sample_frame(
-    metrics: list[str], labels: list[dict[str, str]], ts_us: list[int], values: list[float]
-) -> pd.DataFrame:
-    """Columns metric, labels (dict per row), ts (datetime64[us, UTC]) and value (float64)."""
-    label_col = np.empty(len(labels), dtype=object)
-    label_col[:] = labels
-    ts = pd.Series(np.array(ts_us, dtype=np.int64).view("datetime64[us]")).dt.tz_localize(UTC)
-    return pd.DataFrame(
-        {
-            "metric": pd.Series(metrics, dtype=object),
-            "labels": label_col,
-            "ts": ts,
-            "value": np.array(values, dtype=np.float64),
-        }
-    )
-
-
 def _scan(line: str, i: int, element: _Element) -> tuple[str, int]:
     """Unescape from ``i`` up to the element's first unescaped stop character (or the end)."""
     escapes, special = element
@@ -134,33 +111,33 @@ def _parse_slow(
     n = len(line)
     measurement, i = _scan(line, 0, _MEASUREMENT)
     if not measurement:
-        raise _LineError(MALFORMED_LINE)
+        raise LineRejected(MALFORMED_LINE)
     tags: dict[str, str] = {}
     while i < n and line[i] == ",":
         key, i = _scan(line, i + 1, _KEY)
         if not key or i >= n or line[i] != "=":
-            raise _LineError(MALFORMED_LINE)
+            raise LineRejected(MALFORMED_LINE)
         value, i = _scan(line, i + 1, _KEY)
         if not value or (i < n and line[i] == "=") or key in tags:
-            raise _LineError(MALFORMED_LINE)
+            raise LineRejected(MALFORMED_LINE)
         tags[key] = value
     while i < n and line[i] == " ":
         i += 1
     if i >= n:
-        raise _LineError(MALFORMED_LINE)  # no field set
+        raise LineRejected(MALFORMED_LINE)  # no field set
 
     fields: list[tuple[str, str, str | None]] = []
     while True:
         key, i = _scan(line, i, _KEY)
         if not key or i >= n or line[i] != "=":
-            raise _LineError(MALFORMED_LINE)
+            raise LineRejected(MALFORMED_LINE)
         i += 1
         if i < n and line[i] == '"':
             j = i + 1
             while True:
                 found = _STRING_SPECIAL(line, j)
                 if found is None:
-                    raise _LineError(MALFORMED_LINE)  # unterminated string
+                    raise LineRejected(MALFORMED_LINE)  # unterminated string
                 j = found.start()
                 if line[j] == '"':
                     break
@@ -171,7 +148,7 @@ def _parse_slow(
             found = _VALUE_END(line, i)
             j = n if found is None else found.start()
             if j == i:
-                raise _LineError(MALFORMED_LINE)
+                raise LineRejected(MALFORMED_LINE)
             fields.append((key, "=", line[i:j]))
             i = j
         if i >= n:
@@ -181,7 +158,7 @@ def _parse_slow(
             continue
         if line[i] == " ":
             break
-        raise _LineError(MALFORMED_LINE)  # junk after a closing quote
+        raise LineRejected(MALFORMED_LINE)  # junk after a closing quote
 
     while i < n and line[i] == " ":
         i += 1
@@ -191,7 +168,7 @@ def _parse_slow(
     if end == -1:
         return measurement, tags, fields, line[i:]
     if line[end:].strip(" "):
-        raise _LineError(MALFORMED_LINE)  # a fourth section
+        raise LineRejected(MALFORMED_LINE)  # a fourth section
     return measurement, tags, fields, line[i:end]
 
 
@@ -223,10 +200,10 @@ def _field_number(token: str) -> float | None:
             low, high = (_INT64_MIN, _INT64_MAX) if suffix == "i" else (0, _UINT64_MAX)
             if low <= integer <= high:
                 return float(integer)
-        raise _LineError(MALFORMED_LINE)
+        raise LineRejected(MALFORMED_LINE)
     if token in _BOOLEANS:
         return None
-    raise _LineError(MALFORMED_LINE)
+    raise LineRejected(MALFORMED_LINE)
 
 
 def parse_line_protocol(
@@ -296,7 +273,7 @@ def parse_line_protocol(
             line_strings = line_booleans = 0
             for key, sep, token in fields:
                 if not key or not sep:
-                    raise _LineError(MALFORMED_LINE)
+                    raise LineRejected(MALFORMED_LINE)
                 if token is None:
                     line_strings += 1
                     continue
@@ -310,9 +287,9 @@ def parse_line_protocol(
                     try:
                         number = float(token)
                     except ValueError:
-                        raise _LineError(MALFORMED_LINE) from None
+                        raise LineRejected(MALFORMED_LINE) from None
                     if number in (_INF, -_INF):
-                        raise _LineError(MALFORMED_LINE)  # overflow: no infinity in the protocol
+                        raise LineRejected(MALFORMED_LINE)  # overflow: no infinity in the protocol
                 else:
                     integral = _field_number(token)  # integer, unsigned, boolean or invalid
                     if integral is None:
@@ -333,15 +310,15 @@ def parse_line_protocol(
             ):
                 ts = int(ts_token) * multiplier // divisor
                 if ts < _US_MIN or ts > _US_MAX:
-                    raise _LineError(TIMESTAMP_OUT_OF_RANGE)
+                    raise LineRejected(TIMESTAMP_OUT_OF_RANGE)
             else:
-                raise _LineError(MALFORMED_LINE if "=" in ts_token else INVALID_TIMESTAMP)
+                raise LineRejected(MALFORMED_LINE if "=" in ts_token else INVALID_TIMESTAMP)
             added = len(values) - mark
             if added == 1:
                 add_stamp(ts)
             elif added:
                 stamps.extend([ts] * added)
-        except _LineError as error:
+        except LineRejected as error:
             if len(values) > mark:  # the line is rejected as a whole
                 del metrics[mark:], labels[mark:], stamps[mark:], values[mark:]
             rejected.append(({"line": line, "line_no": line_no}, error.reason))

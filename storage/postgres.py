@@ -297,13 +297,11 @@ class PostgresBackend(Backend):
                     counts.replay = True
                     return counts
             known = self._resolve_series(cur, batch, max_new_series)
-            if isinstance(known, int):
-                assert max_new_series is not None
-                self.quarantine_whole_batch(
-                    batch, batch_id=batch_id, source=source, new=known, limit=max_new_series
-                )
-                counts.guarded_new_series = known
+            if self.guarded(
+                known, batch, counts, batch_id=batch_id, source=source, limit=max_new_series
+            ):
                 return counts
+            assert not isinstance(known, int)
             counts.new_series = known.new_series
             ids, ts, values, may_exist = sorted_rows(batch, known)
             fresh = ~may_exist

@@ -187,13 +187,11 @@ class SQLiteBackend(Backend):
             if status is not None:  # quarantined whole earlier: a replay may now land it
                 self.execute("DELETE FROM ingest_batches WHERE batch_id = %s", (batch_id,))
             known = self._resolve_series(batch, max_new_series)
-            if isinstance(known, int):
-                assert max_new_series is not None
-                self.quarantine_whole_batch(
-                    batch, batch_id=batch_id, source=source, new=known, limit=max_new_series
-                )
-                counts.guarded_new_series = known
+            if self.guarded(
+                known, batch, counts, batch_id=batch_id, source=source, limit=max_new_series
+            ):
                 return counts
+            assert not isinstance(known, int)
             counts.new_series = known.new_series
             ids, ts, values, may_exist = sorted_rows(batch, known)
             fresh = ~may_exist
