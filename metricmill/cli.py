@@ -35,11 +35,11 @@ from metricmill.demo import (
     incident_window,
 )
 from metricmill.errors import MetricmillError, QueryError
-from metricmill.readers import read_samples_file
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings, mask_url
 from metricmill.types import WriteReport
 from storage.backend import Health
+from storage.readers import read_samples_file
 from storage.store import Store
 
 

@@ -20,12 +20,12 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from expectations.ingest_batch import BatchUnusable, QualityLimits
-from metricmill.readers import UnreadableFile, read_samples_file
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame
 from storage.landing import Claim, claim_files, move_done, move_quarantined
 from storage.lineproto import parse_line_protocol
+from storage.readers import UnreadableFile, read_samples_file
 from storage.store import Store
 from tasks.quality import validate_batch
 
