@@ -21,7 +21,7 @@ Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema cr
   table's columns and primary key (benchmarks/ingest.py's baseline).
 
 A second, untimed-by-the-flow pass decodes, validates and writes the same files stage by stage
-(``tasks.ingest.decode_file``, ``tasks.quality.validate_batch``, ``Store.open`` +
+(``storage.readers.read_landed_file``, ``tasks.quality.validate_batch``, ``Store.open`` +
 ``Store.write_samples``), and runs ``validate_batch_pandas`` on the same frames, for where the
 time goes and the GX-vs-pandas comparison. ``--profile N`` adds a cProfile of each stage over the
 first N files. The output ends with ``RATIO ingest_flow_vs_copy`` (flow rows/s over \\copy rows/s)
@@ -292,8 +292,9 @@ class Stages:
 def run_stages(server: PgServer, sources: list[Path], tmp: Path, work: Workload) -> Stages:
     """decode / validate (GX, and pandas on the same frame) / write per file, outside the flow."""
     from metricmill.settings import load_settings
+    from storage.readers import read_landed_file
     from storage.store import Store
-    from tasks.ingest import decode_file, quality_limits
+    from tasks.ingest import quality_limits
     from tasks.quality import validate_batch, validate_batch_pandas
 
     stages = Stages()
@@ -307,7 +308,8 @@ def run_stages(server: PgServer, sources: list[Path], tmp: Path, work: Workload)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             stages.read_hash += time.perf_counter() - started
 
-            seconds, (frame, pre_rejected, _) = timed(decode_file, path, settings)
+            seconds, decoded = timed(read_landed_file, path)
+            frame, pre_rejected = decoded.frame, decoded.rejected
             stages.decode += seconds
 
             limits = quality_limits(settings)
@@ -364,7 +366,8 @@ def profile_stages(server: PgServer, sources: list[Path], tmp: Path) -> str:
     """cProfile of decode, GX validation and open+write over the given files, one profile per
     stage; the top functions of each by own time and by cumulative time."""
     from metricmill.settings import load_settings
-    from tasks.ingest import decode_file, quality_limits
+    from storage.readers import read_landed_file
+    from tasks.ingest import quality_limits
     from tasks.quality import validate_batch
 
     profiles = {name: cProfile.Profile() for name in ("decode", "validate (GX)", "open+write")}
@@ -373,7 +376,8 @@ def profile_stages(server: PgServer, sources: list[Path], tmp: Path) -> str:
         settings = load_settings(database_url=url, home=str(tmp / "home-profile"))
         for path in sources:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            frame, pre_rejected, _ = profiles["decode"].runcall(decode_file, path, settings)
+            decoded = profiles["decode"].runcall(read_landed_file, path)
+            frame, pre_rejected = decoded.frame, decoded.rejected
             checked = profiles["validate (GX)"].runcall(
                 validate_batch, frame, quality_limits(settings)
             )
@@ -505,7 +509,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
     path = stages.flow_path
     entries = [
         ("read + sha256", stages.read_hash),
-        ("decode_file (NDJSON reader)", stages.decode),
+        ("read_landed_file (NDJSON reader)", stages.decode),
         ("validate_batch (GX)", stages.validate_gx),
         ("Store.open", stages.open_store),
         ("Store.write_samples", stages.write),

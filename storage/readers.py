@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from metricmill.errors import MetricmillError
 from metricmill.types import Reason
+from storage.lineproto import parse_line_protocol
 
 _METRIC_COLUMNS = ("metric", "name")
 _TIME_COLUMNS = ("timestamp", "ts", "time")
@@ -27,6 +29,7 @@ MALFORMED_LINE = Reason.MALFORMED_LINE
 _ALIASES = (("name", "metric"), ("timestamp", "ts"), ("time", "ts"))
 _NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
+_LINE_PROTOCOL_SUFFIXES = (".lp", ".line", ".influx")
 
 
 class UnreadableFile(MetricmillError):
@@ -132,14 +135,8 @@ def read_csv(handle: IO[str], path: Path) -> pd.DataFrame:
     if "labels" in frame.columns:
         labels: pd.Series = frame["labels"]
     else:
-        label_cols = [c for c in frame.columns if c not in (metric_col, time_col, "value")]
-        labels = pd.Series(
-            [
-                {k: v for k, v in row.items() if v != ""}
-                for row in frame[label_cols].to_dict(orient="records")
-            ],
-            index=frame.index,
-            dtype=object,
+        labels = labels_from_columns(
+            frame, [c for c in frame.columns if c not in (metric_col, time_col, "value")]
         )
     return pd.DataFrame(
         {
@@ -158,3 +155,69 @@ def _csv_timestamps(column: pd.Series) -> pd.Series:
     if filled.any() and numbers[filled].notna().all():
         return numbers
     return column
+
+
+def labels_from_columns(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """One label dict per row from label columns; an empty or null cell means no such label."""
+    return pd.Series(
+        [
+            {str(k): str(v) for k, v in row.items() if not _empty_cell(v)}
+            for row in frame[columns].to_dict(orient="records")
+        ],
+        index=frame.index,
+        dtype=object,
+    )
+
+
+def _empty_cell(value: Any) -> bool:
+    if value is None:
+        return True
+    return bool(pd.api.types.is_scalar(value) and (value == "" or pd.isna(value)))
+
+
+def read_parquet_samples(path: Path) -> pd.DataFrame:
+    """The CSV columns, as Parquet: metric (or name), ts (or timestamp, time), value, and a
+    labels column or one column per label."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise UnreadableFile(f"{path.name}: not a Parquet file: {exc}") from None
+    for column, aliases in (("metric", ("name",)), ("ts", ("timestamp", "time"))):
+        alias = next((a for a in aliases if a in frame.columns), None)
+        if column not in frame.columns and alias is not None:
+            frame = frame.rename(columns={alias: column})
+    if "labels" in frame.columns or not {"metric", "ts", "value"} <= set(frame.columns):
+        return frame  # a missing column is the quality check's to report
+    label_columns = [c for c in frame.columns if c not in ("metric", "ts", "value")]
+    return frame[["metric", "ts", "value"]].assign(labels=labels_from_columns(frame, label_columns))
+
+
+@dataclass
+class DecodedFile:
+    """A landed file as samples, the lines rejected while decoding, and skipped fields."""
+
+    frame: pd.DataFrame
+    rejected: list[tuple[dict[str, Any], str]]
+    skipped_fields: int = 0
+
+
+def read_landed_file(path: Path, *, precision: str = "ns") -> DecodedFile:
+    """Any landing-directory format, chosen by the file name (gzip allowed)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    kind = suffixes[-1] if suffixes else ""
+    if path.stat().st_size == 0:
+        raise UnreadableFile(f"{path.name}: empty file")
+    if kind == ".parquet":
+        return DecodedFile(read_parquet_samples(path), [])
+    if kind in _LINE_PROTOCOL_SUFFIXES:
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise UnreadableFile(f"{path.name}: cannot decode file: {exc}") from None
+        parsed = parse_line_protocol(text, precision=precision)
+        return DecodedFile(parsed.frame, parsed.rejected, sum(parsed.skipped_fields.values()))
+    frame = read_samples_file(path)
+    return DecodedFile(frame, list(frame.attrs.get("rejected", [])))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import time
 from collections import Counter
@@ -24,12 +23,9 @@ from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame
 from storage.landing import Claim, claim_files, move_done, move_quarantined
-from storage.lineproto import parse_line_protocol
-from storage.readers import UnreadableFile, read_samples_file
+from storage.readers import UnreadableFile, read_landed_file
 from storage.store import Store
 from tasks.quality import validate_batch
-
-_LINE_PROTOCOL_SUFFIXES = (".lp", ".line", ".influx")
 
 
 class TransientError(RuntimeError):
@@ -81,56 +77,6 @@ def quality_limits(settings: Settings) -> QualityLimits:
         max_label_name_length=settings.max_label_name_length,
         max_label_value_length=settings.max_label_value_length,
     )
-
-
-def decode_file(path: Path, settings: Settings) -> tuple[pd.DataFrame, list[tuple[dict, str]], int]:
-    """(frame, rows rejected while decoding, skipped non-numeric fields) for one landed file."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes.pop()
-    kind = suffixes[-1] if suffixes else ""
-    if path.stat().st_size == 0:
-        raise UnreadableFile(f"{path.name}: empty file")
-    if kind == ".parquet":
-        try:
-            raw_frame = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-            raise UnreadableFile(f"{path.name}: not a Parquet file: {exc}") from None
-        return _parquet_samples(raw_frame), [], 0
-    if kind in _LINE_PROTOCOL_SUFFIXES:
-        try:
-            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-            text = raw.decode("utf-8")
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise UnreadableFile(f"{path.name}: cannot decode file: {exc}") from None
-        parsed = parse_line_protocol(text, precision=settings.line_protocol_precision)
-        return parsed.frame, parsed.rejected, sum(parsed.skipped_fields.values())
-    frame = read_samples_file(path)
-    return frame, list(frame.attrs.get("rejected", [])), 0
-
-
-def _parquet_samples(frame: pd.DataFrame) -> pd.DataFrame:
-    """Parquet columns read as CSV's are: metric (or name), ts (or timestamp, time), value, and a
-    labels column or one column per label (a null or empty cell: the row lacks that label)."""
-    for column, aliases in (("metric", ("name",)), ("ts", ("timestamp", "time"))):
-        alias = next((a for a in aliases if a in frame.columns), None)
-        if column not in frame.columns and alias is not None:
-            frame = frame.rename(columns={alias: column})
-    if "labels" in frame.columns or not {"metric", "ts", "value"} <= set(frame.columns):
-        return frame  # a missing column is the quality check's to report
-    label_columns = [c for c in frame.columns if c not in ("metric", "ts", "value")]
-    labels = [
-        {str(k): str(v) for k, v in record.items() if not _empty_cell(v)}
-        for record in frame[label_columns].to_dict(orient="records")
-    ]
-    label_column = pd.Series(labels, index=frame.index, dtype=object)
-    return frame[["metric", "ts", "value"]].assign(labels=label_column)
-
-
-def _empty_cell(value: Any) -> bool:
-    if value is None:
-        return True
-    return bool(pd.api.types.is_scalar(value) and (value == "" or pd.isna(value)))
 
 
 def _write(
@@ -185,7 +131,9 @@ def ingest_file(settings: Settings, path: Path) -> SourceOutcome:
     outcome = SourceOutcome(source=f"file:{path.name}", kind="landing")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
-        frame, pre_rejected, outcome.skipped_fields = decode_file(path, settings)
+        decoded = read_landed_file(path, precision=settings.line_protocol_precision)
+        frame, pre_rejected = decoded.frame, decoded.rejected
+        outcome.skipped_fields = decoded.skipped_fields
         landed = _write(settings, frame, outcome, batch_id=digest, pre_rejected=pre_rejected)
     except (UnreadableFile, BatchUnusable) as exc:
         reason = "unusable_batch" if isinstance(exc, BatchUnusable) else "unreadable_file"
