@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import traceback
 from pathlib import Path
 
 from storage.landing import claim_files
 
 
 def _claim_and_record(landing: str, out: str) -> None:
+    try:
+        _claim(landing, out)
+    except BaseException:
+        Path(out + ".err").write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+
+
+def _claim(landing: str, out: str) -> None:
     claim = claim_files(Path(landing), settle_seconds=0)
     names = [p.name for p in claim.files]
     for path in claim.files:  # finish each file as the flow does, so the claim empties
@@ -47,7 +56,9 @@ def test_concurrent_claims_take_every_file_exactly_once(tmp_path: Path) -> None:
             worker.start()
         for worker in workers:
             worker.join(30)
-            assert worker.exitcode == 0, f"round {round_no}: a claiming process failed"
+            errors = [Path(str(out) + ".err") for out in outputs]
+            details = "".join(e.read_text(encoding="utf-8") for e in errors if e.exists())
+            assert worker.exitcode == 0, f"round {round_no}: a claim failed:\n{details}"
         claimed = [n for out in outputs for n in out.read_text(encoding="utf-8").split("\n") if n]
         assert sorted(claimed) == sorted(expected), f"round {round_no}: {sorted(claimed)}"
         assert {p.name for p in (landing / "done").iterdir()} == expected
