@@ -19,8 +19,6 @@ import pandas as pd
 from storage.frames import PreparedBatch, SeriesDef
 from storage.schema import LATEST_VERSION, ROLLUP_TABLES
 
-EPOCH_BUCKET_ORIGIN_US = 0
-
 
 @dataclass
 class WriteCounts:
@@ -237,9 +235,6 @@ class Backend:
 
     def parse_labels(self, value: Any) -> dict[str, str]:
         return value if isinstance(value, dict) else json.loads(value)
-
-    def labels_param(self, labels_json: str) -> Any:
-        return labels_json
 
     # -- shared --------------------------------------------------------------------------
     def schema_version(self) -> int | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ from storage.backend import Backend, Health
 from storage.export import ExportFormat, confined_path, write_export
 from storage.frames import prepare
 from storage.postgres import PostgresBackend, TimescaleMode
-from storage.schema import LATEST_VERSION, ROLLUP_TABLES
+from storage.schema import LATEST_VERSION
 from storage.sqlite import SQLiteBackend
 
 Agg = Literal["avg", "min", "max", "sum", "count", "last", "stddev"]
@@ -370,10 +369,6 @@ class Store:
         write_export(frame, target, fmt)  # type: ignore[arg-type]
         return target, len(frame)
 
-    @staticmethod
-    def rollup_tables() -> dict[str, str]:
-        return dict(ROLLUP_TABLES)
-
 
 def _quarantine_record(row: tuple[Any, ...]) -> dict[str, Any]:
     entry_id, batch_id, source, reason, detail, row_data, created, replayed = row
@@ -408,7 +403,3 @@ def aggregate(stats: pd.DataFrame, agg: str) -> pd.Series:
     mean = total / count
     variance = np.maximum(stats["sum_sq"].astype("float64") / count - mean * mean, 0.0)
     return pd.Series(np.sqrt(variance), index=stats.index)
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
