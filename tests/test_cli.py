@@ -15,6 +15,7 @@ from typer.testing import CliRunner, Result
 from metricmill.cli import app
 from storage.schema import LATEST_VERSION
 from tests.dbtargets import DbTarget
+from tests.settings_env import isolate_settings
 
 runner = CliRunner()
 DAY = ["--start", "2024-01-01T00:00:00Z", "--end", "2024-01-02T00:00:00Z"]
@@ -23,11 +24,8 @@ DAY = ["--start", "2024-01-01T00:00:00Z", "--end", "2024-01-02T00:00:00Z"]
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own METRICMILL_HOME and none of the caller's metricmill settings."""
-    for name in list(os.environ):
-        if name.startswith("METRICMILL_") and not name.startswith("METRICMILL_REQUIRE_"):
-            monkeypatch.delenv(name)
     home = tmp_path / "home"
-    monkeypatch.setenv("METRICMILL_HOME", str(home))
+    isolate_settings(monkeypatch, home=home)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables: no folded cells
     return home
 

@@ -37,6 +37,7 @@ from metricmill.errors import QueryError
 from metricmill.settings import load_settings
 from storage.store import Store
 from tests.dbtargets import DbTarget
+from tests.settings_env import isolate_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -53,11 +54,7 @@ ONE_MB = 1_000_000
 # -- helpers ----------------------------------------------------------------------------------
 def clean_env(mp: pytest.MonkeyPatch, **settings: object) -> None:
     """None of the caller's METRICMILL_* settings; the given ones (METRICMILL_<NAME>) instead."""
-    for name in list(os.environ):
-        if name.startswith("METRICMILL_") and not name.startswith("METRICMILL_REQUIRE_"):
-            mp.delenv(name)
-    for name, value in settings.items():
-        mp.setenv(f"METRICMILL_{name.upper()}", str(value))
+    isolate_settings(mp, **settings)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import pytest
 import flows.ingest
 from metricmill.devtools.pgcluster import PgCluster
 from storage.store import Store
+from tests.settings_env import isolate_settings
 
 # -- source files ------------------------------------------------------------------------------
 
@@ -445,11 +446,8 @@ def flow_runs(
     prefect_server: None, warm_process: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[FlowRuns]:
     """Forked flow runs, with the environment they inherit: no settle time, no config file."""
-    for name in list(os.environ):
-        if name.startswith("METRICMILL_") and not name.startswith("METRICMILL_REQUIRE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("METRICMILL_SETTLE_SECONDS", "0")
-    monkeypatch.setenv("METRICMILL_TIMESCALEDB", "off")  # plain PostgreSQL tables
+    # no settle time; plain PostgreSQL tables
+    isolate_settings(monkeypatch, settle_seconds=0, timescaledb="off")
     runs = FlowRuns(tmp_path / "logs")
     try:
         yield runs

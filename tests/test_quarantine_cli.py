@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from flows.ingest import ingest
 from metricmill.cli import app
 from metricmill.settings import load_settings
 from storage.store import Store
+from tests.settings_env import isolate_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -28,12 +28,8 @@ WINDOW = (T - timedelta(hours=1), NOW + timedelta(hours=1))
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Its own METRICMILL_HOME, none of the caller's settings, files claimed without waiting."""
-    for name in list(os.environ):
-        if name.startswith("METRICMILL_") and not name.startswith("METRICMILL_REQUIRE_"):
-            monkeypatch.delenv(name)
     home = tmp_path / "home"
-    monkeypatch.setenv("METRICMILL_HOME", str(home))
-    monkeypatch.setenv("METRICMILL_SETTLE_SECONDS", "0")
+    isolate_settings(monkeypatch, home=home, settle_seconds=0)
     monkeypatch.setenv("COLUMNS", "250")  # rich tables: no folded cells
     return home
 
