@@ -217,6 +217,16 @@ CREATE TABLE IF NOT EXISTS archive_manifest (
 ]
 
 
+# 4: rollups, retention and archival (append statements here).
+_V4: list[str] = []
+
+# 5: baselines, detection, alerts and notifications (append statements here).
+_V5: list[str] = []
+
+# 6: deployments and operator state (append statements here).
+_V6: list[str] = []
+
+
 def _render(statements: list[str], types: Types) -> list[str]:
     true, false = ("TRUE", "FALSE") if types.bool == "BOOLEAN" else ("1", "0")
     return [s.strip().format(t=types, true=true, false=false) for s in statements]
@@ -241,7 +251,14 @@ def migrations(types: Types, time_expr: str) -> dict[int, list[str]]:
     # 3: series rows are updated on every batch (first/last seen): leave room on each page so
     # PostgreSQL can update them in place (HOT) instead of growing every index.
     v3 = ["ALTER TABLE series SET (fillfactor = 70)"] if types is POSTGRES_TYPES else []
-    return {1: _render(_V1, types), 2: v2, 3: v3}
+    return {
+        1: _render(_V1, types),
+        2: v2,
+        3: v3,
+        4: _render(_V4, types),
+        5: _render(_V5, types),
+        6: _render(_V6, types),
+    }
 
 
-LATEST_VERSION = 3
+LATEST_VERSION = 6
