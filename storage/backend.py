@@ -170,6 +170,43 @@ class Backend:
     ) -> WriteCounts:
         raise NotImplementedError
 
+    def write_parts(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_ids: Sequence[str],
+        sources: Sequence[str],
+        max_new_series: int | None = None,
+    ) -> list[WriteCounts]:
+        """Write each part of a batch prepared in parts as its own ledger batch, in part
+        order, all in one transaction; a backend may do the parts' common work once."""
+        with self.transaction():
+            return [
+                self.write_prepared(
+                    batch.part(number),
+                    batch_id=batch_id,
+                    source=source,
+                    max_new_series=max_new_series,
+                )
+                for number, (batch_id, source) in enumerate(zip(batch_ids, sources, strict=True))
+            ]
+
+    def committed_batches(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        """Of these batch ids, the committed ones with their rows in (a committed batch never
+        changes again: its replay needs no reading nor checking)."""
+        found: dict[str, int] = {}
+        ids = list(dict.fromkeys(batch_ids))
+        for offset in range(0, len(ids), 500):
+            chunk = ids[offset : offset + 500]
+            marks = ", ".join(["%s"] * len(chunk))
+            for batch_id, rows_in in self.execute(
+                "SELECT batch_id, rows_in FROM ingest_batches "  # noqa: S608 - placeholders only
+                f"WHERE status = 'committed' AND batch_id IN ({marks})",
+                chunk,
+            ):
+                found[batch_id] = int(rows_in)
+        return found
+
     def write_ledger(self, values: tuple[Any, ...]) -> None:
         """Record the batch's ledger row (inside the write transaction)."""
         raise NotImplementedError

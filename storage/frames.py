@@ -47,6 +47,67 @@ class PreparedBatch:
     rows_in: int
     in_batch_duplicates: int = 0
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    # A batch of several parts (one per landed file, each its own ledger batch) prepared
+    # together, so per-series work is done once: the part of every accepted and rejected row,
+    # and per part its rows in and identical repeats. None for a batch of one part.
+    parts: np.ndarray | None = None
+    rejected_parts: list[int] = field(default_factory=list)
+    part_rows_in: np.ndarray | None = None
+    part_duplicates: np.ndarray | None = None
+
+    @property
+    def n_parts(self) -> int:
+        return 1 if self.part_rows_in is None else len(self.part_rows_in)
+
+    def add_rejected(self, rows: list[tuple[dict[str, Any], str]], part: int = 0) -> None:
+        """Rows an earlier step set aside, counted in (the part's) rows in."""
+        self.rejected.extend(rows)
+        self.rows_in += len(rows)
+        if self.part_rows_in is not None:
+            self.rejected_parts.extend([part] * len(rows))
+            self.part_rows_in[part] += len(rows)
+
+    def part(self, number: int) -> PreparedBatch:
+        """One part as a batch of its own (its series only)."""
+        if self.parts is None:
+            assert number == 0
+            return self
+        assert self.part_rows_in is not None and self.part_duplicates is not None
+        mask = self.parts == number
+        used, codes = np.unique(self.codes[mask], return_inverse=True)
+        return PreparedBatch(
+            series=[self.series[u] for u in used.tolist()],
+            codes=codes.astype(np.int64),
+            ts_us=self.ts_us[mask],
+            values=self.values[mask],
+            rows_in=int(self.part_rows_in[number]),
+            in_batch_duplicates=int(self.part_duplicates[number]),
+            rejected=[r for r, p in zip(self.rejected, self.rejected_parts, strict=True)
+                      if p == number],
+        )  # fmt: skip
+
+    def select_parts(self, keep: np.ndarray) -> tuple[PreparedBatch, np.ndarray]:
+        """The rows of the parts where `keep` is True (part numbers unchanged), and for each
+        series of the result its index in this batch's series."""
+        assert self.parts is not None and self.part_rows_in is not None
+        assert self.part_duplicates is not None
+        rows = keep[self.parts]
+        used, codes = np.unique(self.codes[rows], return_inverse=True)
+        chosen = [i for i, p in enumerate(self.rejected_parts) if keep[p]]
+        batch = PreparedBatch(
+            series=[self.series[u] for u in used.tolist()],
+            codes=codes.astype(np.int64),
+            ts_us=self.ts_us[rows],
+            values=self.values[rows],
+            rows_in=int(self.part_rows_in[keep].sum()),
+            in_batch_duplicates=int(self.part_duplicates[keep].sum()),
+            rejected=[self.rejected[i] for i in chosen],
+            parts=self.parts[rows],
+            rejected_parts=[self.rejected_parts[i] for i in chosen],
+            part_rows_in=np.where(keep, self.part_rows_in, 0),
+            part_duplicates=np.where(keep, self.part_duplicates, 0),
+        )
+        return batch, used
 
     @property
     def content_hash(self) -> str:
@@ -194,10 +255,18 @@ def timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_datetime64_dtype(column):
         values = column.to_numpy(dtype="datetime64[us]")
         return values.view("int64").copy(), np.isnat(values)
-    # Mixed column: numbers are epoch values, everything else is parsed as ISO 8601.
-    is_number = column.map(
-        lambda v: isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-    ).to_numpy(dtype=bool)
+    # Mixed column: numbers are epoch values, everything else is parsed as ISO 8601. The type
+    # test runs once per distinct type, not per row.
+    raw = column.to_numpy(dtype=object)
+    type_codes, types = pd.factorize(np.fromiter(map(type, raw), dtype=object, count=len(raw)))
+    numeric_type = np.array(
+        [
+            issubclass(t, int | float | np.integer | np.floating) and not issubclass(t, bool)
+            for t in types
+        ],
+        dtype=bool,
+    )
+    is_number = numeric_type[type_codes] if len(raw) else np.zeros(0, dtype=bool)
     us = np.zeros(len(column), dtype=np.int64)
     bad = np.zeros(len(column), dtype=bool)
     if is_number.any():
@@ -273,10 +342,22 @@ def _value_reasons(raw_values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return values, reasons
 
 
-def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatch:
-    """Validate and encode a batch; bad rows are set aside with a reason, never dropped."""
+def prepare(
+    samples: pd.DataFrame | Iterable[Mapping[str, Any]],
+    *,
+    parts: np.ndarray | None = None,
+    n_parts: int = 1,
+) -> PreparedBatch:
+    """Validate and encode a batch; bad rows are set aside with a reason, never dropped.
+
+    With `parts` (a part number in [0, n_parts) per row), the rows are several batches prepared
+    together: a repeat or a conflict is one within a part, and the result keeps each row's part.
+    """
     frame = to_frame(samples).reset_index(drop=True)
     n = len(frame)
+    part_of = np.zeros(n, dtype=np.int64) if parts is None else np.asarray(parts, dtype=np.int64)
+    if len(part_of) != n:
+        raise ValueError(f"{len(part_of)} part numbers for {n} rows")
     values, reason = _value_reasons(frame["value"])
 
     def reject(mask: np.ndarray, code: str | np.ndarray) -> None:
@@ -318,11 +399,12 @@ def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatc
     codes = codes.astype(np.int64)
     g_ts = ts_us[good_idx]
     g_val = values[good_idx]
+    g_part = part_of[good_idx]
 
-    # one row per (series, ts): identical repeats collapse, conflicting values are rejected
-    order = np.lexsort((g_ts, codes))
-    s_codes, s_ts, s_val = codes[order], g_ts[order], g_val[order]
-    same_key = (s_codes[1:] == s_codes[:-1]) & (s_ts[1:] == s_ts[:-1])
+    # one row per (part, series, ts): identical repeats collapse, conflicting values are rejected
+    order = np.lexsort((g_ts, codes, g_part))
+    s_codes, s_ts, s_val, s_part = codes[order], g_ts[order], g_val[order], g_part[order]
+    same_key = (s_codes[1:] == s_codes[:-1]) & (s_ts[1:] == s_ts[:-1]) & (s_part[1:] == s_part[:-1])
     group_start = np.concatenate(([True], ~same_key))[: len(s_codes)]
     group_id = np.cumsum(group_start) - 1
     n_groups = int(group_id[-1]) + 1 if len(group_id) else 0
@@ -337,7 +419,8 @@ def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatc
     if conflicting.any():
         reason[good_idx[order[conflicting]]] = Reason.CONFLICTING_VALUES
     keep = group_start & ~conflicting
-    duplicates = int((~group_start & ~conflicting).sum())
+    repeated = ~group_start & ~conflicting
+    duplicates = int(repeated.sum())
 
     # series whose every row was rejected as conflicting are not created
     used, kept_codes = np.unique(s_codes[keep], return_inverse=True)
@@ -351,4 +434,16 @@ def prepare(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> PreparedBatc
         rows_in=n,
         in_batch_duplicates=duplicates,
         rejected=rejected,
+        **(
+            {}
+            if parts is None
+            else {
+                "parts": s_part[keep],
+                "rejected_parts": part_of[rejected_idx].tolist(),
+                "part_rows_in": np.bincount(part_of, minlength=n_parts).astype(np.int64),
+                "part_duplicates": np.bincount(s_part[repeated], minlength=n_parts).astype(
+                    np.int64
+                ),
+            }
+        ),
     )

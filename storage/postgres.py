@@ -344,6 +344,26 @@ class PostgresBackend(Backend):
             self.write_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
         return counts
 
+    def write_parts(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_ids: Sequence[str],
+        sources: Sequence[str],
+        max_new_series: int | None = None,
+    ) -> list[WriteCounts]:
+        # The parts' series lookup, COPY and seen update done once (storage.pg_parts); parts
+        # that repeat a batch id or share a (series, ts) are written one after the other.
+        from storage.pg_parts import parts_collide, write_parts_together
+
+        if batch.parts is None or len(set(batch_ids)) < len(batch_ids) or parts_collide(batch):
+            return super().write_parts(
+                batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
+            )
+        return write_parts_together(
+            self, batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
+        )
+
     def execute_seen_update(
         self, cur: psycopg.Cursor[Any], known: SeriesIds, batch: PreparedBatch
     ) -> None:

@@ -7,6 +7,7 @@ A file that cannot be decoded as a whole raises `UnreadableFile`; a missing one 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from metricmill.errors import MetricmillError
 from metricmill.types import Reason
@@ -75,26 +81,197 @@ def read_ndjson(handle: IO[str], path: Path) -> pd.DataFrame:
     `frame.attrs["rejected"]` as ({"line": number, "text": line}, "malformed_line") for the
     store to quarantine. A file in which no line is an object is unreadable.
     """
+    return ndjson_frame(handle.read(), path)
+
+
+def _loads(text: str) -> Any:
+    """orjson, with the json module's leniency (NaN/Infinity literals, lone surrogates, huge
+    integers) for the lines orjson refuses."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
+
+def ndjson_frame(text: str, path: Path, labels_memo: dict[Any, Any] | None = None) -> pd.DataFrame:
+    """NDJSON text as a frame (see `read_ndjson`).
+
+    Equal label objects are made one shared dict (through `labels_memo`, which callers may
+    share across files), so later steps do their per-label-set work once per distinct set.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    memo: dict[Any, Any] = {} if labels_memo is None else labels_memo
     rows: list[dict[str, Any]] = []
     rejected: list[tuple[dict[str, Any], str]] = []
-    for number, line in enumerate(handle, start=1):
-        text = line.strip()
-        if not text:
+    layout: Any = None  # the keys of the first record, while every record has the same
+    uniform = True
+    for number, line in enumerate(text.split("\n"), start=1):
+        record = _loads(line) if line and not line.isspace() else _BLANK
+        if type(record) is not dict:
+            if record is not _BLANK:
+                rejected.append(({"line": number, "text": line.strip()}, MALFORMED_LINE))
             continue
-        try:
-            record = json.loads(text)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            rows.append(_canonical_keys(record))
-        else:
-            rejected.append(({"line": number, "text": text}, MALFORMED_LINE))
+        if layout is None:
+            layout = record.keys()
+        elif uniform and record.keys() != layout:
+            uniform = False
+        labels = record.get("labels")
+        if type(labels) is dict:
+            try:  # noqa: SIM105 - a hot loop: no context manager per line
+                record["labels"] = memo.setdefault(tuple(labels.items()), labels)
+            except TypeError:  # a nested (unhashable) value: left as it is
+                pass
+        rows.append(record)
     if rejected and not rows:
         raise UnreadableFile(f"{path}: not NDJSON: no line is a JSON object")
-    # Object columns: JSON may carry text Arrow strings cannot hold (lone surrogates).
-    frame = pd.DataFrame(rows, dtype=object)
+    if uniform and layout is not None:
+        # One spelling for every record: the column of each name is found once.
+        source = _canonical_keys({key: key for key in layout})
+        if source.keys() <= set(_NDJSON_COLUMNS):
+            frame = pd.DataFrame(
+                {name: [r[key] for r in rows] for name, key in source.items()},
+                dtype=object,
+            )
+            frame.attrs["rejected"] = rejected
+            return frame
+    rows = [_canonical_keys(r) for r in rows]
+    keys = set().union(*(r.keys() for r in rows))
+    if keys <= set(_NDJSON_COLUMNS):
+        # Columns straight from the records (faster than DataFrame's list-of-dicts path);
+        # a key no record has is no column, as there.
+        columns = {
+            key: [r.get(key, np.nan) for r in rows] for key in _NDJSON_COLUMNS if key in keys
+        }
+        frame = pd.DataFrame(columns, dtype=object)
+    else:
+        # Object columns: JSON may carry text Arrow strings cannot hold (lone surrogates).
+        frame = pd.DataFrame(rows, dtype=object)
     frame.attrs["rejected"] = rejected
     return frame
+
+
+_STRING_TYPES = (pa.string(), pa.large_string())
+
+
+def _arrow_ndjson_frame(data: bytes, labels_memo: dict[Any, Any] | None) -> pd.DataFrame | None:
+    """The common NDJSON file parsed by Arrow (in C++, without the GIL), or None when the file
+    is not that plain case and `ndjson_frame` must read it line by line.
+
+    The plain case: every line an object with the same four keys (metric, labels, ts and
+    value, or their aliases), a text metric, a numeric value, ts all text or all numbers,
+    labels objects of text values; no null, no \\u escape (lone surrogates), no NaN literal.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    newline = data.find(b"\n")
+    head = data[: newline if newline >= 0 else len(data)].strip()
+    if not head.startswith(b"{") or b"null" in data or b"\\u" in data:
+        return None
+    try:
+        first = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        return None
+    if type(first) is not dict or len(first) != 4:
+        return None
+    source = _canonical_keys({key: key for key in first})
+    if source.keys() != set(_NDJSON_COLUMNS) or type(first[source["labels"]]) is not dict:
+        return None
+    ts_value = first[source["ts"]]
+    if type(ts_value) is str:
+        ts_type = pa.string()
+    elif type(ts_value) is int:
+        ts_type = pa.int64()
+    elif type(ts_value) is float:
+        ts_type = pa.float64()
+    else:
+        return None
+    schema = pa.schema(
+        [
+            (source["metric"], pa.string()),
+            (source["ts"], ts_type),
+            (source["value"], pa.float64()),
+        ]
+    )
+    try:
+        table = pa_json.read_json(
+            io.BytesIO(data),
+            read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=schema, unexpected_field_behavior="infer"
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if set(table.column_names) != set(source.values()) or any(
+        table.column(name).null_count for name in table.column_names
+    ):
+        return None
+    labels = _arrow_labels(table.column(source["labels"]), labels_memo)
+    if labels is None:
+        return None
+    ts = table.column(source["ts"])
+    frame = pd.DataFrame(
+        {
+            # text as Python objects, like ndjson_frame's columns (not Arrow-backed strings)
+            "metric": pd.Series(
+                table.column(source["metric"]).to_numpy(zero_copy_only=False), dtype=object
+            ),
+            "labels": labels,
+            "ts": pd.Series(
+                ts.to_numpy(zero_copy_only=False), dtype=object if ts_type == pa.string() else None
+            ),
+            "value": table.column(source["value"]).to_numpy(zero_copy_only=False),
+        }
+    )
+    frame = frame[list(source)]  # the columns in the order ndjson_frame gives them
+    frame.attrs["rejected"] = []
+    return frame
+
+
+def _arrow_labels(column: pa.ChunkedArray, memo: dict[Any, Any] | None) -> np.ndarray | None:
+    """One shared dict per distinct label set (an absent key is no label), or None unless the
+    column is objects of text values.
+
+    Each row's set is first spelled as one string by Arrow (label names, then the values joined
+    by NUL; absent: \\x01; neither can be in JSON text unescaped), so Python sees each distinct
+    spelling once, and `memo` (shared by the files read together) maps it to its dict.
+    """
+    if not pa.types.is_struct(column.type):
+        return None
+    column = column.combine_chunks()
+    fields = [column.type.field(i) for i in range(column.type.num_fields)]
+    if any(f.type not in _STRING_TYPES for f in fields):
+        return None
+    names = [f.name for f in fields]
+    prefix = "\x02".join(names) + "\x03"
+    if fields:
+        spelled = pc.binary_join_element_wise(
+            *[column.field(i).cast(pa.string()) for i in range(len(fields))],
+            "\x00",
+            null_handling="replace",
+            null_replacement="\x01",
+        )
+        encoded = pc.dictionary_encode(spelled)
+        spellings = encoded.dictionary.to_pylist()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+    else:
+        spellings, codes = [""], np.zeros(len(column), dtype=np.int64)
+    shared: dict[Any, Any] = {} if memo is None else memo
+    dicts = np.empty(len(spellings), dtype=object)
+    for index, spelling in enumerate(spellings):
+        key = prefix + spelling
+        found = shared.get(key)
+        if found is None:
+            values = spelling.split("\x00") if fields else []
+            found = shared[key] = {
+                name: value for name, value in zip(names, values, strict=True) if value != "\x01"
+            }
+        dicts[index] = found
+    return dicts[codes]
 
 
 def _canonical_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +280,10 @@ def _canonical_keys(record: dict[str, Any]) -> dict[str, Any]:
         if alias in record and key not in record:
             record[key] = record.pop(alias)
     return record
+
+
+_BLANK = object()
+_NDJSON_COLUMNS = ("metric", "labels", "ts", "value")
 
 
 def read_csv(handle: IO[str], path: Path) -> pd.DataFrame:
@@ -201,8 +382,17 @@ class DecodedFile:
     skipped_fields: int = 0
 
 
-def read_landed_file(path: Path, *, precision: str = "ns") -> DecodedFile:
-    """Any landing-directory format, chosen by the file name (gzip allowed)."""
+def read_landed_file(
+    path: Path,
+    *,
+    precision: str = "ns",
+    data: bytes | None = None,
+    labels_memo: dict[Any, Any] | None = None,
+) -> DecodedFile:
+    """Any landing-directory format, chosen by the file name (gzip allowed).
+
+    `data` is the file's bytes when the caller has read them already (NDJSON); `labels_memo`
+    is shared by the files decoded together (see `ndjson_frame`)."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
@@ -219,5 +409,18 @@ def read_landed_file(path: Path, *, precision: str = "ns") -> DecodedFile:
             raise UnreadableFile(f"{path.name}: cannot decode file: {exc}") from None
         parsed = parse_line_protocol(text, precision=precision)
         return DecodedFile(parsed.frame, parsed.rejected, sum(parsed.skipped_fields.values()))
-    frame = read_samples_file(path)
+    if kind in _NDJSON_SUFFIXES:
+        raw = path.read_bytes() if data is None else data
+        try:
+            raw = gzip.decompress(raw) if path.suffix.lower() == ".gz" else raw
+            fast = _arrow_ndjson_frame(raw, labels_memo)
+            frame = (
+                fast
+                if fast is not None
+                else ndjson_frame(raw.decode("utf-8-sig"), path, labels_memo)
+            )
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise UnreadableFile(f"{path}: cannot decode file: {exc}") from None
+    else:
+        frame = read_samples_file(path)
     return DecodedFile(frame, list(frame.attrs.get("rejected", [])))

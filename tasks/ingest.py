@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -11,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
 import psycopg
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.tasks import Task
 
-from expectations.ingest_batch import BatchUnusable, QualityLimits
+from expectations.ingest_batch import BatchUnusable, QualityLimits, check_required_columns
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame
@@ -124,35 +126,188 @@ def claim_landing(settings: Settings) -> Claim:
     return claim_files(settings.landing, settle_seconds=settings.settle_seconds)
 
 
-@task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
-def ingest_file(settings: Settings, path: Path) -> SourceOutcome:
-    """One landed file: decode, check, write once, then move it to done/ or quarantine/."""
-    started = time.perf_counter()
-    outcome = SourceOutcome(source=f"file:{path.name}", kind="landing")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    try:
-        decoded = read_landed_file(path, precision=settings.line_protocol_precision)
-        frame, pre_rejected = decoded.frame, decoded.rejected
-        outcome.skipped_fields = decoded.skipped_fields
-        landed = _write(settings, frame, outcome, batch_id=digest, pre_rejected=pre_rejected)
-    except (UnreadableFile, BatchUnusable) as exc:
-        reason = "unusable_batch" if isinstance(exc, BatchUnusable) else "unreadable_file"
-        outcome.file_quarantined = reason
-        move_quarantined(path, settings.quarantine, reason=reason, detail=str(exc), tag=digest[:12])
-    else:
-        if landed:
-            move_done(path, settings.landing, tag=digest[:12])
-        else:
-            outcome.file_quarantined = "cardinality_limit"
-            move_quarantined(
-                path,
-                settings.quarantine,
-                reason="cardinality_limit",
-                detail=f"more than {settings.max_new_series_per_batch} new series",
-                tag=digest[:12],
+# Files a task takes together: their bytes summed, and their number, at most (a file larger
+# than the budget goes alone).
+TASK_BYTES = 24_000_000
+TASK_FILES = 64
+_STANDARD_COLUMNS = frozenset(("metric", "labels", "ts", "value"))
+_WRITE_LOCK = threading.Lock()
+
+
+def group_files(paths: list[Path]) -> list[list[Path]]:
+    """The claimed files, in order, as the fewest groups within TASK_BYTES / TASK_FILES, their
+    sizes evened out (the run's two task threads then finish together); one task each."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:
+            sizes.append(0)
+    total = sum(sizes)
+    count = max(-(-total // TASK_BYTES), -(-len(paths) // TASK_FILES), 1)
+    target = total / count
+    groups: list[list[Path]] = []
+    size = 0
+    for path, length in zip(paths, sizes, strict=True):
+        if not groups or size + length / 2 > target or len(groups[-1]) >= TASK_FILES:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += length
+    return groups
+
+
+@dataclass
+class _Landed:
+    """One claimed file on its way: its hash, what was decoded, where it goes."""
+
+    path: Path
+    digest: str
+    outcome: SourceOutcome
+    decoded: Any = None  # storage.readers.DecodedFile
+    quarantine: tuple[str, str] | None = None  # (reason, detail)
+    seconds: float = 0.0
+
+
+def _check_together(
+    settings: Settings, files: list[_Landed]
+) -> tuple[pd.DataFrame, np.ndarray, list[list[tuple[dict[str, Any], str]]], str]:
+    """One frame of the files' rows, checked by the GX suite once: (good rows, the part of each
+    good row, rejected rows per file, the quality markdown)."""
+    frames = [f.decoded.frame for f in files]
+    sizes = np.array([len(frame) for frame in frames], dtype=np.int64)
+    parts = np.repeat(np.arange(len(files), dtype=np.int64), sizes)
+    rejected: list[list[tuple[dict[str, Any], str]]] = [list(f.decoded.rejected) for f in files]
+    if not sizes.sum():
+        return frames[0].iloc[0:0], parts, rejected, ""
+    combined = pd.concat([fr for fr in frames if len(fr)], ignore_index=True)
+    checked = validate_batch(combined, quality_limits(settings), parts=parts)
+    for row, part in zip(checked.rejected, parts[checked.rejected_positions].tolist(), strict=True):
+        rejected[part].append(row)
+    names = ", ".join(f"`{f.path.name}`" for f in files)
+    markdown = checked.markdown()
+    if len(files) > 1:
+        markdown = f"Checked together ({len(files)} files): {names}\n\n{markdown}"
+    good_parts = parts[checked.good.index.to_numpy()]
+    return checked.typed_good(), good_parts, rejected, markdown
+
+
+def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> None:
+    """Check and write files as one unit: one GX validation, one write transaction with a
+    ledger batch per file. Fills each file's outcome and its destination."""
+    good, parts, rejected, markdown = _check_together(settings, files)
+    # One group writes at a time in this process: the other task thread decodes and checks
+    # meanwhile. Two writes at once only contend (for the same series rows and the same index
+    # pages of samples) and end later than one after the other.
+    with _WRITE_LOCK:
+        reports = store.write_sample_parts(
+            good,
+            parts=parts,
+            batch_ids=[f.digest for f in files],
+            sources=[f.outcome.source for f in files],
+            rejected=rejected,
+            max_new_series=settings.max_new_series_per_batch,
+        )
+    files[0].outcome.quality_markdown = markdown
+    for landed, report in zip(files, reports, strict=True):
+        o = landed.outcome
+        o.rows_in = report.rows_in
+        o.replay = report.replay
+        o.written = report.written
+        o.overwritten = report.overwritten
+        o.unchanged = report.unchanged
+        o.new_series = report.new_series
+        o.quarantined = Counter(report.rejected)
+        if report.guarded_new_series:
+            landed.quarantine = (
+                "cardinality_limit",
+                f"more than {settings.max_new_series_per_batch} new series",
             )
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+
+
+@task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
+def ingest_files(settings: Settings, paths: list[Path]) -> list[SourceOutcome]:
+    """Landed files as one unit: decoded, checked by GX once, written in one transaction with a
+    ledger batch per file (its content hash); then each moved to done/ or quarantine/."""
+    started = time.perf_counter()
+    files: list[_Landed] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # moved by an earlier attempt of this task, after its write committed
+        files.append(
+            _Landed(
+                path,
+                hashlib.sha256(data).hexdigest(),
+                SourceOutcome(f"file:{path.name}", "landing"),
+            )
+        )
+        files[-1].decoded = data
+    with Store.open(settings=settings) as store:
+        committed = store.committed_batches([f.digest for f in files])
+        labels_memo: dict[Any, Any] = {}
+        together: list[_Landed] = []
+        alone: list[_Landed] = []
+        for landed in files:
+            data, landed.decoded = landed.decoded, None
+            if landed.digest in committed:  # a replay: nothing to read or check
+                landed.outcome.replay = True
+                landed.outcome.rows_in = committed[landed.digest]
+                continue
+            begun = time.perf_counter()
+            try:
+                decoded = read_landed_file(
+                    landed.path,
+                    precision=settings.line_protocol_precision,
+                    data=data,
+                    labels_memo=labels_memo,
+                )
+                if len(decoded.frame):
+                    check_required_columns(decoded.frame.columns)
+            except (UnreadableFile, BatchUnusable) as exc:
+                reason = "unusable_batch" if isinstance(exc, BatchUnusable) else "unreadable_file"
+                landed.quarantine = (reason, str(exc))
+                landed.outcome.file_quarantined = reason
+                continue
+            finally:
+                landed.seconds += time.perf_counter() - begun
+            landed.decoded = decoded
+            landed.outcome.skipped_fields = decoded.skipped_fields
+            if not len(decoded.frame) and not decoded.rejected:
+                continue  # nothing in it: done, with no ledger row (as write_samples does)
+            if set(decoded.frame.columns) == _STANDARD_COLUMNS or not len(decoded.frame):
+                together.append(landed)
+            else:
+                alone.append(landed)  # other columns travel with their rows to quarantine
+        begun = time.perf_counter()
+        if together:
+            _write_together(settings, store, together)
+        for landed in alone:
+            _write_together(settings, store, [landed])
+        shared = time.perf_counter() - begun
+    rows = sum(f.outcome.rows_in for f in together + alone) or 1
+    for landed in together + alone:
+        landed.seconds += shared * landed.outcome.rows_in / rows
+    for landed in files:
+        tag = landed.digest[:12]
+        if landed.quarantine is not None:
+            reason, detail = landed.quarantine
+            landed.outcome.file_quarantined = reason
+            move_quarantined(
+                landed.path, settings.quarantine, reason=reason, detail=detail, tag=tag
+            )
+        else:
+            move_done(landed.path, settings.landing, tag=tag)
+        landed.outcome.seconds = landed.seconds
+    logger = get_run_logger()
+    logger.info(
+        "%d files (%d replays) in %.2fs",
+        len(files),
+        sum(f.outcome.replay for f in files),
+        time.perf_counter() - started,
+    )
+    return [f.outcome for f in files]
 
 
 @task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)

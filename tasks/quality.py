@@ -17,7 +17,7 @@ import math
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,19 @@ class QualityResult:
     good: pd.DataFrame
     rejected: list[tuple[dict[str, Any], str]]
     summary: dict[str, Any]
+    # the position in the checked frame of each rejected row (aligned with `rejected`)
+    rejected_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # the good rows' times (epoch µs) and values as the checks read them
+    good_ts_us: np.ndarray | None = None
+    good_values: np.ndarray | None = None
+
+    def typed_good(self) -> pd.DataFrame:
+        """The good rows with ts as datetime64[us, UTC] and value as float64, read once here
+        rather than again by the store (other columns as received)."""
+        if self.good_ts_us is None or self.good_values is None:
+            return self.good
+        ts = pd.Series(self.good_ts_us.view("datetime64[us]"), index=self.good.index)
+        return self.good.assign(ts=ts.dt.tz_localize("UTC"), value=self.good_values)
 
     def markdown(self) -> str:
         """A short markdown report (e.g. for a Prefect artifact)."""
@@ -259,19 +272,22 @@ def _ts_column(column: pd.Series) -> pd.Series:
     return parsed.mask(unparseable)
 
 
-def _conflicting(series: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """True for rows whose (series, ts) group holds different finite values."""
+def _conflicting(
+    series: np.ndarray, ts_us: np.ndarray, values: np.ndarray, parts: np.ndarray | None = None
+) -> np.ndarray:
+    """True for rows whose (part, series, ts) group holds different finite values."""
     n = len(values)
     out = np.zeros(n, dtype=bool)
     candidates = np.flatnonzero(np.isfinite(values) & (ts_us != np.iinfo(np.int64).min))
     if len(candidates) < 2:
         return out
     s, t, v = series[candidates], ts_us[candidates], values[candidates]
-    order = np.lexsort((t, s))
-    s, t, v = s[order], t[order], v[order]
+    p = np.zeros(len(candidates), dtype=np.int64) if parts is None else parts[candidates]
+    order = np.lexsort((t, s, p))
+    s, t, v, p = s[order], t[order], v[order], p[order]
     start = np.empty(len(order), dtype=bool)
     start[0] = True
-    start[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    start[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1]) | (p[1:] != p[:-1])
     if start.all():
         return out
     starts = np.flatnonzero(start)
@@ -281,7 +297,9 @@ def _conflicting(series: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> n
     return out
 
 
-def _prepare(frame: pd.DataFrame, limits: QualityLimits) -> _Prepared:
+def _prepare(
+    frame: pd.DataFrame, limits: QualityLimits, parts: np.ndarray | None = None
+) -> _Prepared:
     """The batch with a RangeIndex, and the checked frame the suite runs on."""
     check_required_columns(frame.columns)
     if not (
@@ -309,7 +327,7 @@ def _prepare(frame: pd.DataFrame, limits: QualityLimits) -> _Prepared:
             MAX_LABEL_KEY_LEN: labels.max_key_len,
             MAX_LABEL_VALUE_LEN: labels.max_value_len,
             LABEL_LIMIT_EXCEEDED: _label_limit_exceeded(labels, limits),
-            CONFLICTING: _conflicting(series, ts_us, values),
+            CONFLICTING: _conflicting(series, ts_us, values, parts),
         }
     )
     return _Prepared(frame=frame, checked=checked, ts_us=ts_us)
@@ -410,6 +428,7 @@ def _result(
             reasons[rows[free]] = row_reasons if isinstance(row_reasons, str) else row_reasons[free]
     bad = pd.notna(reasons)
     rejected = _rejected_rows(frame, reasons)
+    positions = np.flatnonzero(bad)
     good = frame.loc[~bad] if bad.any() else frame
     by_reason: dict[str, int] = {}
     for _, reason in rejected:
@@ -425,7 +444,15 @@ def _result(
         "rejected_by_reason": {r: by_reason[r] for r in REASON_ORDER if r in by_reason},
         "expectations": [entry for entry, _ in failures],
     }
-    return QualityResult(good=good, rejected=rejected, summary=summary)
+    kept = ~bad
+    return QualityResult(
+        good=good,
+        rejected=rejected,
+        summary=summary,
+        rejected_positions=positions,
+        good_ts_us=prepared.ts_us[kept],
+        good_values=prepared.checked["value"].to_numpy(dtype=np.float64)[kept],
+    )
 
 
 # -- Great Expectations ---------------------------------------------------------------------
@@ -469,14 +496,19 @@ def _index_positions(index_list: Any) -> np.ndarray:
     return np.asarray(index_list, dtype=np.int64)
 
 
-def validate_batch(frame: pd.DataFrame, limits: QualityLimits | None = None) -> QualityResult:
+def validate_batch(
+    frame: pd.DataFrame, limits: QualityLimits | None = None, *, parts: np.ndarray | None = None
+) -> QualityResult:
     """Run the GX suite once over the batch; rejected rows carry their first failing reason.
+
+    `parts` (an int per row) marks a frame made of several batches (one per landed file):
+    conflicting values are then looked for within each part only.
 
     Raises `BatchUnusable` if a required column is missing, `QualityCheckError` if GX could not
     evaluate an expectation.
     """
     limits = limits or QualityLimits()
-    prepared = _prepare(frame, limits)
+    prepared = _prepare(frame, limits, parts)
     parameters = suite_parameters(limits)
     with _gx_lock:
         batch_definition = _gx_batch_definition()
@@ -521,12 +553,12 @@ def validate_batch(frame: pd.DataFrame, limits: QualityLimits | None = None) -> 
 
 # -- the same checks in plain pandas ----------------------------------------------------------
 def validate_batch_pandas(
-    frame: pd.DataFrame, limits: QualityLimits | None = None
+    frame: pd.DataFrame, limits: QualityLimits | None = None, *, parts: np.ndarray | None = None
 ) -> QualityResult:
     """The suite's checks as vectorised pandas/numpy, with GX's semantics (checks other than
     not-null skip missing values). Same result shape as `validate_batch`."""
     limits = limits or QualityLimits()
-    prepared = _prepare(frame, limits)
+    prepared = _prepare(frame, limits, parts)
     c = prepared.checked
     parameters = suite_parameters(limits)
     oldest = _us(parameters[TS_MIN_PARAM])

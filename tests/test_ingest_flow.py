@@ -36,6 +36,7 @@ from flows.ingest import ingest
 from metricmill.errors import QueryError
 from metricmill.settings import load_settings
 from storage.store import Store
+from tasks.ingest import TASK_BYTES, TASK_FILES, group_files
 from tests.dbtargets import DbTarget
 from tests.settings_env import isolate_settings
 
@@ -405,6 +406,28 @@ def test_too_many_new_series_quarantine_the_file_whole(
         assert store.stats()["series"] == 1
     warnings = [r.getMessage() for r in flow_warnings.records if r.levelno == logging.WARNING]
     assert any("cardinality" in w and "many.ndjson" in w for w in warnings), warnings
+
+
+def test_claimed_files_are_grouped_evenly_within_the_task_budget(tmp_path: Path) -> None:
+    sizes = [1_310_000] * 100  # as benchmarks/ingest_flow.py's 100 files of 10,000 samples
+    paths = []
+    for number, size in enumerate(sizes):
+        path = tmp_path / f"f{number:03d}.ndjson"
+        path.write_bytes(b"x" * size)
+        paths.append(path)
+
+    groups = group_files(paths)
+
+    assert [p for group in groups for p in group] == paths  # all of them, in claim order
+    assert len(groups) == -(-sum(sizes) // TASK_BYTES)  # the fewest the byte budget allows
+    lengths = [len(group) for group in groups]
+    assert max(lengths) - min(lengths) <= 2, lengths
+    assert all(sum(p.stat().st_size for p in group) <= TASK_BYTES for group in groups)
+    tiny = [tmp_path / f"t{n}.ndjson" for n in range(3 * TASK_FILES)]
+    for path in tiny:
+        path.write_bytes(b"{}")
+    assert [len(group) for group in group_files(tiny)] == [TASK_FILES] * 3
+    assert group_files([]) == []
 
 
 # -- format edge cases: SQLite, one flow run over all of them ----------------------------------
