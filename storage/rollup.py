@@ -1,0 +1,626 @@
+"""Rollups: recompute the pending ranges level by level, and read stats at any resolution.
+
+Levels chain: 1m is computed from samples, 5m from 1m, 1h from 5m and 1d from 1h. Every
+bucket touched by a pending range is recomputed whole and replaced (DELETE, then INSERT …
+SELECT), never incremented, so a rerun changes nothing. Work goes in bounded chunks: one
+transaction covers at most `chunk_hours` of pending range, and removes (or trims) the
+pending rows it finished in that same transaction.
+
+Each backend gets a small dialect: integer bucket arithmetic on SQLite (ts are µs integers),
+`date_bin` on PostgreSQL, `time_bucket` and `first()/last()` on TimescaleDB. Elsewhere first
+and last are found by joining the group's first/last key back to its source row (a primary
+key lookup). Every fragment composed into SQL text is a constant of this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from metricmill.errors import QueryError
+from metricmill.types import US_PER_SECOND, datetime_to_us, us_to_datetime
+from storage.backend import Backend
+from storage.schema import ROLLUP_LEVELS, ROLLUP_TABLES
+
+if TYPE_CHECKING:
+    from storage.store import Store
+
+LEVELS: tuple[str, ...] = tuple(ROLLUP_LEVELS)  # finest first
+QUERY_LEVELS: tuple[str, ...] = ("raw", *LEVELS)
+SOURCE: dict[str, str] = {"1m": "raw", "5m": "1m", "1h": "5m", "1d": "1h"}
+HOUR_US = ROLLUP_LEVELS["1h"]
+DAY_US = ROLLUP_LEVELS["1d"]
+STAT_COLUMNS = [
+    "count",
+    "sum",
+    "sum_sq",
+    "min",
+    "max",
+    "first",
+    "first_ts",
+    "last",
+    "last_ts",
+]
+STATS_FRAME_COLUMNS = ["series_id", "ts_us", *STAT_COLUMNS]
+_ADVISORY_LOCK = 7423004  # serialises rollup transactions on one PostgreSQL database
+Span = tuple[int, int]
+
+
+# -- dialects ------------------------------------------------------------------------------
+class Dialect:
+    """The SQL that differs per backend; the base class is SQLite."""
+
+    greatest, least = "max", "min"  # the scalar forms
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ts_in = backend.ts_in
+        self.ts_out = backend.ts_out
+        # A bound as a one-off subquery: computed once, where a plain PostgreSQL ts_in (a
+        # stable, not immutable, expression) is recomputed for every row a scan filters.
+        self.bound = f"(SELECT {backend.ts_in})"
+
+    def bucket(self, column: str, width_us: int) -> str:
+        return f"({column} - {column} % {int(width_us)})"
+
+    def span_length(self, end: str, start: str) -> str:
+        """µs between two stored timestamps."""
+        return f"({self.ts_out.format(col=end)} - {self.ts_out.format(col=start)})"
+
+    def lock(self) -> None:
+        """Serialise rollup transactions (SQLite's BEGIN IMMEDIATE already does)."""
+
+    def claim_suffix(self) -> str:
+        return ""
+
+    def execute_count(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run a write statement; the number of rows it wrote."""
+        cursor = self.backend.conn.execute(sql.replace("%s", "?"), params)  # type: ignore[attr-defined]
+        return int(cursor.rowcount)
+
+    def stats_select(self, source: str, width_us: int, series_filter: str) -> str:
+        """Per series and bucket of `width_us`: the rollup columns, from `source` rows in
+        [%s, %s) (after the filter's own parameters). Columns in STAT_COLUMNS order."""
+        src = _Source(source)
+        bucket = self.bucket(src.key, width_us)
+        return f"""SELECT g.series_id, g.bucket, g.n AS count, g.s AS sum, g.ss AS sum_sq,
+                   g.mn AS min, g.mx AS max, f.{src.first} AS first, g.fts AS first_ts,
+                   l.{src.last} AS last, g.lts AS last_ts
+            FROM (SELECT series_id, {bucket} AS bucket, {src.aggregates},
+                         min({src.key}) AS fk, max({src.key}) AS lk
+                  FROM {src.table}
+                  WHERE series_id {series_filter}
+                    AND {src.key} >= {self.bound} AND {src.key} < {self.bound}
+                  GROUP BY series_id, {bucket}) g
+            JOIN {src.table} f ON f.series_id = g.series_id AND f.{src.key} = g.fk
+            JOIN {src.table} l ON l.series_id = g.series_id AND l.{src.key} = g.lk"""  # noqa: S608
+
+
+class PostgresDialect(Dialect):
+    greatest, least = "greatest", "least"
+
+    def bucket(self, column: str, width_us: int) -> str:
+        return f"date_bin(interval '{int(width_us)} microseconds', {column}, timestamptz 'epoch')"
+
+    def stats_select(self, source: str, width_us: int, series_filter: str) -> str:
+        # One pass: first/last by window over the bucket (the join back to the source rows
+        # costs two more scans of it, hashed to disk at default work_mem).
+        src = _Source(source)
+        bucket = self.bucket(src.key, width_us)
+        return f"""SELECT series_id, bucket, {src.totals}, min(fv) AS first,
+                   min({src.first_ts}) AS first_ts, min(lv) AS last, max({src.last_ts}) AS last_ts
+            FROM (SELECT series_id, {bucket} AS bucket, {src.columns},
+                         first_value({src.first}) OVER w AS fv, last_value({src.last}) OVER w AS lv
+                  FROM {src.table}
+                  WHERE series_id {series_filter}
+                    AND {src.key} >= {self.bound} AND {src.key} < {self.bound}
+                  WINDOW w AS (PARTITION BY series_id, {bucket} ORDER BY {src.key}
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x
+            GROUP BY series_id, bucket"""  # noqa: S608
+
+    def lock(self) -> None:
+        self.backend.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK,))
+
+    def claim_suffix(self) -> str:
+        return " FOR UPDATE SKIP LOCKED"
+
+    def execute_count(self, sql: str, params: tuple[Any, ...]) -> int:
+        with self.backend.conn.cursor() as cur:  # type: ignore[attr-defined]
+            cur.execute(sql.encode(), params)
+            return int(cur.rowcount)
+
+
+class TimescaleDialect(PostgresDialect):
+    def bucket(self, column: str, width_us: int) -> str:
+        return (
+            f"time_bucket(interval '{int(width_us)} microseconds', {column}, "
+            "origin => timestamptz 'epoch')"
+        )
+
+    def stats_select(self, source: str, width_us: int, series_filter: str) -> str:
+        src = _Source(source)
+        bucket = self.bucket(src.key, width_us)
+        return f"""SELECT series_id, {bucket} AS bucket, {src.totals},
+                   first({src.first}, {src.key}) AS first, min({src.first_ts}) AS first_ts,
+                   last({src.last}, {src.key}) AS last, max({src.last_ts}) AS last_ts
+            FROM {src.table}
+            WHERE series_id {series_filter}
+              AND {src.key} >= {self.bound} AND {src.key} < {self.bound}
+            GROUP BY series_id, {bucket}"""  # noqa: S608
+
+
+class _Source:
+    """Column names of a level's source table (samples for "raw")."""
+
+    def __init__(self, level: str) -> None:
+        if level == "raw":
+            self.table, self.key = "samples", "ts"
+            self.first = self.last = "value"
+            self.first_ts = self.last_ts = "ts"
+            self.columns = "ts, value"
+            self.totals = (
+                "count(*) AS count, sum(value) AS sum, sum(value * value) AS sum_sq, "
+                "min(value) AS min, max(value) AS max"
+            )
+            self.aggregates = (
+                "count(*) AS n, sum(value) AS s, sum(value * value) AS ss, "
+                "min(value) AS mn, max(value) AS mx, min(ts) AS fts, max(ts) AS lts"
+            )
+        else:
+            self.table, self.key = ROLLUP_TABLES[level], "bucket"
+            self.first, self.last = "first", "last"
+            self.first_ts, self.last_ts = "first_ts", "last_ts"
+            self.columns = "count, sum, sum_sq, min, max, first_ts, last_ts"
+            self.totals = (
+                "sum(count) AS count, sum(sum) AS sum, sum(sum_sq) AS sum_sq, "
+                "min(min) AS min, max(max) AS max"
+            )
+            self.aggregates = (
+                "sum(count) AS n, sum(sum) AS s, sum(sum_sq) AS ss, min(min) AS mn, "
+                "max(max) AS mx, min(first_ts) AS fts, max(last_ts) AS lts"
+            )
+
+
+def dialect_for(backend: Backend) -> Dialect:
+    if backend.name == "sqlite":
+        return Dialect(backend)
+    if getattr(backend, "timescale", False):
+        return TimescaleDialect(backend)
+    return PostgresDialect(backend)
+
+
+# -- the rollup run --------------------------------------------------------------------------
+@dataclass
+class LevelWork:
+    """What one level did in a run: recomputed ranges, rows written, and the merged spans."""
+
+    ranges: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    spans: list[Span] = field(default_factory=list)
+
+
+@dataclass
+class RollupReport:
+    """One rollup run: per level work, transactions (chunks), time, what is left, the lag."""
+
+    levels: dict[str, LevelWork] = field(default_factory=lambda: {lv: LevelWork() for lv in LEVELS})
+    chunks: int = 0
+    seconds: float = 0.0
+    pending_left: int = 0
+    newest_bucket: datetime | None = None  # start of the newest 1m bucket
+    lag_seconds: float | None = None  # now - end of the newest 1m bucket
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One summary row per level (for tables and artifacts)."""
+        return [
+            {
+                "level": level,
+                "ranges": work.ranges,
+                "rows": work.rows,
+                "seconds": round(work.seconds, 3),
+                "from": _iso(work.spans[0][0]) if work.spans else "",
+                "to": _iso(work.spans[-1][1]) if work.spans else "",
+            }
+            for level, work in self.levels.items()
+        ]
+
+
+@dataclass
+class RollupStatus:
+    """How far behind the rollups are: pending ranges and the newest rolled-up bucket."""
+
+    pending_ranges: int
+    pending_hours: float
+    oldest_pending: datetime | None
+    newest_bucket: datetime | None
+    lag_seconds: float | None
+
+
+def _iso(us: int) -> str:
+    return us_to_datetime(us).isoformat()
+
+
+def merge_spans(spans: list[Span]) -> list[Span]:
+    """Sorted, overlapping or touching spans merged."""
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def widen(spans: list[Span], width: int) -> list[Span]:
+    """Spans widened to whole buckets of `width`, then merged."""
+    return merge_spans([(s - s % width, e + (-e) % width) for s, e in spans])
+
+
+def _series_spanning(d: Dialect) -> str:
+    """Series whose sample span meets [%s, %s) (params: start, end): a cheap superset of
+    the series with data there, which turns range scans into primary-key range lookups."""
+    return (
+        f"IN (SELECT series_id FROM series WHERE last_seen >= {d.ts_in} "  # noqa: S608
+        f"AND first_seen < {d.ts_in})"
+    )
+
+
+def _mostly_inside(d: Dialect, span: Span) -> bool:
+    """True when the span holds most of the series' stored time: one range scan then beats a
+    primary-key probe per series (a backfill, a first run), else the probes win."""
+    first, last = d.ts_out.format(col="first_seen"), d.ts_out.format(col="last_seen")
+    inside, total = d.backend.execute(
+        f"SELECT sum({d.greatest}(0, {d.least}({last}, %s) - {d.greatest}({first}, %s))), "  # noqa: S608
+        f"sum({last} - {first}) FROM series WHERE last_seen IS NOT NULL",
+        (span[1], span[0]),
+    )[0]
+    return bool(total) and float(inside or 0) > 0.5 * float(total)
+
+
+def _recompute(d: Dialect, level: str, span: Span, *, probe: bool) -> int:
+    """Replace the level's buckets in the span by a recompute from the level below."""
+    table = ROLLUP_TABLES[level]
+    start, end = span
+    series = _series_spanning(d) if probe else "IS NOT NULL"
+    params = (start, end, start, end) if probe else (start, end)
+    d.execute_count(
+        f"DELETE FROM {table} WHERE series_id {series} "  # noqa: S608
+        f"AND bucket >= {d.bound} AND bucket < {d.bound}",
+        params,
+    )
+    select = d.stats_select(SOURCE[level], ROLLUP_LEVELS[level], series)
+    return d.execute_count(
+        f"INSERT INTO {table} (series_id, bucket, {', '.join(STAT_COLUMNS)}) {select}",
+        params,
+    )
+
+
+def _run_chunk(d: Dialect, chunk_us: int, report: RollupReport) -> bool:
+    """One transaction: claim the pending rows of the earliest window, recompute, finish.
+    False when nothing was pending."""
+    backend = d.backend
+    with backend.transaction():
+        d.lock()
+        first = backend.execute(
+            f"SELECT {d.ts_out.format(col='min(start_ts)')} FROM rollup_pending"  # noqa: S608
+        )[0][0]
+        if first is None:
+            return False
+        window_end = int(first) + chunk_us
+        claimed = backend.execute(
+            f"SELECT id, {d.ts_out.format(col='start_ts')}, {d.ts_out.format(col='end_ts')} "  # noqa: S608
+            f"FROM rollup_pending WHERE start_ts < {d.ts_in}{d.claim_suffix()}",
+            (window_end,),
+        )
+        if not claimed:  # another run holds them
+            return False
+        spans = widen(
+            [(int(s), min(int(e), window_end)) for _, s, e in claimed if int(e) > int(s)],
+            HOUR_US,
+        )
+        probe = not spans or not _mostly_inside(d, (spans[0][0], spans[-1][1]))
+        for level in LEVELS:
+            level_spans = widen(spans, DAY_US) if level == "1d" else spans
+            work = report.levels[level]
+            started = time.perf_counter()
+            for span in level_spans:
+                work.rows += _recompute(d, level, span, probe=probe)
+                work.ranges += 1
+            work.seconds += time.perf_counter() - started
+            work.spans = merge_spans(work.spans + level_spans)
+        done = [int(i) for i, _, e in claimed if int(e) <= window_end]
+        trimmed = [int(i) for i, _, e in claimed if int(e) > window_end]
+        if done:
+            backend.execute(
+                f"DELETE FROM rollup_pending WHERE id {backend.ids_in}",  # noqa: S608
+                (backend.id_list(done),),
+            )
+        if trimmed:
+            backend.execute(
+                f"UPDATE rollup_pending SET start_ts = {d.ts_in} "  # noqa: S608
+                f"WHERE id {backend.ids_in}",
+                (window_end, backend.id_list(trimmed)),
+            )
+    return True
+
+
+def run_rollup(
+    backend: Backend, *, chunk_hours: int = 6, max_chunks: int | None = None
+) -> RollupReport:
+    """Recompute every pending range (or `max_chunks` transactions' worth of them)."""
+    if chunk_hours < 1:
+        raise ValueError("chunk_hours must be at least 1")
+    d = dialect_for(backend)
+    report = RollupReport()
+    started = time.perf_counter()
+    while max_chunks is None or report.chunks < max_chunks:
+        if not _run_chunk(d, chunk_hours * HOUR_US, report):
+            break
+        report.chunks += 1
+    report.seconds = time.perf_counter() - started
+    status = rollup_status_of(backend)
+    report.pending_left = status.pending_ranges
+    report.newest_bucket = status.newest_bucket
+    report.lag_seconds = status.lag_seconds
+    return report
+
+
+def rollup_status_of(backend: Backend, now: datetime | None = None) -> RollupStatus:
+    d = dialect_for(backend)
+    length = d.span_length("end_ts", "start_ts")
+    count, total, oldest = backend.execute(
+        f"SELECT count(*), sum({length}), {d.ts_out.format(col='min(start_ts)')} "  # noqa: S608
+        "FROM rollup_pending"
+    )[0]
+    # Per series, the newest bucket is one primary-key probe: no scan of the whole table.
+    newest = backend.execute(
+        f"SELECT {d.ts_out.format(col='max(m)')} FROM (SELECT (SELECT max(r.bucket) "  # noqa: S608
+        "FROM rollup_1m r WHERE r.series_id = s.series_id) AS m FROM series s) per_series"
+    )[0][0]
+    moment = now or datetime.now(UTC)
+    lag = None
+    if newest is not None:
+        lag = (datetime_to_us(moment) - int(newest) - ROLLUP_LEVELS["1m"]) / US_PER_SECOND
+    return RollupStatus(
+        pending_ranges=int(count),
+        pending_hours=int(total or 0) / HOUR_US,
+        oldest_pending=None if oldest is None else us_to_datetime(int(oldest)),
+        newest_bucket=None if newest is None else us_to_datetime(int(newest)),
+        lag_seconds=lag,
+    )
+
+
+def rollup_status(store: Store) -> RollupStatus:
+    """Pending ranges and the lag of the newest rolled-up bucket (for status commands)."""
+    return rollup_status_of(store.backend)
+
+
+def rollup_lag(store: Store) -> float | None:
+    """Seconds from the end of the newest 1m bucket to now; None before the first rollup."""
+    return rollup_status_of(store.backend).lag_seconds
+
+
+def written_rows(backend: Backend, level: str, spans: list[Span], limit: int) -> pd.DataFrame:
+    """A level's rows in the spans (newest first, at most `limit`), in one query."""
+    d = dialect_for(backend)
+    if not spans:
+        return pd.DataFrame(columns=["series_id", "bucket", *STAT_COLUMNS])
+    spans = merge_spans(spans)
+    low, high = spans[0][0], spans[-1][1]
+    # The spanning series and the outer bounds let every backend probe the primary key.
+    where = " OR ".join(f"(bucket >= {d.ts_in} AND bucket < {d.ts_in})" for _ in spans)
+    params: list[Any] = [low, high, low, high, *(v for span in spans for v in span)]
+    rows = backend.execute(
+        f"SELECT series_id, {d.ts_out.format(col='bucket')}, count, sum, sum_sq, min, max, "  # noqa: S608
+        f"first, {d.ts_out.format(col='first_ts')}, last, {d.ts_out.format(col='last_ts')} "
+        f"FROM {ROLLUP_TABLES[level]} WHERE series_id {_series_spanning(d)} "
+        f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in} AND ({where}) "
+        "ORDER BY bucket DESC LIMIT %s",
+        (*params, limit),
+    )
+    frame = pd.DataFrame(rows, columns=["series_id", "bucket", *STAT_COLUMNS])
+    for column in ("series_id", "bucket", "count", "first_ts", "last_ts"):
+        frame[column] = frame[column].astype("int64")
+    for column in ("sum", "sum_sq", "min", "max", "first", "last"):
+        frame[column] = frame[column].astype("float64")
+    return frame
+
+
+# -- reads at the right resolution -----------------------------------------------------------
+_INT_COLUMNS = frozenset({"series_id", "ts_us", "count", "first_ts", "last_ts"})
+
+
+def _stats_frame(
+    rows: list[tuple[Any, ...]], names: Sequence[str] = STATS_FRAME_COLUMNS
+) -> pd.DataFrame:
+    """A stats frame from rows holding `names`; columns not read are 0 (ints) or NaN."""
+    # Column-wise: one transpose and a typed array per column (a frame built from row
+    # tuples costs ~10 µs a row).
+    read = dict(zip(names, zip(*rows, strict=True), strict=True)) if rows else {}
+    n = len(rows)
+    frame: dict[str, np.ndarray] = {}
+    for name in STATS_FRAME_COLUMNS:
+        dtype = "int64" if name in _INT_COLUMNS else "float64"
+        if name in read:
+            frame[name] = np.asarray(read[name], dtype=dtype)
+        else:
+            frame[name] = np.zeros(n, dtype=dtype) if dtype == "int64" else np.full(n, np.nan)
+    return pd.DataFrame(frame)
+
+
+def step_stats(
+    backend: Backend,
+    source: str,
+    ids: list[int],
+    start_us: int,
+    end_us: int,
+    step_us: int,
+    columns: Collection[str] | None = None,
+) -> pd.DataFrame:
+    """Per series and step bucket: the rollup columns, from raw samples or one level.
+
+    A level's rows are taken whole: the caller aligns [start, end) to the level's width.
+    """
+    if end_us <= start_us or not ids:
+        return _stats_frame([])
+    d = dialect_for(backend)
+    # Only the columns the caller needs cross the wire (a 30-day hourly read is mostly
+    # transfer and decoding, not the index scan).
+    wanted = [c for c in STAT_COLUMNS if columns is None or c in columns]
+    out = ", ".join(
+        [
+            "q.series_id",
+            d.ts_out.format(col="q.bucket"),
+            *(d.ts_out.format(col=f"q.{c}") if c.endswith("_ts") else f"q.{c}" for c in wanted),
+        ]
+    )
+    ids_in = backend.ids_in
+    if source != "raw" and step_us == ROLLUP_LEVELS[source]:
+        inner = (
+            f"SELECT series_id, bucket, {', '.join(wanted)} "  # noqa: S608
+            f"FROM {ROLLUP_TABLES[source]} WHERE series_id {ids_in} "
+            f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in}"
+        )
+    else:
+        inner = d.stats_select(source, step_us, ids_in)
+    rows = backend.execute(
+        f"SELECT {out} FROM ({inner}) q ORDER BY q.series_id, q.bucket",  # noqa: S608
+        (backend.id_list(ids), start_us, end_us),
+    )
+    return _stats_frame(rows, ["series_id", "ts_us", *wanted])
+
+
+def _level_start(backend: Backend, level: str, ids: list[int]) -> int | None:
+    """The oldest bucket the level holds for these series (one key probe per series)."""
+    d = dialect_for(backend)
+    row = backend.execute(
+        f"SELECT {d.ts_out.format(col='min(m)')} FROM (SELECT (SELECT min(r.bucket) "  # noqa: S608
+        f"FROM {ROLLUP_TABLES[level]} r WHERE r.series_id = s.series_id) AS m "
+        f"FROM series s WHERE s.series_id {backend.ids_in}) per_series",
+        (backend.id_list(ids),),
+    )[0][0]
+    return None if row is None else int(row)
+
+
+def _first_seen(backend: Backend, ids: list[int]) -> int | None:
+    d = dialect_for(backend)
+    row = backend.execute(
+        f"SELECT {d.ts_out.format(col='min(first_seen)')} FROM series "  # noqa: S608
+        f"WHERE series_id {backend.ids_in}",
+        (backend.id_list(ids),),
+    )[0][0]
+    return None if row is None else int(row)
+
+
+def _pending_from(backend: Backend, start_us: int, end_us: int) -> int | None:
+    """The earliest start of a pending range meeting [start, end): rollups are stale from there."""
+    d = dialect_for(backend)
+    row = backend.execute(
+        f"SELECT {d.ts_out.format(col='min(start_ts)')} FROM rollup_pending "  # noqa: S608
+        f"WHERE end_ts > {d.ts_in} AND start_ts < {d.ts_in}",
+        (start_us, end_us),
+    )[0][0]
+    return None if row is None else int(row)
+
+
+@dataclass
+class QueryPlan:
+    """Which source serves which part of a step query (the parts are step-aligned)."""
+
+    level: str  # the rollup level of the middle part, or "raw"
+    parts: list[tuple[str, int, int]]  # (source, start µs, end µs)
+
+
+def plan_query(
+    backend: Backend,
+    ids: list[int],
+    start_us: int,
+    end_us: int,
+    step_us: int,
+    level: str | None = None,
+) -> QueryPlan:
+    """Pick the source of each part of [start, end) for buckets of `step_us`.
+
+    Automatic: the coarsest level whose width divides the step and that holds data back to
+    the window's start (or the series' first sample) serves the whole steps from there up to
+    the first still-pending range; raw samples serve the partial first step and the tail.
+    Forced: that one level (or raw) serves the whole window.
+    """
+    if level is not None and level not in QUERY_LEVELS:
+        raise QueryError(f"unknown level {level!r}: use one of {', '.join(QUERY_LEVELS)}")
+    if level is not None and level != "raw" and step_us % ROLLUP_LEVELS[level]:
+        raise QueryError(f"step is not a whole number of {level} buckets")
+    if level == "raw":
+        return QueryPlan("raw", [("raw", start_us, end_us)])
+    if level is not None:
+        width = ROLLUP_LEVELS[level]
+        return QueryPlan(level, [(level, start_us - start_us % width, end_us)])
+    head = start_us + (-start_us) % step_us
+    pending = _pending_from(backend, start_us, end_us)
+    stale = end_us if pending is None else min(end_us, pending)
+    tail = stale - stale % step_us
+    if tail > head:
+        first_seen = _first_seen(backend, ids)
+        for candidate in reversed(LEVELS):
+            width = ROLLUP_LEVELS[candidate]
+            if step_us % width:
+                continue
+            oldest = _level_start(backend, candidate, ids)
+            needed = max(head, (first_seen or head) - (first_seen or head) % width)
+            if oldest is not None and oldest <= needed:
+                parts = [("raw", start_us, head), (candidate, head, tail), ("raw", tail, end_us)]
+                return QueryPlan(candidate, [p for p in parts if p[2] > p[1]])
+    return QueryPlan("raw", [("raw", start_us, end_us)])
+
+
+def resolved_stats(
+    backend: Backend,
+    ids: list[int],
+    start_us: int,
+    end_us: int,
+    step_us: int,
+    level: str | None = None,
+    columns: Collection[str] | None = None,
+) -> pd.DataFrame:
+    """Per series and step bucket: the rollup columns, read at the best resolution.
+
+    `columns`: the stat columns to read (None: all); the others come back as 0 / NaN.
+    """
+    plan = plan_query(backend, ids, start_us, end_us, step_us, level)
+    frames = [step_stats(backend, src, ids, s, e, step_us, columns) for src, s, e in plan.parts]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return _stats_frame([])
+    if len(frames) == 1:
+        return frames[0]
+    return pd.concat(frames, ignore_index=True).sort_values(
+        ["series_id", "ts_us"], ignore_index=True, kind="stable"
+    )
+
+
+def counter_increase(stats: pd.DataFrame) -> pd.Series:
+    """Per bucket, a counter's increase the Prometheus way: a drop is a reset, after which
+    the counter counts from 0. Buckets chain: the step from the previous bucket's last value
+    to this bucket's first is this bucket's. Inside a bucket, with last >= first the increase
+    is last - first; with last < first it is a reset: (max - first) up to the peak, then last.
+    """
+    if stats.empty:
+        return pd.Series([], dtype="float64", index=stats.index)
+    first = stats["first"].to_numpy(dtype="float64")
+    last = stats["last"].to_numpy(dtype="float64")
+    peak = stats["max"].to_numpy(dtype="float64")
+    series = stats["series_id"].to_numpy()
+    inside = np.where(last >= first, last - first, (peak - first) + last)
+    previous = np.roll(last, 1)
+    chained = np.ones(len(stats), dtype=bool)
+    chained[0] = False
+    chained[1:] = series[1:] == series[:-1]
+    step_in = np.where(first >= previous, first - previous, first)
+    return pd.Series(inside + np.where(chained, step_in, 0.0), index=stats.index)

@@ -1,0 +1,229 @@
+"""Rollups equal a full recompute from raw, whatever order, lateness or repeats the data had.
+
+Values are multiples of 1/8 well inside float64's exact range, so sums and sums of squares are
+exact in any order: count, sum, sum_sq, min, max, first and last are compared exactly; avg
+and stddev within 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from metricmill.settings import load_settings
+from metricmill.types import datetime_to_us
+from storage.rollup import LEVELS, rollup_lag, rollup_status, written_rows
+from storage.schema import ROLLUP_LEVELS
+from storage.store import Store
+from tests.dbtargets import DbTarget
+from tests.settings_env import isolate_settings
+
+NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+BASE = NOW - timedelta(days=2, hours=3)
+EVERYTHING = (NOW - timedelta(days=40), NOW + timedelta(days=2))
+LABELS = [{"host": "a"}, {"host": "b"}]
+
+
+@pytest.fixture
+def store(db_target: DbTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    isolate_settings(monkeypatch, home=tmp_path, timescaledb=db_target.timescaledb)
+    with Store.open(settings=load_settings(database_url=db_target.url)) as opened:
+        yield opened
+
+
+def frame(
+    metric: str, labels: dict[str, str], times: list[datetime], values: np.ndarray
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"metric": metric, "labels": [labels] * len(times), "ts": times, "value": values}
+    )
+
+
+def eighths(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(-8000, 8000, size=n) / 8.0
+
+
+def every(start: datetime, step: timedelta, n: int) -> list[datetime]:
+    return [start + step * i for i in range(n)]
+
+
+def recompute(store: Store, level: str) -> pd.DataFrame:
+    """The level as computed from scratch out of every raw sample (pandas, not SQL)."""
+    ids = [int(i) for i in store.series()["series_id"]]
+    start, end = (datetime_to_us(t) for t in EVERYTHING)
+    raw = store.backend.raw_points(ids, start, end)
+    raw["ts_us"] = raw["ts_us"].astype("int64")
+    raw["value"] = raw["value"].astype("float64")
+    width = ROLLUP_LEVELS[level]
+    raw["bucket"] = raw["ts_us"] - raw["ts_us"] % width
+    raw = raw.sort_values(["series_id", "ts_us"])
+    raw["sq"] = raw["value"] * raw["value"]
+    grouped = raw.groupby(["series_id", "bucket"], sort=True)
+    out = grouped.agg(
+        count=("value", "size"),
+        sum=("value", "sum"),
+        sum_sq=("sq", "sum"),
+        min=("value", "min"),
+        max=("value", "max"),
+        first=("value", "first"),
+        first_ts=("ts_us", "min"),
+        last=("value", "last"),
+        last_ts=("ts_us", "max"),
+    ).reset_index()
+    return out
+
+
+def stored(store: Store, level: str) -> pd.DataFrame:
+    start, end = (datetime_to_us(t) for t in EVERYTHING)
+    rows = written_rows(store.backend, level, [(start, end)], limit=10_000_000)
+    return rows.sort_values(["series_id", "bucket"], ignore_index=True)
+
+
+def assert_levels_match_raw(store: Store) -> None:
+    for level in LEVELS:
+        want, got = recompute(store, level), stored(store, level)
+        assert len(got) == len(want), level
+        for column in ("series_id", "bucket", "count", "first_ts", "last_ts"):
+            assert got[column].tolist() == want[column].astype("int64").tolist(), (level, column)
+        for column in ("sum", "sum_sq", "min", "max", "first", "last"):
+            assert got[column].tolist() == want[column].tolist(), (level, column)
+        avg = got["sum"] / got["count"]
+        np.testing.assert_allclose(avg, want["sum"] / want["count"], rtol=1e-9)
+        std = np.sqrt(np.maximum(got["sum_sq"] / got["count"] - avg**2, 0))
+        np.testing.assert_allclose(std, recompute_std(store, level), rtol=1e-9, atol=1e-9)
+
+
+def recompute_std(store: Store, level: str) -> np.ndarray:
+    ids = [int(i) for i in store.series()["series_id"]]
+    start, end = (datetime_to_us(t) for t in EVERYTHING)
+    raw = store.backend.raw_points(ids, start, end)
+    width = ROLLUP_LEVELS[level]
+    raw["bucket"] = raw["ts_us"].astype("int64") // width
+    std = raw.groupby(["series_id", "bucket"], sort=True)["value"].std(ddof=0)
+    return std.to_numpy(dtype="float64")
+
+
+def ingest_everything(store: Store) -> None:
+    """In order, out of order, 30 days late, duplicated and overwritten batches."""
+    rng = np.random.default_rng(7)
+    ten_s = timedelta(seconds=10)
+    in_order = every(BASE, ten_s, 1500)  # ~4 hours
+    for labels in LABELS:
+        store.write_samples(frame("cpu", labels, in_order, eighths(rng, len(in_order))))
+    store.write_samples(frame("mem", {"host": "a"}, in_order[::7], eighths(rng, 215)))
+    store.rollup()  # a first run in between: the later runs must redo what changes
+
+    shifted = [t + timedelta(seconds=3) for t in reversed(in_order[100:900])]
+    store.write_samples(frame("cpu", LABELS[0], shifted, eighths(rng, len(shifted))))
+    late = every(NOW - timedelta(days=30) + timedelta(minutes=7), timedelta(seconds=37), 200)
+    store.write_samples(frame("cpu", LABELS[1], late, eighths(rng, len(late))))
+    dup = frame("cpu", LABELS[1], in_order[:50], eighths(rng, 50) + 5000)
+    assert store.write_samples(dup).overwritten == 50
+    assert store.write_samples(dup).replay
+    changed = store.query("cpu", {"host": "a"}, BASE, BASE + timedelta(hours=2))
+    rewrite = frame(
+        "cpu",
+        LABELS[0],
+        [t.to_pydatetime() for t in changed["ts"]][::3],
+        changed["value"].to_numpy()[::3] + 0.5,
+    )
+    report = store.write_samples(rewrite)
+    assert report.overwritten > 0
+    # the same values again in a new batch (a duplicate of samples, not of the batch)
+    again = pd.concat([rewrite.iloc[:20], frame("cpu", LABELS[0], [NOW - ten_s], np.array([1.0]))])
+    assert store.write_samples(again).unchanged == 20
+
+
+def test_every_level_equals_a_full_recompute_after_one_run(store: Store) -> None:
+    ingest_everything(store)
+    report = store.rollup()
+    assert report.pending_left == 0
+    assert rollup_status(store).pending_ranges == 0
+    assert report.levels["1m"].rows > 0 and report.levels["1d"].rows > 0
+    assert_levels_match_raw(store)
+
+
+def test_rerun_is_harmless(store: Store) -> None:
+    ingest_everything(store)
+    store.rollup()
+    before = {level: stored(store, level) for level in LEVELS}
+    again = store.rollup()
+    assert again.chunks == 0 and sum(w.rows for w in again.levels.values()) == 0
+    # Everything pending again (as if every batch were replayed): same tables after.
+    store.backend.execute(
+        f"INSERT INTO rollup_pending (start_ts, end_ts) VALUES ({store.backend.ts_in}, "
+        f"{store.backend.ts_in})",
+        tuple(datetime_to_us(t) for t in EVERYTHING),
+    )
+    redo = store.rollup()
+    assert redo.chunks > 1 and redo.pending_left == 0
+    for level in LEVELS:
+        pd.testing.assert_frame_equal(stored(store, level), before[level])
+
+
+def test_a_30_day_backfill_takes_many_small_transactions(store: Store) -> None:
+    rng = np.random.default_rng(3)
+    start = (NOW - timedelta(days=30)).replace(hour=0)
+    times = every(start, timedelta(minutes=20), 30 * 72)
+    store.write_samples(frame("disk", {"dev": "sda"}, times, eighths(rng, len(times))))
+    store.settings = store.settings.model_copy(update={"rollup_chunk_hours": 24})
+    assert rollup_lag(store) is None
+    first = store.rollup(max_chunks=2)
+    assert first.chunks == 2 and first.pending_left == 1  # the one range, trimmed twice
+    rest = store.rollup()
+    assert rest.chunks == 30 - 2  # a day of pending range per transaction
+    assert rest.pending_left == 0
+    assert_levels_match_raw(store)
+    lag = rollup_lag(store)
+    newest_end = times[-1].replace(second=0) + timedelta(minutes=1)
+    assert lag is not None
+    assert abs(lag - (datetime.now(UTC) - newest_end).total_seconds()) < 30
+
+
+def test_two_runs_at_once_are_harmless(db_target: DbTarget, store: Store) -> None:
+    ingest_everything(store)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with Store.open(settings=store.settings) as other:
+                other.rollup()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert rollup_status(store).pending_ranges == 0
+    assert_levels_match_raw(store)
+
+
+def test_rollups_keep_working_over_compressed_chunks(db_target: DbTarget, store: Store) -> None:
+    if db_target.name != "timescaledb":
+        pytest.skip("compression is a TimescaleDB feature")
+    ingest_everything(store)
+    store.rollup()
+    for table in ("samples", *(f"rollup_{lv}" for lv in LEVELS)):
+        store.backend.execute(
+            "SELECT compress_chunk(c, if_not_compressed => true) FROM show_chunks(%s::regclass) c",
+            (table,),
+        )
+    compressed = store.backend.execute(
+        "SELECT count(*) FROM timescaledb_information.chunks WHERE is_compressed"
+    )[0][0]
+    assert compressed > 0
+    rng = np.random.default_rng(11)
+    times = every(BASE + timedelta(seconds=1), timedelta(seconds=50), 200)
+    store.write_samples(frame("cpu", LABELS[1], times, eighths(rng, len(times))))
+    report = store.rollup()
+    assert report.pending_left == 0 and report.levels["1m"].rows > 0
+    assert_levels_match_raw(store)
