@@ -1,8 +1,8 @@
 """The seed-001 async API (create_metrics_storage_system, MetricValue): a thin layer over Store.
 
 Every call runs the synchronous Store method in a worker thread, one call at a time per system
-(a Store holds a single connection). Retention settings are accepted and kept; retention itself
-is not applied here yet.
+(a Store holds a single connection). Retention rules (add_retention_rule,
+apply_retention_policy, get_retention_summary) are the retention flow's storage calls.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from metricmill.errors import MetricmillError
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import load_settings
 from metricmill.types import MAX_TS_US, WriteReport, us_to_datetime
+from storage.retention import add_rule, apply, default_days, list_rules
 from storage.store import Store
 
 StorageType = Literal["memory", "sqlite", "postgresql", "timescaledb"]
@@ -124,6 +125,7 @@ class MetricsStorageSystem:
         self.cleanup_interval_hours = config.cleanup_interval_hours
         self._store: Store | None = None
         self._lock = threading.Lock()
+        self._last_retention: dict[str, Any] | None = None
 
     @property
     def store(self) -> Store:
@@ -264,3 +266,51 @@ class MetricsStorageSystem:
             format=format,
         )
         return str(path)
+
+    # -- retention ------------------------------------------------------------------------
+    def add_retention_rule(
+        self,
+        metric_pattern: str,
+        retention_days: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        priority: int = 0,
+        *,
+        level: str = "raw",
+        archive: bool = True,
+        legal_hold: bool = False,
+    ) -> dict[str, Any]:
+        """Store a retention rule (or, with legal_hold=True, a hold); returns it with its id."""
+        with self._lock:
+            rule = add_rule(
+                self.store.backend,
+                metric_pattern,
+                retention_days,
+                labels,
+                priority,
+                level=level,
+                archive=archive,
+                legal_hold=legal_hold,
+            )
+        return rule.as_dict()
+
+    async def apply_retention_policy(self) -> dict[str, Any]:
+        """Archive and delete what the rules let go (nothing when retention is disabled)."""
+        if not self.retention_enabled:
+            return {"skipped": "retention_enabled is False"}
+        report = await self._call(apply, self.store)
+        self._last_retention = report.summary()
+        return self._last_retention
+
+    def get_retention_summary(self) -> dict[str, Any]:
+        """The rules, the per-level defaults and what the last apply_retention_policy did."""
+        with self._lock:
+            rules = [r.as_dict() for r in list_rules(self.store.backend)]
+            settings = self.store.settings
+        return {
+            "enabled": self.retention_enabled,
+            "rules": rules,
+            "defaults_days": {
+                level: default_days(settings, level) for level in ("raw", "1m", "5m", "1h", "1d")
+            },
+            "last_run": self._last_retention,
+        }

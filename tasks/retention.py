@@ -1,0 +1,93 @@
+"""Retention tasks: apply the rules (archive, verify, delete) and compress old chunks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from metricmill.settings import Settings
+from storage.archive import Anonymizer, ArchiveError
+from storage.retention import RetentionReport, apply, preview
+from storage.store import Store
+from storage.timescale import compress_old_chunks
+from tasks.ingest import is_transient
+
+SUMMARY_COLUMNS = (
+    "kind", "level", "rule", "cutoff", "series", "deleted", "archived", "held",
+    "chunks_dropped", "file", "rows", "sha256",
+)  # fmt: skip
+
+
+def anonymization_key(settings: Settings) -> bytes | None:
+    """The HMAC key: METRICMILL_ANONYMIZE_KEY, else the Prefect Secret block it names."""
+    if settings.anonymize_key is not None and settings.anonymize_key.get_secret_value():
+        return settings.anonymize_key.get_secret_value().encode("utf-8")
+    if not settings.anonymize_key_block:
+        return None
+    from prefect.blocks.system import Secret  # only when a block is configured
+
+    try:
+        secret = Secret.load(settings.anonymize_key_block)
+    except (ValueError, RuntimeError) as exc:
+        raise ArchiveError(
+            f"cannot load Secret block {settings.anonymize_key_block!r}: {exc}"
+        ) from None
+    value = secret.get()  # type: ignore[union-attr]
+    return str(value).encode("utf-8") if value else None
+
+
+def anonymizer_for(settings: Settings) -> Anonymizer:
+    """The configured anonymizer; refuses (ArchiveError) when no key is configured."""
+    return Anonymizer.from_settings(settings, anonymization_key(settings))
+
+
+def cutoff_day(settings: Settings, now: datetime | None = None) -> str:
+    """The UTC day before which raw samples under the default rule go."""
+    today = (now or datetime.now(UTC)).date()
+    return f"{today - timedelta(days=settings.retention_days):%Y-%m-%d}"
+
+
+def summary_rows(report: RetentionReport) -> list[dict[str, Any]]:
+    """One row per rule and level, then one per archive file, with the same columns."""
+    rows = [
+        dict.fromkeys(SUMMARY_COLUMNS, "") | {"kind": "rule"} | o.row() for o in report.outcomes
+    ]
+    for item in report.files:
+        rows.append(
+            dict.fromkeys(SUMMARY_COLUMNS, "")
+            | {"kind": "file", "file": item.path, "rows": item.rows, "sha256": item.sha256}
+        )
+    return [{k: row.get(k, "") for k in SUMMARY_COLUMNS} for row in rows]
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient)
+def run_retention(settings: Settings, dry_run: bool = False) -> dict[str, Any]:
+    """Preview or apply the retention rules; returns the summary and its table rows."""
+    logger = get_run_logger()
+    with Store.open(settings=settings) as store:
+        if dry_run:
+            report = preview(store)
+        else:
+            anonymizer = anonymizer_for(settings) if settings.archive_anonymize else None
+            report = apply(store, anonymizer=anonymizer)
+    summary = report.summary()
+    logger.info(
+        "retention%s: %d rows deleted, %d archived in %d files, %d kept by legal hold",
+        " (dry run)" if dry_run else "",
+        summary["deleted"],
+        summary["archived"],
+        summary["files"],
+        summary["held"],
+    )
+    return {**summary, "table": summary_rows(report)}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient)
+def compress_chunks(settings: Settings) -> int:
+    """TimescaleDB only: compress sample chunks older than compress_after_days."""
+    with Store.open(settings=settings) as store:
+        if not getattr(store.backend, "timescale", False):
+            return 0
+        return compress_old_chunks(store.backend, settings.compress_after_days)
