@@ -1,0 +1,298 @@
+"""`metricmill alerts list|show|ack|resolve|silence|silences|rules` and `metricmill notify test`.
+
+Registered by metricmill/cli.py (which this module imports helpers from, so it is imported
+at the bottom of cli.py).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+
+from metricmill.cli import format_labels, open_store, out, row, settings_from, table
+from metricmill.errors import MetricmillError
+from metricmill.selectors import parse_selector
+from metricmill.timeutil import parse_duration
+from storage import alerts as db
+from storage.store import Store
+
+alerts_app = typer.Typer(
+    help="Alerts: list, show, ack, resolve, silence; alert rules.", no_args_is_help=True
+)
+rules_app = typer.Typer(help="Alert rules kept in the database (on top of settings).")
+alerts_app.add_typer(rules_app, name="rules")
+notify_app = typer.Typer(help="Notification channels (Prefect blocks).", no_args_is_help=True)
+
+_STATUSES = ("open", "firing", "acknowledged", "resolved", "all")
+
+
+class AlertCommandError(MetricmillError):
+    """An alert command names something that does not exist or cannot change that way."""
+
+
+def _now_us() -> int:
+    return round(datetime.now(UTC).timestamp() * 1_000_000)
+
+
+def _when(us: Any) -> str:
+    if us is None or pd.isna(us):
+        return "-"
+    return datetime.fromtimestamp(int(us) / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None or pd.isna(value) else f"{float(value):.6g}"
+
+
+def _series(detail: dict[str, Any]) -> str:
+    return f"{detail.get('metric', '?')}{format_labels(detail.get('labels', {}))}"
+
+
+def _alert_or_fail(store: Store, alert_id: int) -> dict[str, Any]:
+    alert = db.get_alert(store.backend, alert_id)
+    if alert is None:
+        raise AlertCommandError(f"no alert {alert_id}: see `metricmill alerts list --status all`")
+    return alert
+
+
+@alerts_app.command("list")
+def alerts_list(
+    ctx: typer.Context,
+    status: Annotated[str, typer.Option(help="open, firing, acknowledged, resolved or all.")] = (
+        "open"
+    ),
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+) -> None:
+    """Alerts, newest first (open ones by default)."""
+    if status not in _STATUSES:
+        raise AlertCommandError(f"unknown status {status!r}: use one of {', '.join(_STATUSES)}")
+    with open_store(ctx) as store:
+        frame = db.list_alerts(
+            store.backend, status=None if status == "all" else status, limit=limit
+        )
+    grid = table("id", "rule", "series", "severity", "status", "since", "value", "score", "note")
+    for alert in frame.to_dict("records"):
+        note = []
+        if alert["silence_id"] is not None and not pd.isna(alert["silence_id"]):
+            note.append(f"silenced by {int(alert['silence_id'])}")
+        if alert["incident"]:
+            note.append("incident")
+        row(
+            grid,
+            alert["alert_id"],
+            alert["rule"],
+            _series(alert["detail"]),
+            alert["severity"],
+            alert["status"],
+            _when(alert["started_at"]),
+            _num(alert["value"]),
+            _num(alert["score"]),
+            ", ".join(note),
+        )
+    out().print(grid)
+    if frame.empty:
+        typer.echo(f"no {'' if status == 'all' else status + ' '}alerts")
+
+
+@alerts_app.command("show")
+def alerts_show(ctx: typer.Context, alert_id: int) -> None:
+    """One alert with its notifications."""
+    with open_store(ctx) as store:
+        alert = _alert_or_fail(store, alert_id)
+        sent = db.notifications_for(store.backend, alert_id)
+    lines = [
+        f"alert {alert['alert_id']}  {alert['status']}  {alert['severity']}",
+        f"rule: {alert['rule']}  fingerprint: {alert['fingerprint']}",
+        f"series: {_series(alert['detail'])}",
+        f"value: {_num(alert['value'])}  expected: {_num(alert['expected'])} "
+        f"[{_num(alert['expected_low'])} .. {_num(alert['expected_high'])}]  "
+        f"score: {_num(alert['score'])}",
+        f"since: {_when(alert['started_at'])}  updated: {_when(alert['updated_at'])}",
+        f"acknowledged: {_when(alert['acknowledged_at'])}  resolved: {_when(alert['resolved_at'])}",
+        f"incident: {'yes' if alert['incident'] else 'no'}  silenced by: "
+        + (
+            "-"
+            if alert["silence_id"] is None or pd.isna(alert["silence_id"])
+            else str(int(alert["silence_id"]))
+        ),
+    ]
+    for line in lines:
+        typer.echo(line)
+    grid = table("channel", "event", "attempts", "outcome", "error", "at", title="notifications")
+    for note in sent.to_dict("records"):
+        row(
+            grid,
+            note["channel"],
+            note["event"],
+            note["attempts"],
+            note["outcome"],
+            note["error"] or "",
+            _when(note["sent_at"]),
+        )
+    out().print(grid)
+
+
+def _change(ctx: typer.Context, alert_id: int, status: str, incident: bool) -> None:
+    with open_store(ctx) as store:
+        alert = _alert_or_fail(store, alert_id)
+        if alert["status"] == "resolved" and not (status == "resolved" and incident):
+            raise AlertCommandError(f"alert {alert_id} is already resolved")
+        if alert["status"] == status and not incident:
+            raise AlertCommandError(f"alert {alert_id} is already {status}")
+        new_status = alert["status"] if alert["status"] == "resolved" else status
+        db.set_status(
+            store.backend, alert_id, status=new_status, now_us=_now_us(), incident=incident
+        )
+    note = " (confirmed incident: left out of baseline training)" if incident else ""
+    typer.echo(f"alert {alert_id}: {new_status}{note}")
+
+
+_INCIDENT = typer.Option(
+    "--incident", help="Mark it a confirmed incident: its data is left out of baselines."
+)
+
+
+@alerts_app.command("ack")
+def alerts_ack(
+    ctx: typer.Context, alert_id: int, incident: Annotated[bool, _INCIDENT] = False
+) -> None:
+    """Acknowledge an open alert: no more repeats; it still resolves by itself."""
+    _change(ctx, alert_id, "acknowledged", incident)
+
+
+@alerts_app.command("resolve")
+def alerts_resolve(
+    ctx: typer.Context, alert_id: int, incident: Annotated[bool, _INCIDENT] = False
+) -> None:
+    """Resolve an alert by hand (with --incident, also on an already resolved one)."""
+    _change(ctx, alert_id, "resolved", incident)
+
+
+@alerts_app.command("silence")
+def alerts_silence(
+    ctx: typer.Context,
+    matcher: Annotated[str, typer.Argument(help='metric{label="v"}, {label=~"re"} or metric.')],
+    duration: Annotated[str, typer.Option("--for", help="How long, e.g. 30m, 2h, 1d.")],
+    comment: Annotated[str | None, typer.Option(help="Why (shown in `alerts silences`).")] = None,
+) -> None:
+    """Silence alerts whose series match: they are still recorded, but not sent."""
+    selector = parse_selector(matcher)
+    if selector.metric is None and not selector.matchers:
+        raise AlertCommandError("an empty matcher would silence everything: name labels")
+    length = parse_duration(duration)
+    start = _now_us()
+    end = start + round(length.total_seconds() * 1_000_000)
+    with open_store(ctx) as store:
+        silence_id = db.add_silence(
+            store.backend, matcher=matcher.strip(), starts_us=start, ends_us=end, comment=comment
+        )
+    typer.echo(f"silence {silence_id}: {matcher.strip()} until {_when(end)}")
+
+
+@alerts_app.command("silences")
+def alerts_silences(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Include expired silences.")] = False,
+) -> None:
+    """Active silences (with --all, expired ones too)."""
+    with open_store(ctx) as store:
+        found = db.silences(store.backend, active_at_us=None if all_ else _now_us())
+    grid = table("id", "matcher", "from", "until", "comment")
+    for s in found:
+        row(grid, s.silence_id, s.matcher, _when(s.starts_us), _when(s.ends_us), s.comment or "")
+    out().print(grid)
+
+
+@rules_app.command("list")
+def rules_list(ctx: typer.Context) -> None:
+    """Every rule in effect: the settings' default and those added here."""
+    from tasks.alerting import load_rules
+
+    settings = settings_from(ctx)
+    with open_store(ctx) as store:
+        rules = load_rules(settings, store.backend)
+        stored = {r["name"] for r in db.list_rules(store.backend)}
+    grid = table(
+        "name", "metrics", "warn", "crit", "for", "keep", "min dev", "min level", "repeat", "from"
+    )
+    for r in rules:
+        row(
+            grid,
+            r.name,
+            r.metric_pattern,
+            f"{r.threshold:g}",
+            f"{r.critical_threshold:g}",
+            f"{r.for_seconds:g}s",
+            f"{r.keep_firing_for_seconds:g}s",
+            f"{r.min_abs_deviation:g}",
+            f"{r.min_baseline_level:g}",
+            f"{r.repeat_interval_seconds:g}s",
+            "cli" if r.name in stored else "settings",
+        )
+    out().print(grid)
+
+
+def _seconds(text: str) -> float:
+    return 0.0 if text.strip() in {"0", "0s"} else parse_duration(text).total_seconds()
+
+
+@rules_app.command("add")
+def rules_add(
+    ctx: typer.Context,
+    name: str,
+    metric: Annotated[str, typer.Option(help="Glob on the metric name.")] = "*",
+    threshold: Annotated[float, typer.Option(help="Warning when score >= this.")] = 0.7,
+    critical: Annotated[float, typer.Option(help="Critical when score >= this.")] = 0.9,
+    for_: Annotated[str, typer.Option("--for", help="High this long before firing.")] = "5m",
+    keep_firing_for: Annotated[str, typer.Option(help="Normal this long to resolve.")] = "15m",
+    min_deviation: Annotated[float, typer.Option(help="Min |value - expected|.")] = 0.0,
+    min_level: Annotated[float, typer.Option(help="Min baseline level to alert at all.")] = 0.0,
+    repeat: Annotated[str, typer.Option(help="Re-send a firing alert after this.")] = "4h",
+) -> None:
+    """Add or replace a rule (a rule named `anomaly` replaces the settings' default)."""
+    if not 0 < threshold <= critical <= 1:
+        raise AlertCommandError("need 0 < --threshold <= --critical <= 1")
+    if min_deviation < 0 or min_level < 0:
+        raise AlertCommandError("--min-deviation and --min-level must not be negative")
+    rule = {
+        "name": name,
+        "metric_pattern": metric,
+        "threshold": threshold,
+        "critical_threshold": critical,
+        "for_seconds": _seconds(for_),
+        "keep_firing_for_seconds": _seconds(keep_firing_for),
+        "min_abs_deviation": min_deviation,
+        "min_baseline_level": min_level,
+        "repeat_interval_seconds": _seconds(repeat),
+    }
+    with open_store(ctx) as store:
+        db.upsert_rule(store.backend, rule)
+    typer.echo(f"rule {name}: metrics {metric}, warn >= {threshold:g}, critical >= {critical:g}")
+
+
+@rules_app.command("remove")
+def rules_remove(ctx: typer.Context, name: str) -> None:
+    """Remove a rule added with `rules add` (its open alerts stay until resolved by hand)."""
+    with open_store(ctx) as store:
+        if not db.delete_rule(store.backend, name):
+            raise AlertCommandError(f"no stored rule {name!r}: see `metricmill alerts rules list`")
+    typer.echo(f"rule {name} removed")
+
+
+@notify_app.command("test")
+def notify_test(
+    ctx: typer.Context,
+    channel: Annotated[str, typer.Argument(help="Block reference, e.g. slack-webhook/ops.")],
+) -> None:
+    """Send a test message through one notification block."""
+    from tasks.notify import send_test
+
+    delivery = send_test(settings_from(ctx), channel)
+    if delivery.outcome != "sent":
+        raise AlertCommandError(
+            f"{channel}: {delivery.outcome} after {delivery.attempts} attempt(s): {delivery.error}"
+        )
+    typer.echo(f"{channel}: test message sent ({delivery.attempts} attempt(s))")

@@ -1,0 +1,426 @@
+"""Bulk reads and writes for baselines and detection: one statement per window, never per series.
+
+History comes from a rollup level (avg = sum / count, plus the spread inside each bucket from
+sum_sq); recent points come from raw samples newer than each series' detect watermark.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from metricmill.errors import MetricmillError
+from storage.schema import ROLLUP_TABLES
+from storage.store import Store
+
+BASELINE_COLUMNS = [
+    "series_id",
+    "slot",
+    "season",
+    "n",
+    "mean",
+    "std",
+    "median",
+    "mad",
+    "p05",
+    "p50",
+    "p95",
+    "p99",
+    "trend_slope",
+    "window_start",
+    "window_end",
+    "scale",
+    "level",
+]
+_BASELINE_TS = {"window_start", "window_end"}
+_PG_ARRAY_TYPES = {
+    "series_id": "bigint[]",
+    "slot": "integer[]",
+    "season": "text[]",
+    "n": "bigint[]",
+}
+
+
+def _ids_clause(store: Store, column: str, ids: Sequence[int] | None) -> tuple[str, list[Any]]:
+    if ids is None:
+        return "", []
+    return f" AND {column} {store.backend.ids_in}", [store.backend.id_list([int(i) for i in ids])]
+
+
+def series_metrics(store: Store, series_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """series_id and metric name of every series (or of the given ones)."""
+    clause, params = _ids_clause(store, "series_id", series_ids)
+    rows = store.backend.execute(
+        f"SELECT series_id, metric FROM series WHERE 1 = 1{clause} ORDER BY series_id",  # noqa: S608
+        params,
+    )
+    return pd.DataFrame(rows, columns=["series_id", "metric"]).astype({"series_id": "int64"})
+
+
+def history(
+    store: Store,
+    *,
+    start_us: int,
+    end_us: int,
+    level: str = "5m",
+    series_ids: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Buckets of a rollup level in [start, end): series_id, ts_us, count, sum, sum_sq."""
+    table = ROLLUP_TABLES[level]  # a constant name, never user text
+    b = store.backend
+    clause, params = _ids_clause(store, "series_id", series_ids)
+    rows = b.execute(
+        f"SELECT series_id, {b.ts_out.format(col='bucket')}, count, sum, sum_sq "  # noqa: S608
+        f"FROM {table} WHERE bucket >= {b.ts_in} AND bucket < {b.ts_in}{clause} "
+        "ORDER BY series_id, bucket",
+        [start_us, end_us, *params],
+    )
+    frame = pd.DataFrame(rows, columns=["series_id", "ts_us", "count", "sum", "sum_sq"])
+    return frame.astype(
+        {
+            "series_id": "int64",
+            "ts_us": "int64",
+            "count": "float64",
+            "sum": "float64",
+            "sum_sq": "float64",
+        }
+    )
+
+
+def series_with_history(
+    store: Store, *, start_us: int, end_us: int, level: str = "5m"
+) -> list[int]:
+    """Ids of the series with any bucket of `level` in [start, end)."""
+    table = ROLLUP_TABLES[level]
+    b = store.backend
+    rows = b.execute(
+        f"SELECT DISTINCT series_id FROM {table} "  # noqa: S608
+        f"WHERE bucket >= {b.ts_in} AND bucket < {b.ts_in} ORDER BY series_id",
+        [start_us, end_us],
+    )
+    return [int(r[0]) for r in rows]
+
+
+def exclude_windows(frame: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of `frame` (sorted by series_id, ts_us) outside every (series_id, start_us, end_us)."""
+    if frame.empty or windows.empty:
+        return frame
+    sid = frame["series_id"].to_numpy(np.int64)
+    ts = frame["ts_us"].to_numpy(np.int64)
+    # Lexicographic (series, ts) positions of each window's bounds; a loop per window is fine
+    # (incidents are few), the marking itself is one cumulative sum.
+    mark = np.zeros(len(frame) + 1, dtype=np.int64)
+    for w_sid, start, end in windows[["series_id", "start_us", "end_us"]].itertuples(index=False):
+        lo_s, hi_s = np.searchsorted(sid, [w_sid, w_sid + 1])
+        lo = lo_s + np.searchsorted(ts[lo_s:hi_s], start, "left")
+        hi = lo_s + np.searchsorted(ts[lo_s:hi_s], end, "left")
+        mark[lo] += 1
+        mark[hi] -= 1
+    inside = np.cumsum(mark[:-1]) > 0
+    return frame.loc[~inside].reset_index(drop=True)
+
+
+# -- baselines ---------------------------------------------------------------------------------
+def write_baselines(store: Store, frame: pd.DataFrame) -> int:
+    """Replace the baselines of the series in `frame` in one transaction; returns rows written."""
+    if frame.empty:
+        return 0
+    frame = frame[BASELINE_COLUMNS]
+    ids = sorted({int(i) for i in frame["series_id"].unique()})
+    b = store.backend
+    values = {c: _plain(frame[c]) for c in BASELINE_COLUMNS}
+    columns = ", ".join(BASELINE_COLUMNS)
+    with b.transaction():
+        b.execute(f"DELETE FROM baselines WHERE series_id {b.ids_in}", [b.id_list(ids)])  # noqa: S608
+        if b.name == "postgresql":
+            selects = ", ".join(
+                b.ts_in.replace("%s", f"u.{c}") if c in _BASELINE_TS else f"u.{c}"
+                for c in BASELINE_COLUMNS
+            )
+            arrays = ", ".join(
+                f"%s::{_PG_ARRAY_TYPES.get(c, 'float8[]')}" for c in BASELINE_COLUMNS
+            )
+            b.execute(
+                f"INSERT INTO baselines ({columns}) SELECT {selects} "  # noqa: S608
+                f"FROM unnest({arrays}) AS u({columns})",
+                [values[c] for c in BASELINE_COLUMNS],
+            )
+        else:
+            marks = ", ".join(["%s"] * len(BASELINE_COLUMNS))
+            b.executemany(
+                f"INSERT INTO baselines ({columns}) VALUES ({marks})",  # noqa: S608
+                list(zip(*(values[c] for c in BASELINE_COLUMNS), strict=True)),
+            )
+    return len(frame)
+
+
+def _plain(column: pd.Series) -> list[Any]:
+    """Python values for binding: ints stay ints, NaN becomes NULL."""
+    if not pd.api.types.is_numeric_dtype(column.dtype):
+        return [str(v) for v in column.tolist()]
+    if pd.api.types.is_integer_dtype(column.dtype):
+        return [int(v) for v in column.to_numpy()]
+    array = column.to_numpy(dtype=np.float64)
+    return [None if np.isnan(v) else float(v) for v in array]
+
+
+def read_baselines(store: Store, series_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """Stored baselines (all columns of BASELINE_COLUMNS, times in µs), by series and slot."""
+    b = store.backend
+    clause, params = _ids_clause(store, "series_id", series_ids)
+    selects = ", ".join(
+        b.ts_out.format(col=c) if c in _BASELINE_TS else c for c in BASELINE_COLUMNS
+    )
+    rows = b.execute(
+        f"SELECT {selects} FROM baselines WHERE 1 = 1{clause} "  # noqa: S608
+        "ORDER BY series_id, slot",
+        params,
+    )
+    frame = pd.DataFrame(rows, columns=BASELINE_COLUMNS)
+    floats = [c for c in BASELINE_COLUMNS if c not in ("series_id", "slot", "season", "n")]
+    return frame.astype(
+        {"series_id": "int64", "slot": "int64", "n": "int64", **dict.fromkeys(floats, "float64")}
+    )
+
+
+# -- detector models ---------------------------------------------------------------------------
+def write_models(store: Store, models: Sequence[dict[str, Any]]) -> None:
+    """Upsert fitted models: dicts with scope, detector, model (bytes), params, n_samples,
+    fitted_from, fitted_to (µs). One transaction."""
+    if not models:
+        return
+    b = store.backend
+    now = f"{b.ts_in}"
+    rows = [
+        (
+            m["scope"],
+            m["detector"],
+            m["model"],
+            json.dumps(m.get("params", {}), sort_keys=True, default=str),
+            int(m["n_samples"]),
+            int(m["fitted_from"]),
+            int(m["fitted_to"]),
+            int(m["fitted_at"]),
+        )
+        for m in models
+    ]
+    with b.transaction():
+        b.executemany(
+            "INSERT INTO detector_models (scope, detector, model, params, n_samples, "  # noqa: S608
+            f"fitted_from, fitted_to, fitted_at) VALUES (%s, %s, %s, %s, %s, {b.ts_in}, "
+            f"{b.ts_in}, {now}) ON CONFLICT (scope, detector) DO UPDATE SET "
+            "model = excluded.model, params = excluded.params, n_samples = excluded.n_samples, "
+            "fitted_from = excluded.fitted_from, fitted_to = excluded.fitted_to, "
+            "fitted_at = excluded.fitted_at",
+            rows,
+        )
+
+
+def read_models(store: Store, scopes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Stored models: scope, detector, model (bytes), params (dict), n_samples, fitted_* µs."""
+    b = store.backend
+    where, params = "", []
+    if scopes is not None:
+        if not scopes:
+            return pd.DataFrame(columns=_MODEL_COLUMNS)
+        where = " WHERE scope IN (" + ", ".join(["%s"] * len(scopes)) + ")"
+        params = list(scopes)
+    rows = b.execute(
+        "SELECT scope, detector, model, params, n_samples, "  # noqa: S608
+        f"{b.ts_out.format(col='fitted_from')}, {b.ts_out.format(col='fitted_to')}, "
+        f"{b.ts_out.format(col='fitted_at')} FROM detector_models{where} ORDER BY scope",
+        params,
+    )
+    records = [
+        (
+            r[0],
+            r[1],
+            bytes(r[2]),
+            r[3] if isinstance(r[3], dict) else json.loads(r[3] or "{}"),
+            *r[4:],
+        )
+        for r in rows
+    ]
+    return pd.DataFrame(records, columns=_MODEL_COLUMNS)
+
+
+_MODEL_COLUMNS = [
+    "scope",
+    "detector",
+    "model",
+    "params",
+    "n_samples",
+    "fitted_from",
+    "fitted_to",
+    "fitted_at",
+]
+
+
+# -- watermarks and recent points -------------------------------------------------------------
+def read_watermarks(store: Store) -> pd.DataFrame:
+    """series_id, ts_us: the newest sample time each series has been scored up to."""
+    b = store.backend
+    rows = b.execute(
+        f"SELECT series_id, {b.ts_out.format(col='ts')} FROM detect_watermarks "  # noqa: S608
+        "ORDER BY series_id"
+    )
+    return pd.DataFrame(rows, columns=["series_id", "ts_us"]).astype("int64")
+
+
+def series_to_score(store: Store, *, floor_us: int) -> list[int]:
+    """Series whose last sample is newer than their watermark (or than `floor_us` without one)."""
+    b = store.backend
+    last = b.ts_out.format(col="s.last_seen")
+    mark = b.ts_out.format(col="w.ts")
+    rows = b.execute(
+        f"SELECT s.series_id FROM series s LEFT JOIN detect_watermarks w "  # noqa: S608
+        f"ON w.series_id = s.series_id WHERE s.last_seen IS NOT NULL "
+        f"AND {last} > coalesce({mark}, %s) AND {last} >= %s ORDER BY s.series_id",
+        [floor_us, floor_us],
+    )
+    return [int(r[0]) for r in rows]
+
+
+def recent_points(
+    store: Store, *, series_ids: Sequence[int], floor_us: int, context_us: int
+) -> pd.DataFrame:
+    """Raw samples to score: series_id, ts_us, value, fresh (newer than the watermark).
+
+    Rows within `context_us` before a series' start are included with fresh=False: the
+    scoring features look back at them. A series' start is its watermark, or `floor_us` when it
+    has none or an older one (a series is never scored further back than the floor).
+    """
+    if not series_ids:
+        return pd.DataFrame(
+            {
+                "series_id": pd.Series(dtype="int64"),
+                "ts_us": pd.Series(dtype="int64"),
+                "value": pd.Series(dtype="float64"),
+                "fresh": pd.Series(dtype=bool),
+            }
+        )
+    b = store.backend
+    rows = b.execute(
+        f"SELECT s.series_id, {b.ts_out.format(col='s.ts')}, s.value, "  # noqa: S608
+        f"{b.ts_out.format(col='w.ts')} FROM samples s LEFT JOIN detect_watermarks w "
+        f"ON w.series_id = s.series_id WHERE s.series_id {b.ids_in} AND s.ts >= {b.ts_in} "
+        "ORDER BY s.series_id, s.ts",
+        [b.id_list([int(i) for i in series_ids]), floor_us - context_us],
+    )
+    frame = pd.DataFrame(rows, columns=["series_id", "ts_us", "value", "mark"])
+    mark = frame["mark"].astype("float64").fillna(float(floor_us - 1)).to_numpy()
+    start = np.maximum(mark, float(floor_us - 1))
+    ts = frame["ts_us"].to_numpy(dtype=np.int64)
+    keep = ts >= start - context_us
+    out = pd.DataFrame(
+        {
+            "series_id": frame["series_id"].to_numpy(dtype=np.int64)[keep],
+            "ts_us": ts[keep],
+            "value": frame["value"].to_numpy(dtype=np.float64)[keep],
+            "fresh": (ts > start)[keep],
+        }
+    )
+    return out
+
+
+def advance_watermarks(store: Store, marks: pd.DataFrame) -> int:
+    """Move watermarks forward to `marks` (series_id, ts_us); never backwards. One transaction."""
+    if marks.empty:
+        return 0
+    b = store.backend
+    ids = [int(i) for i in marks["series_id"]]
+    stamps = [int(t) for t in marks["ts_us"]]
+    with b.transaction():
+        if b.name == "postgresql":
+            b.execute(
+                "INSERT INTO detect_watermarks (series_id, ts, updated_at) "  # noqa: S608
+                f"SELECT u.sid, {b.ts_in.replace('%s', 'u.ts')}, now() "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS u(sid, ts) "
+                "ON CONFLICT (series_id) DO UPDATE SET "
+                "ts = GREATEST(detect_watermarks.ts, excluded.ts), updated_at = now()",
+                [ids, stamps],
+            )
+        else:
+            b.executemany(
+                "INSERT INTO detect_watermarks (series_id, ts) VALUES (%s, %s) "
+                "ON CONFLICT (series_id) DO UPDATE SET ts = max(detect_watermarks.ts, "
+                "excluded.ts), updated_at = (CAST((julianday('now') - 2440587.5) "
+                "* 86400000000.0 AS INTEGER))",
+                list(zip(ids, stamps, strict=True)),
+            )
+    return len(ids)
+
+
+# -- backtest files ------------------------------------------------------------------------------
+class BacktestInputError(MetricmillError):
+    """A backtest CSV that cannot be replayed."""
+
+
+def read_backtest_csv(path: Path) -> pd.DataFrame:
+    """`timestamp,value[,label]` rows of one series as ts_us, value[, label], sorted by time.
+
+    Timestamps are ISO 8601 (naive ones are UTC) or Unix epoch seconds.
+    """
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise BacktestInputError(f"{path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise BacktestInputError(
+            f"{path}: not a readable CSV ({str(exc).splitlines()[0]})"
+        ) from None
+    raw.columns = [str(c).strip().lower() for c in raw.columns]
+    missing = [c for c in ("timestamp", "value") if c not in raw.columns]
+    if missing:
+        raise BacktestInputError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected timestamp,value[,label]"
+        )
+    if raw.empty:
+        raise BacktestInputError(f"{path}: no rows")
+    stamps = raw["timestamp"].str.strip()
+    numeric = pd.to_numeric(stamps, errors="coerce")
+    if numeric.notna().all():
+        ts_us = (numeric.to_numpy(np.float64) * 1_000_000).round().astype(np.int64)
+        bad = np.zeros(len(raw), dtype=bool)
+    else:
+        parsed = pd.to_datetime(stamps, utc=True, errors="coerce", format="ISO8601")
+        bad = parsed.isna().to_numpy().copy()
+        ts_us = np.zeros(len(raw), dtype=np.int64)
+        ok = ~bad
+        ts_us[ok] = (
+            parsed[ok].dt.tz_convert("UTC").astype("datetime64[us, UTC]").astype("int64")
+        ).to_numpy()
+    values = pd.to_numeric(raw["value"].str.strip(), errors="coerce").to_numpy(np.float64)
+    bad = bad | ~np.isfinite(values)
+    if bad.any():
+        line = int(np.flatnonzero(bad)[0]) + 2  # header is line 1
+        raise BacktestInputError(
+            f"{path}: line {line} has an unreadable timestamp or value "
+            f"({raw['timestamp'].iloc[line - 2]!r}, {raw['value'].iloc[line - 2]!r})"
+        )
+    frame = pd.DataFrame({"ts_us": ts_us, "value": values})
+    if "label" in raw.columns:
+        labels = pd.to_numeric(raw["label"].str.strip().replace("", "0"), errors="coerce")
+        if labels.isna().any():
+            line = int(np.flatnonzero(labels.isna().to_numpy())[0]) + 2
+            raise BacktestInputError(f"{path}: line {line} has a label that is not 0 or 1")
+        frame["label"] = (labels.to_numpy() > 0).astype(np.int8)
+    frame = frame.sort_values("ts_us", kind="stable")
+    if frame["ts_us"].duplicated().any():
+        dup = int(frame.loc[frame["ts_us"].duplicated(), "ts_us"].iloc[0])
+        when = pd.Timestamp(dup, unit="us", tz="UTC").isoformat()
+        raise BacktestInputError(f"{path}: timestamp {when} appears more than once")
+    return frame.reset_index(drop=True)
+
+
+def write_scores_csv(frame: pd.DataFrame, path: Path) -> None:
+    """The backtest's rows as CSV (written to a temporary file, then moved into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    frame.to_csv(partial, index=False, float_format="%.6g")
+    partial.replace(path)

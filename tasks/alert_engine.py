@@ -1,0 +1,429 @@
+"""The pure alert rule engine: scores in, alert transitions and carried state out.
+
+Per series the engine is the Prometheus state machine (normal -> pending -> firing -> normal),
+evaluated without a per-sample loop. The trick is that the machine only changes phase at a few
+places that numpy can find directly:
+
+- a *run* is a stretch of consecutive "high" rows; pending always starts at a run's first row,
+  and the run fires at its first row at least `for_seconds` after that start (if any);
+- once firing, the alert resolves at the first row at least `keep_firing_for_seconds` after the
+  last high row, provided no high row comes first. Runs linked by "no resolution in between"
+  form a *segment*; a segment holds one firing episode, from its first run that fires to the
+  resolution after its last run (or still open at the end of the data).
+
+Carried state is turned back into one synthetic leading row per series (a high row at the
+pending start, or at the last high row of a firing alert), so that evaluating consecutive chunks
+gives exactly the events of one evaluation over everything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+SCORE_COLUMNS = (
+    "series_id",
+    "ts_us",
+    "value",
+    "expected",
+    "lower",
+    "upper",
+    "stat_score",
+    "model_score",
+    "score",
+    "baseline_level",
+)
+EVENT_COLUMNS = (
+    "series_id",
+    "ts_us",
+    "event",
+    "severity",
+    "value",
+    "expected",
+    "lower",
+    "upper",
+    "score",
+    "since_us",
+)
+STATE_COLUMNS = ("series_id", "phase", "since_us", "last_high_us", "severity", "last_ts_us")
+PHASES = ("normal", "pending", "firing")
+_EVENT_ORDER = {"firing": 0, "escalated": 1, "resolved": 2}
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """When a scored series turns into an alert, and when it stops being one."""
+
+    name: str = "anomaly"
+    metric_pattern: str = "*"  # glob on metric name
+    threshold: float = 0.7  # warning tier: score >= threshold
+    critical_threshold: float = 0.9  # critical tier
+    for_seconds: float = 300.0  # score must stay high this long before firing
+    keep_firing_for_seconds: float = 900.0  # must stay normal this long before resolving
+    min_abs_deviation: float = 0.0  # |value - expected| below this never counts as high
+    min_baseline_level: float = 0.0  # series whose |baseline_level| is below never alert
+    repeat_interval_seconds: float = 14400.0
+
+    def matches(self, metric: str) -> bool:
+        """Whether the rule applies to a metric name (shell-style glob, case-sensitive)."""
+        return fnmatch.fnmatchcase(metric, self.metric_pattern)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything one evaluation learns; `flags` and `row_index` are aligned with the input."""
+
+    events: pd.DataFrame
+    state: pd.DataFrame
+    flags: np.ndarray  # 0/1 per input row: firing at that row (rows already seen count 0)
+    fresh: np.ndarray  # bool per input row: newer than the carried state's last_ts_us
+
+
+def empty_state() -> pd.DataFrame:
+    """A state frame with no series in it."""
+    return _state_frame(
+        np.empty(0, np.int64),
+        np.empty(0, object),
+        np.empty(0, np.int64),
+        np.empty(0, np.int64),
+        np.empty(0, object),
+        np.empty(0, np.int64),
+        np.empty(0, bool),
+        np.empty(0, bool),
+    )
+
+
+def _state_frame(
+    sid: np.ndarray,
+    phase: np.ndarray,
+    since: np.ndarray,
+    last_high: np.ndarray,
+    severity: np.ndarray,
+    last_ts: np.ndarray,
+    has_since: np.ndarray,
+    has_high: np.ndarray,
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "series_id": pd.Series(sid, dtype="int64"),
+            "phase": pd.Series(phase, dtype=object),
+            "since_us": _nullable(since, has_since),
+            "last_high_us": _nullable(last_high, has_high),
+            "severity": pd.Series(severity, dtype=object),
+            "last_ts_us": pd.Series(last_ts, dtype="int64"),
+        }
+    )
+
+
+def _nullable(values: np.ndarray, present: np.ndarray) -> pd.Series:
+    return pd.Series(np.where(present, values, 0), dtype="Int64").mask(~present)
+
+
+def _empty_events() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.array([], dtype="float64") for c in EVENT_COLUMNS})
+    return frame.astype(
+        {
+            "series_id": "int64",
+            "ts_us": "int64",
+            "event": object,
+            "severity": object,
+            "since_us": "int64",
+        }
+    )
+
+
+def _check_scores(scores: pd.DataFrame) -> None:
+    missing = [c for c in ("series_id", "ts_us", "value", "score") if c not in scores.columns]
+    if missing:
+        raise ValueError(f"scores lack column(s): {', '.join(missing)}")
+
+
+def _column(scores: pd.DataFrame, name: str, default: float = np.nan) -> np.ndarray:
+    if name in scores.columns:
+        return scores[name].to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.full(len(scores), default)
+
+
+def _us(seconds: float) -> int:
+    return max(0, round(seconds * 1_000_000))
+
+
+def high_mask(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
+    """Rows whose score counts as high under the rule (NaN scores never do)."""
+    score = _column(scores, "score")
+    value = _column(scores, "value")
+    expected = _column(scores, "expected")
+    level = _column(scores, "baseline_level")
+    with np.errstate(invalid="ignore"):
+        high = score >= rule.threshold
+        if rule.min_abs_deviation > 0:
+            high &= np.abs(value - expected) >= rule.min_abs_deviation
+        if rule.min_baseline_level > 0:
+            high &= np.abs(level) >= rule.min_baseline_level
+    return np.asarray(high, dtype=bool)
+
+
+def _sorted(sid: np.ndarray, ts: np.ndarray) -> bool:
+    step_sid = np.diff(sid)
+    return bool(np.all((step_sid > 0) | ((step_sid == 0) & (np.diff(ts) > 0))))
+
+
+def evaluate(
+    rule: AlertRule, scores: pd.DataFrame, state: pd.DataFrame | None = None
+) -> Evaluation:
+    """Run the rule over `scores` (sorted by series_id, ts_us), continuing from `state`."""
+    _check_scores(scores)
+    n_in = len(scores)
+    sid_in = scores["series_id"].to_numpy(dtype=np.int64)
+    ts_in = scores["ts_us"].to_numpy(dtype=np.int64)
+    if n_in > 1 and not _sorted(sid_in, ts_in):
+        order = np.lexsort((ts_in, sid_in))
+        result = evaluate(rule, scores.iloc[order], state)
+        flags, fresh = np.empty_like(result.flags), np.empty_like(result.fresh)
+        flags[order], fresh[order] = result.flags, result.fresh
+        return Evaluation(events=result.events, state=result.state, flags=flags, fresh=fresh)
+    high_in = high_mask(rule, scores)
+    with np.errstate(invalid="ignore"):
+        crit_in = high_in & (_column(scores, "score") >= rule.critical_threshold)
+
+    st = empty_state() if state is None or len(state) == 0 else state
+    st = st.drop_duplicates("series_id", keep="last").sort_values("series_id")
+    st_sid = st["series_id"].to_numpy(dtype=np.int64)
+    st_phase = st["phase"].to_numpy(dtype=object)
+    st_since = st["since_us"].to_numpy(dtype=np.float64, na_value=np.nan)
+    st_high = st["last_high_us"].to_numpy(dtype=np.float64, na_value=np.nan)
+    st_sev = st["severity"].to_numpy(dtype=object)
+    st_last = st["last_ts_us"].to_numpy(dtype=np.int64)
+
+    # Rows at or before a series' carried last_ts were evaluated before: skip them.
+    pos = np.searchsorted(st_sid, sid_in)
+    pos_c = np.minimum(pos, max(len(st_sid) - 1, 0))
+    known = (pos < len(st_sid)) & (st_sid[pos_c] == sid_in) if len(st_sid) else np.zeros(n_in, bool)
+    fresh = ~known | (ts_in > np.where(known, st_last[pos_c] if len(st_sid) else 0, 0))
+    real_idx = np.flatnonzero(fresh)
+
+    # One synthetic leading row per carried pending/firing series that has fresh rows.
+    present = np.isin(st_sid, sid_in[real_idx])
+    syn_pending = present & (st_phase == "pending") & ~np.isnan(st_since)
+    syn_firing = present & (st_phase == "firing") & ~np.isnan(st_high)
+    syn = np.flatnonzero(syn_pending | syn_firing)
+    syn_ts = np.where(syn_firing[syn], st_high[syn], st_since[syn]).astype(np.int64)
+    syn_fire = syn_firing[syn]
+    syn_crit = syn_fire & (st_sev[syn] == "critical")
+    syn_since = np.where(np.isnan(st_since[syn]), syn_ts, st_since[syn]).astype(np.int64)
+
+    real_sid = sid_in[real_idx]
+    at = np.searchsorted(real_sid, st_sid[syn], side="left")  # before the series' first row
+
+    def with_synthetic(synthetic_values: np.ndarray, real_values: np.ndarray) -> np.ndarray:
+        return np.insert(real_values, at, synthetic_values)
+
+    sid = with_synthetic(st_sid[syn], real_sid)
+    ts = with_synthetic(syn_ts, ts_in[real_idx])
+    source = with_synthetic(np.full(len(syn), -1, np.int64), real_idx)  # input row; -1 synthetic
+    high = with_synthetic(np.ones(len(syn), bool), high_in[real_idx])
+    crit = with_synthetic(syn_crit, crit_in[real_idx])
+    forced = with_synthetic(syn_fire, np.zeros(len(real_idx), bool))
+    carried_since = with_synthetic(syn_since, np.zeros(len(real_idx), np.int64))
+    synthetic = source < 0
+    n = len(sid)
+
+    events = _empty_events()
+    flags_all = np.zeros(n, np.int8)
+    new_sid = np.empty(0, np.int64)
+    if n:
+        events, flags_all, new_state_parts = _machine(
+            rule, sid, ts, high, crit, forced, synthetic, carried_since
+        )
+        new_sid = new_state_parts[0]
+    else:
+        new_state_parts = None
+
+    flags = np.zeros(n_in, np.int8)
+    real = ~synthetic
+    flags[source[real]] = flags_all[real]
+
+    if len(events):
+        rows = source[events.pop("_row").to_numpy()]
+        for name in ("value", "expected", "lower", "upper", "score"):
+            events[name] = _column(scores, name)[rows]
+        events = events[list(EVENT_COLUMNS)]
+        events["_order"] = events["event"].map(_EVENT_ORDER)
+        events = (
+            events.sort_values(["series_id", "ts_us", "_order"], kind="stable")
+            .drop(columns="_order")
+            .reset_index(drop=True)
+        )
+    else:
+        events = _empty_events()
+
+    # New state: freshly evaluated series, plus carried series that had nothing new.
+    keep = ~np.isin(st_sid, new_sid)
+    carried = st.iloc[np.flatnonzero(keep)]
+    if new_state_parts is not None:
+        fresh_state = _state_frame(*new_state_parts)
+        # A synthetic row stands for the start of a run; the carried last high may be later.
+        before = pd.Series(st["last_high_us"].to_numpy(), index=st_sid, dtype="Int64")
+        carried_high = fresh_state["series_id"].map(before).astype("Int64")
+        fresh_state["last_high_us"] = (
+            pd.concat([fresh_state["last_high_us"], carried_high], axis=1)
+            .max(axis=1)
+            .astype("Int64")
+        )
+        parts = [p for p in (carried, fresh_state) if len(p)]
+        new_state = pd.concat(parts, ignore_index=True) if parts else empty_state()
+    else:
+        new_state = carried.reset_index(drop=True) if len(carried) else empty_state()
+    new_state = new_state.sort_values("series_id", kind="stable").reset_index(drop=True)
+    return Evaluation(events=events, state=new_state, flags=flags, fresh=fresh)
+
+
+def _machine(
+    rule: AlertRule,
+    sid: np.ndarray,
+    ts: np.ndarray,
+    high: np.ndarray,
+    crit: np.ndarray,
+    forced: np.ndarray,
+    synthetic: np.ndarray,
+    carried_since: np.ndarray,
+) -> tuple[pd.DataFrame, np.ndarray, tuple[np.ndarray, ...]]:
+    n = len(sid)
+    idx = np.arange(n)
+    for_us, keep_us = _us(rule.for_seconds), _us(rule.keep_firing_for_seconds)
+
+    first_of_series = np.ones(n, bool)
+    first_of_series[1:] = sid[1:] != sid[:-1]
+    series_starts = np.flatnonzero(first_of_series)
+    series_ends = np.append(series_starts[1:], n)  # one past the last row
+    series_no = np.cumsum(first_of_series) - 1
+    row_series_end = series_ends[series_no]
+
+    # A key increasing over the whole frame, so one searchsorted finds "first row of this
+    # series at or after t" for every series at once (a landing past the series means none).
+    span = ts[series_ends - 1] - ts[series_starts]
+    offset = np.concatenate([[0], np.cumsum(span + 1)[:-1]])
+    key = ts - ts[series_starts][series_no] + offset[series_no]
+
+    prev_high = np.zeros(n, bool)
+    prev_high[1:] = high[:-1]
+    next_high = np.zeros(n, bool)
+    next_high[:-1] = high[1:]
+    last_of_series = np.zeros(n, bool)
+    last_of_series[series_ends - 1] = True
+    starts = np.flatnonzero(high & (first_of_series | ~prev_high))
+    ends = np.flatnonzero(high & (last_of_series | ~next_high))
+    run_series_end = row_series_end[starts]
+    n_runs = len(starts)
+
+    next_start = np.append(starts[1:], n)
+    next_start = np.minimum(next_start, run_series_end)
+
+    # Does the run fire, and where: first row >= start + for (never the synthetic row itself).
+    fire = np.searchsorted(key, key[starts] + for_us, side="left")
+    fire = np.where(synthetic[starts] & (fire == starts), fire + 1, fire)
+    fire = np.where(forced[starts], starts, fire)
+    qualifies = fire <= ends
+
+    # After a run: the first later row >= last high + keep; it resolves if before the next run.
+    resolve_at = np.maximum(np.searchsorted(key, key[ends] + keep_us, side="left"), ends + 1)
+    breaks = resolve_at < next_start
+
+    continues = np.zeros(n_runs, bool)
+    if n_runs > 1:
+        same_series = run_series_end[1:] == run_series_end[:-1]
+        continues[1:] = same_series & ~breaks[:-1]
+    segment = np.cumsum(~continues) - 1
+
+    q_runs = np.flatnonzero(qualifies)
+    ep_segments, first_pos = np.unique(segment[q_runs], return_index=True)
+    ep_run = q_runs[first_pos]  # first qualifying run of each segment with an episode
+    ep_last_run = np.searchsorted(segment, ep_segments, side="right") - 1
+    ep_fire = fire[ep_run]
+    ep_resolved = breaks[ep_last_run]
+    ep_end = np.where(ep_resolved, resolve_at[ep_last_run], run_series_end[ep_run])
+    ep_since = np.where(forced[starts[ep_run]], carried_since[starts[ep_run]], ts[starts[ep_run]])
+
+    crit_pos = np.where(crit, idx, n)
+    next_crit = np.minimum.accumulate(crit_pos[::-1])[::-1]
+    ep_crit_at = next_crit[ep_fire]
+    ep_starts_critical = ep_crit_at == ep_fire
+    ep_escalates = (ep_crit_at > ep_fire) & (ep_crit_at < ep_end)
+    ep_severity = np.where(ep_starts_critical | ep_escalates, "critical", "warning")
+
+    flags_delta = np.zeros(n + 1, np.int64)
+    np.add.at(flags_delta, ep_fire, 1)
+    np.add.at(flags_delta, ep_end, -1)
+    flags = np.cumsum(flags_delta[:n]).astype(np.int8)
+
+    announce = ~synthetic[ep_fire]
+    ev_parts = [
+        (
+            ep_fire[announce],
+            "firing",
+            np.where(ep_starts_critical, "critical", "warning")[announce],
+            ep_since[announce],
+        ),
+        (
+            ep_crit_at[ep_escalates],
+            "escalated",
+            np.full(ep_escalates.sum(), "critical"),
+            ep_since[ep_escalates],
+        ),
+        (ep_end[ep_resolved], "resolved", ep_severity[ep_resolved], ep_since[ep_resolved]),
+    ]
+    rows = np.concatenate([p[0] for p in ev_parts]).astype(np.int64)
+    events = pd.DataFrame(
+        {
+            "series_id": sid[rows],
+            "ts_us": ts[rows],
+            "event": np.concatenate([np.full(len(p[0]), p[1], dtype=object) for p in ev_parts]),
+            "severity": np.concatenate([np.asarray(p[2], dtype=object) for p in ev_parts]),
+            "since_us": np.concatenate([p[3] for p in ev_parts]).astype(np.int64),
+            "_row": rows,
+        }
+    )
+
+    # State at the end of each series.
+    s_sid = sid[series_starts]
+    s_last_ts = ts[series_ends - 1]
+    n_series = len(series_starts)
+    phase = np.full(n_series, "normal", dtype=object)
+    since = np.zeros(n_series, np.int64)
+    has_since = np.zeros(n_series, bool)
+    severity = np.full(n_series, None, dtype=object)
+    run_series_no = series_no[starts]
+    last_run = np.full(n_series, -1)
+    last_run[run_series_no] = np.arange(n_runs)  # later runs overwrite earlier ones
+    has_high = last_run >= 0
+    last_high = np.zeros(n_series, np.int64)
+    last_high[has_high] = ts[ends[last_run[has_high]]]
+
+    pending = has_high & high[series_ends - 1]
+    phase[pending] = "pending"
+    since[pending] = ts[starts[last_run[pending]]]
+    has_since |= pending
+    open_ep = ~ep_resolved
+    ep_series = series_no[ep_fire[open_ep]]
+    phase[ep_series] = "firing"
+    since[ep_series] = ep_since[open_ep]
+    severity[ep_series] = ep_severity[open_ep]
+    has_since[ep_series] = True
+    # Only the rows' own timestamps count as "seen": a synthetic row is never the last one.
+    return events, flags, (s_sid, phase, since, last_high, severity, s_last_ts, has_since, has_high)
+
+
+def alert_timeline(
+    rule: AlertRule, scores: pd.DataFrame, state: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Alert transitions (firing, escalated, resolved) in `scores`, and the state to carry on."""
+    result = evaluate(rule, scores, state)
+    return result.events, result.state
+
+
+def alert_flags(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
+    """0/1 per row of `scores`: whether the series is in the firing phase at that row."""
+    return evaluate(rule, scores).flags
