@@ -11,11 +11,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic.json_schema import SkipJsonSchema
 
+from flows.guard import exclusive
 from metricmill.settings import load_settings
 from tasks.ingest import (
     SourceOutcome,
     claim_landing,
-    ingest_file,
+    group_files,
+    ingest_files,
     ingest_records,
     prepare_store,
     scrape_target,
@@ -37,6 +39,7 @@ def _run_name() -> str:
     # invariant generic rejects for its own default runner class.)
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
 )
+@exclusive("ingest")  # one run at a time; a run that finds another in progress is Skipped
 def ingest(
     # A DataFrame is accepted from Python; it stays out of the schema, so the UI's form is the
     # list of sample objects.
@@ -57,8 +60,9 @@ def ingest(
     if landing:
         claim = claim_landing(settings)
         try:
-            futures = [ingest_file.submit(settings, path) for path in claim.files]
-            outcomes.extend(f.result() for f in futures)
+            # A task per group of files: each group is checked and written as one unit.
+            groups = [ingest_files.submit(settings, g) for g in group_files(claim.files)]
+            outcomes.extend(o for g in groups for o in g.result())
         finally:
             claim.release()
     errors: dict[str, str] = {}

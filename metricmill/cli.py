@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,16 +26,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from metricmill.demo import (
-    METRICS,
-    DemoData,
-    generate_demo_data,
-    hourly_batches,
-    incident_window,
-)
 from metricmill.errors import MetricmillError, QueryError
 from metricmill.selectors import Selector, parse_selector
-from metricmill.settings import MEMORY_URL, Settings, load_settings, mask_url
+from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.types import WriteReport
 from storage.backend import Health
 from storage.readers import read_samples_file
@@ -233,14 +225,20 @@ def query(
     end: Annotated[str | None, typer.Option(help="ISO time, epoch, now, -5m (now)")] = None,
     step: Annotated[str | None, typer.Option(help="Bucket width: 30s, 5m, 1h")] = None,
     agg: Annotated[
-        str | None, typer.Option(help="avg, min, max, sum, count, last, stddev (with --step)")
+        str | None,
+        typer.Option(help="avg, min, max, sum, count, last, stddev, rate, increase (with --step)"),
     ] = None,
     format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
     limit: Annotated[int | None, typer.Option(min=1, help="First N rows only")] = None,
+    level: Annotated[
+        str | None, typer.Option(help="Force a resolution: raw, 1m, 5m, 1h, 1d (default: best)")
+    ] = None,
 ) -> None:
-    """Samples in [start, end), raw or aggregated per step."""
+    """Samples in [start, end), raw or aggregated per step (read from rollups where they fit)."""
     with open_store(ctx) as store:
-        frame = store.query(None, combined_selector(target, selector), start, end, step, agg)
+        frame = store.query(
+            None, combined_selector(target, selector), start, end, step, agg, level=level
+        )
     if limit is not None:
         frame = frame.head(limit)
     print_points(frame, format)
@@ -370,111 +368,6 @@ def export(
             format=None if format is None else format.value,
         )
     typer.echo(f"exported {rows} rows to {path}")
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    """What the demo did, for its summary."""
-
-    settings: Settings
-    data: DemoData
-    reports: list[WriteReport]
-    replay: WriteReport
-    hourly: pd.DataFrame  # avg per hour around the incident
-    peaks: pd.DataFrame  # max per hour, same buckets
-    info: dict[str, Any]
-    health: Health
-    elapsed: float
-
-
-@app.command()
-def demo(
-    ctx: typer.Context,
-    home: Annotated[
-        Path | None, typer.Option(help="Home for the demo data (default: a new temporary one)")
-    ] = None,
-    hosts: Annotated[int, typer.Option(min=1, max=1000)] = 10,
-    days: Annotated[int, typer.Option(min=1, max=60)] = 2,
-) -> None:
-    """Generate realistic host metrics into an embedded SQLite store and show what it holds."""
-    started = time.perf_counter()
-    chosen = home or (ctx.find_object(GlobalOptions) or GlobalOptions()).home
-    home = (chosen or Path(tempfile.mkdtemp(prefix="metricmill-demo-"))).expanduser().resolve()
-    settings = settings_from(ctx, home=home, database_url=f"sqlite:///{home / 'metrics.db'}")
-    data = generate_demo_data(hosts, days, end=datetime.now(UTC))
-    batches = hourly_batches(data.frame)
-    with Store.open(settings=settings) as store:
-        reports = [store.write_samples(batch, source="demo") for batch in batches]
-        replay = store.write_samples(batches[-1], source="demo")
-        host = {"host": data.incident.host}
-        window = incident_window(data.incident)
-        hourly = store.query("cpu_usage_percent", host, *window, step="1h", agg="avg")
-        peaks = store.query("cpu_usage_percent", host, *window, step="1h", agg="max")
-        info, checked = store.stats(), store.health()
-    elapsed = time.perf_counter() - started
-    print_demo(DemoRun(settings, data, reports, replay, hourly, peaks, info, checked, elapsed))
-
-
-def print_demo(run: DemoRun) -> None:
-    console = out()
-    data, info, incident = run.data, run.info, run.data.incident
-    console.print(Text(f"metricmill demo — {run.settings.home}", style="bold"))
-    summary = table("", "", title="what happened", show_header=False)
-    row(
-        summary,
-        "generated",
-        f"{len(data.frame):,} samples: {len(data.hosts)} hosts × {len(METRICS)} metrics, "
-        "1-minute resolution",
-    )
-    written = sum(r.written for r in run.reports)
-    row(summary, "written", f"{len(run.reports)} hourly micro-batches, {written:,} samples")
-    row(summary, "samples stored", f"{info['samples']:,}")
-    row(summary, "series", info["series"])
-    replayed = "replay detected, nothing written" if run.replay.replay else "written again"
-    row(summary, "re-sent last batch", replayed)
-    row(
-        summary,
-        "injected incident",
-        f"{incident.host}: CPU ~98% and latency ×4 for {incident.minutes} minutes "
-        f"from {incident.start.isoformat()}",
-    )
-    row(
-        summary,
-        "database",
-        f"{mask_url(run.settings.database_url)} ({info['backend']}, {info['bytes_total']:,} bytes)",
-    )
-    row(summary, "health", "ok" if run.health.ok else "; ".join(run.health.problems))
-    row(summary, "took", f"{run.elapsed:.1f} s")
-    console.print(summary)
-
-    example = table(
-        "hour (UTC)",
-        "avg",
-        "max",
-        title="query: hourly CPU around the incident",
-        caption=f'cpu_usage_percent{{host="{incident.host}"}}, step 1h',
-    )
-    for ts, avg, peak in zip(
-        run.hourly["ts"], run.hourly["value"], run.peaks["value"], strict=True
-    ):
-        row(example, ts.strftime("%Y-%m-%d %H:%M"), f"{avg:.1f}", f"{peak:.1f}")
-    console.print(example)
-
-    prefix = f"uv run metricmill --home {run.settings.home}"
-    selector = f'{{host="{incident.host}"}}'
-    console.print(Text("next steps", style="bold"))
-    for command in (
-        f"{prefix} series 'http_*'",
-        f"{prefix} query 'cpu_usage_percent{selector}' --start -1d --step 1h --agg max",
-        f"{prefix} query http_requests_total --selector '{{region=\"eu-west\"}}' --limit 5 "
-        "--format json",
-        f"{prefix} export 'http_request_duration_seconds{selector}' --start -1d "
-        "--output latency.csv",
-        f"{prefix} ingest FILE.ndjson FILE.csv.gz",
-        f"{prefix} stats",
-        f"{prefix} health",
-    ):
-        console.print(Text(f"  {command}"), soft_wrap=True)
 
 
 # -- quarantine -------------------------------------------------------------------------------
@@ -644,9 +537,10 @@ def run_ingest_flow(settings: Settings, options: GlobalOptions, **kwargs: Any) -
         return_state=True,
         **kwargs,
     )
-    if not state.is_completed():
+    rows = state.result() if state.is_completed() else None
+    if not isinstance(rows, list):  # failed, or Skipped: another ingest run was in progress
         raise MetricmillError(f"ingest flow run ended {state.name}: {state.message}")
-    return {r["source"]: r for r in state.result()}
+    return {r["source"]: r for r in rows}
 
 
 def describe_outcome(summary: dict[str, Any]) -> str:
@@ -711,3 +605,31 @@ def replay_entry(settings: Settings, options: GlobalOptions, target: str) -> Non
     with Store.open(settings=settings) as store:
         store.mark_replayed(entry_id)
     typer.echo(f"entry {entry_id}: {describe_outcome(summary)}")
+
+
+# -- operator commands: serve, status, doctor (their module imports this one, hence last) ----
+from metricmill.cli_ops import ops_app  # noqa: E402
+
+app.add_typer(ops_app)
+
+# -- the demo (its module imports this one, hence last) ----
+from metricmill.cli_demo import demo_app  # noqa: E402
+
+app.add_typer(demo_app)
+
+# -- retention and archive (their module imports this one, hence last) ----------------------
+from metricmill.cli_retention import archive_app, retention_app  # noqa: E402
+
+app.add_typer(retention_app, name="retention")
+app.add_typer(archive_app, name="archive")
+
+# -- backtest (its module imports this one, hence last) ----------------------------------------
+from metricmill.cli_backtest import backtest_app  # noqa: E402
+
+app.add_typer(backtest_app)
+
+# -- alerts and notifications (their module imports this one, hence last) ----------------------
+from metricmill.cli_alerts import alerts_app, notify_app  # noqa: E402
+
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(notify_app, name="notify")

@@ -1,153 +1,263 @@
-"""Realistic host metrics for the demo: daily seasonality, noise, counters and one incident.
+"""Realistic host and container metrics for the demo, with incidents whose answers are known.
 
-Pure functions over numpy arrays shaped (hosts, minutes); no per-sample Python loops.
+Every metric is a (hosts, minutes) numpy array driven by a daily and a weekly load profile, so
+nothing loops per sample. The last `live_minutes` are "live" data that arrive after the
+baselines were learned; the incidents are injected there, for detection to find.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 GIB = 2**30
+REGIONS = ("eu-west", "us-east", "ap-south")
 METRICS = (
     "cpu_usage_percent",
     "memory_used_bytes",
-    "http_request_duration_seconds",
-    "http_requests_total",
     "disk_used_bytes",
+    "disk_io_utilization_percent",
+    "network_receive_bytes_per_second",
+    "network_transmit_bytes_per_second",
+    "http_requests_per_second",
+    "http_request_duration_seconds",
+    "http_server_errors_per_minute",
+    "container_memory_working_set_bytes",
 )
-REGIONS = ("eu-west", "us-east", "ap-south")
-INCIDENT_MINUTES = 20
+LABEL_NAMES = ("host", "region", "env", "container")
 
 
 @dataclass(frozen=True)
 class Incident:
-    """The injected anomaly: CPU pegged and latency up on one host for a few minutes."""
+    """One injected incident: a metric of one host misbehaving in [start, end)."""
 
+    kind: str
     host: str
+    metric: str
     start: datetime
-    minutes: int
-    metrics: tuple[str, ...] = ("cpu_usage_percent", "http_request_duration_seconds")
+    end: datetime
+    what: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class DemoData:
-    frame: pd.DataFrame  # metric, labels, ts, value — ready for Store.write_samples
     hosts: tuple[str, ...]
-    incident: Incident
+    times: pd.DatetimeIndex  # every minute, UTC
+    values: dict[str, np.ndarray]  # metric -> (hosts, minutes)
+    incidents: list[Incident]
+    live_start: datetime
+
+    @property
+    def samples(self) -> int:
+        return len(self.hosts) * len(self.times) * len(METRICS)
 
     @property
     def series(self) -> int:
         return len(self.hosts) * len(METRICS)
+
+    def frame(
+        self, start: datetime, end: datetime, metrics: tuple[str, ...] = METRICS
+    ) -> pd.DataFrame:
+        """Samples in [start, end) of the given metrics: metric, ts, value and label columns."""
+        cols = np.flatnonzero(
+            (self.times >= pd.Timestamp(start)) & (self.times < pd.Timestamp(end))
+        )
+        if len(cols) == 0:
+            return pd.DataFrame(columns=["metric", "ts", "value", *LABEL_NAMES])
+        hosts, minutes = len(self.hosts), len(cols)
+        host_idx = np.tile(np.repeat(np.arange(hosts), minutes), len(metrics))
+        names = np.array(self.hosts, dtype=object)
+        regions = np.array([REGIONS[i % len(REGIONS)] for i in range(hosts)], dtype=object)
+        ts = self.times[cols]
+        return pd.DataFrame(
+            {
+                "metric": np.repeat(np.array(metrics, dtype=object), hosts * minutes),
+                "ts": pd.to_datetime(
+                    np.tile(ts.tz_convert(None).to_numpy(), hosts * len(metrics)), utc=True
+                ),
+                "value": np.concatenate([self.values[m][:, cols].ravel() for m in metrics]),
+                "host": names[host_idx],
+                "region": regions[host_idx],
+                "env": "prod",
+                "container": "api",
+            }
+        )
 
 
 def host_names(count: int) -> tuple[str, ...]:
     return tuple(f"web-{i:02d}" for i in range(1, count + 1))
 
 
-def minute_grid(days: int, end: datetime) -> pd.DatetimeIndex:
-    """Every minute in [end - days, end), end floored to the minute, in UTC."""
-    stamp = pd.Timestamp(end)
-    stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
-    end_minute = stamp.floor("min")
-    return pd.date_range(end=end_minute - pd.Timedelta(minutes=1), periods=days * 1440, freq="min")
-
-
-def daily_profile(times: pd.DatetimeIndex, peak_hour: float = 14.0) -> np.ndarray:
-    """0 at night, 1 at the afternoon peak (UTC), a smooth daily cycle."""
+def load_profile(times: pd.DatetimeIndex) -> np.ndarray:
+    """0..1: a daily cycle peaking mid-afternoon UTC, quieter at weekends."""
     hour = (times.hour + times.minute / 60.0).to_numpy(dtype="float64")
-    return np.asarray(0.5 * (1.0 + np.cos(2 * np.pi * (hour - peak_hour) / 24.0)))
+    daily = 0.5 * (1.0 + np.cos(2 * np.pi * (hour - 14.0) / 24.0))
+    weekend = np.isin(times.dayofweek.to_numpy(), (5, 6))
+    return np.asarray(daily * np.where(weekend, 0.55, 1.0))
 
 
-def host_metrics(
-    profile: np.ndarray, load: np.ndarray, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Each metric as a (hosts, minutes) array driven by the daily profile and per-host load."""
-    hosts, minutes = len(load), len(profile)
-    busy = profile[None, :] * load[:, None]
-    noise = rng.normal(size=(hosts, minutes))
-    cpu = np.clip(12.0 + 48.0 * busy + 4.0 * noise, 0.0, 100.0)
-    memory_share = 0.35 + 0.2 * busy + np.cumsum(rng.normal(0, 0.002, (hosts, minutes)), axis=1)
-    memory = np.clip(memory_share, 0.1, 0.95) * 16 * GIB
-    latency = 0.08 * (1.0 + 0.8 * busy) * rng.lognormal(0.0, 0.15, (hosts, minutes))
-    per_minute = rng.poisson(600.0 * (0.2 + busy)).astype("float64")
-    requests = rng.integers(0, 10**6, hosts)[:, None] + np.cumsum(per_minute, axis=1)
-    disk_growth = rng.exponential(2 * 2**20, (hosts, minutes))
-    disk = (rng.uniform(40, 120, hosts) * GIB)[:, None] + np.cumsum(disk_growth, axis=1)
-    return {
-        "cpu_usage_percent": cpu,
-        "memory_used_bytes": np.round(memory),
-        "http_request_duration_seconds": latency,
-        "http_requests_total": requests,
-        "disk_used_bytes": np.round(disk),
-    }
-
-
-def inject_incident(
-    values: dict[str, np.ndarray], host: int, first: int, minutes: int, rng: np.random.Generator
-) -> None:
-    """CPU near 100% and latency four times normal on one host for `minutes` minutes."""
-    window = slice(first, first + minutes)
-    values["cpu_usage_percent"][host, window] = rng.uniform(96.0, 99.5, minutes)
-    values["http_request_duration_seconds"][host, window] *= 4.0
-
-
-def generate_demo_data(
-    hosts: int = 10, days: int = 2, *, end: datetime | None = None, seed: int = 7
-) -> DemoData:
-    """`hosts` × 5 metrics × `days` of 1-minute samples ending at `end` (default: now)."""
+def generate(
+    hosts: int = 50, days: int = 14, *, end: datetime | None = None, seed: int = 7,
+    live_minutes: int = 180,
+) -> DemoData:  # fmt: skip
+    """`hosts` × 10 metrics × `days` of 1-minute samples ending at `end` (default: now)."""
     if hosts < 1 or days < 1:
         raise ValueError("hosts and days must be at least 1")
     rng = np.random.default_rng(seed)
-    times = minute_grid(days, end or datetime.now(UTC))
+    stamp = pd.Timestamp(end or datetime.now(UTC)).tz_convert(UTC).floor("min")
+    times = pd.date_range(end=stamp - pd.Timedelta(minutes=1), periods=days * 1440, freq="min")
+    n = len(times)
+    load = rng.uniform(0.6, 1.4, hosts)[:, None]
+    busy = load_profile(times)[None, :] * load
+
+    def noise(scale: float) -> np.ndarray:
+        return np.asarray(rng.normal(0.0, scale, (hosts, n)))
+
+    requests = np.maximum(40.0 + 260.0 * busy + noise(6.0), 0.0)
+    values = {
+        "cpu_usage_percent": np.clip(10.0 + 50.0 * busy + noise(2.5), 0.0, 100.0),
+        "memory_used_bytes": np.round((0.40 + 0.15 * busy + noise(0.004)) * 16 * GIB),
+        "disk_used_bytes": np.round(
+            rng.uniform(40, 120, hosts)[:, None] * GIB + np.arange(n)[None, :] * 2.0**20
+        ),
+        "disk_io_utilization_percent": np.clip(5.0 + 30.0 * busy + noise(2.0), 0.0, 100.0),
+        "network_receive_bytes_per_second": np.maximum(2e5 + 4e6 * busy + noise(6e4), 0.0),
+        "network_transmit_bytes_per_second": np.maximum(1e5 + 2e6 * busy + noise(4e4), 0.0),
+        "http_requests_per_second": requests,
+        "http_request_duration_seconds": 0.08 * (1.0 + 0.6 * busy) + noise(0.004),
+        "http_server_errors_per_minute": rng.poisson(0.5 + 2.0 * busy).astype("float64"),
+        "container_memory_working_set_bytes": np.round((0.9 + 0.4 * busy + noise(0.01)) * GIB),
+    }
     names = host_names(hosts)
-    values = host_metrics(daily_profile(times), rng.uniform(0.6, 1.4, hosts), rng)
+    live_start = (stamp - pd.Timedelta(minutes=live_minutes)).to_pydatetime()
+    incidents = inject_incidents(values, times, names, live_minutes, rng)
+    return DemoData(names, times, values, incidents, live_start)
 
-    incident_host = min(2, hosts - 1)
-    minutes = min(INCIDENT_MINUTES, len(times))
-    first = int(len(times) * 0.75)
-    first = min(first, len(times) - minutes)
-    inject_incident(values, incident_host, first, minutes, rng)
-    incident = Incident(names[incident_host], times[first].to_pydatetime(), minutes)
 
-    # One labels dict per host, shared by its rows: the store canonicalises each object once.
-    labels = np.empty(hosts, dtype=object)
-    labels[:] = [
-        {"host": name, "region": REGIONS[i % len(REGIONS)], "env": "prod"}
-        for i, name in enumerate(names)
-    ]
-    per_metric = hosts * len(times)
-    series = hosts * len(METRICS)
-    frame = pd.DataFrame(
+# kind, metric, minutes, what
+_INCIDENTS = (
+    ("cpu saturation", "cpu_usage_percent", 25, "CPU pinned near 98%"),
+    ("latency spike", "http_request_duration_seconds", 20, "request latency ×6"),
+    ("error burst", "http_server_errors_per_minute", 15, "5xx errors ×25"),
+    ("memory leak", "container_memory_working_set_bytes", 45, "container memory climbing ×2.5"),
+    ("network outage", "network_receive_bytes_per_second", 20, "received traffic down to ~0"),
+)
+
+
+def inject_incidents(
+    values: dict[str, np.ndarray],
+    times: pd.DatetimeIndex,
+    names: tuple[str, ...],
+    live_minutes: int,
+    rng: np.random.Generator,
+) -> list[Incident]:
+    """Each incident on its own host, spread over the live window (not its last 30 minutes)."""
+    n = len(times)
+    room = max(live_minutes - 30, 30)
+    incidents = []
+    for i, (kind, metric, minutes, what) in enumerate(_INCIDENTS):
+        host = (3 + 7 * i) % len(names)
+        if i and host == (3 + 7 * (i - 1)) % len(names) and len(names) > 1:
+            host = (host + 1) % len(names)
+        first = n - live_minutes + (i * room) // len(_INCIDENTS) + 5
+        window = slice(first, first + minutes)
+        series = values[metric][host]
+        if metric == "cpu_usage_percent":
+            series[window] = rng.uniform(96.0, 99.5, minutes)
+        elif metric == "http_request_duration_seconds":
+            series[window] *= 6.0
+        elif metric == "http_server_errors_per_minute":
+            series[window] = series[window] * 25.0 + 40.0
+        elif metric == "container_memory_working_set_bytes":
+            series[window] *= np.linspace(1.3, 2.5, minutes)
+        else:
+            series[window] *= 0.02
+        start = times[first].to_pydatetime()
+        incidents.append(
+            Incident(kind, names[host], metric, start, start + timedelta(minutes=minutes), what)
+        )
+    return incidents
+
+
+# -- landing files ----------------------------------------------------------------------------
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write under a .part name, then rename: the ingest flow never takes a half-written file."""
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    part.rename(path)
+
+
+def ndjson_bytes(frame: pd.DataFrame) -> bytes:
+    labels = frame[list(LABEL_NAMES)].to_dict("records")
+    records = pd.DataFrame(
         {
-            "metric": np.repeat(np.array(METRICS, dtype=object), per_metric),
-            "labels": np.tile(np.repeat(labels, len(times)), len(METRICS)),
-            "ts": pd.to_datetime(np.tile(times.tz_convert(None).to_numpy(), series), utc=True),
-            "value": np.concatenate([values[m].ravel() for m in METRICS]),
+            "metric": frame["metric"],
+            "labels": labels,
+            "ts": frame["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "value": frame["value"],
         }
     )
-    return DemoData(frame=frame, hosts=names, incident=incident)
+    return str(records.to_json(orient="records", lines=True)).encode()
 
 
-def hourly_batches(frame: pd.DataFrame) -> list[pd.DataFrame]:
-    """The frame cut into one micro-batch per hour of data, in time order."""
-    if frame.empty:
-        return []
-    ts = frame["ts"].to_numpy(dtype="datetime64[ns]")
-    order = np.argsort(ts, kind="stable")
-    hours = ts[order].astype("datetime64[h]")
-    cuts = np.flatnonzero(hours[1:] != hours[:-1]) + 1
-    bounds = np.concatenate(([0], cuts, [len(order)]))
-    return [
-        frame.iloc[order[a:b]].reset_index(drop=True)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    out = frame.rename(columns={"ts": "timestamp"})
+    out = out.assign(timestamp=out["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return str(out.to_csv(index=False)).encode()
 
 
-def incident_window(incident: Incident, hours: int = 3) -> tuple[datetime, datetime]:
-    """Whole hours around the incident, for a query that shows it."""
-    start = incident.start.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours)
-    return start, start + timedelta(hours=2 * hours + 1)
+def line_protocol_bytes(frame: pd.DataFrame) -> bytes:
+    """`metric,host=…,region=… value=1.5 <ns>`: the field named value keeps the metric name."""
+    ns = frame["ts"].dt.as_unit("ns").astype("int64").astype(str)
+    tags = ",host=" + frame["host"] + ",region=" + frame["region"] + ",env=prod,container=api"
+    lines = frame["metric"] + tags + " value=" + frame["value"].map(repr) + " " + ns
+    return ("\n".join(lines.tolist()) + "\n").encode()
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink, compression="zstd")
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def land_files(data: DemoData, landing: Path, start: datetime, end: datetime) -> list[Path]:
+    """[start, end) as landing files: whole days as Parquet (the fast path), and the first
+    hour of each of the first days in one of the text formats, so every format is exercised."""
+    import gzip
+
+    landing.mkdir(parents=True, exist_ok=True)
+    encoders = {
+        "ndjson": ndjson_bytes,
+        "csv": csv_bytes,
+        "lp": line_protocol_bytes,
+        "parquet": parquet_bytes,
+    }
+    text_formats = ["ndjson", "csv.gz", "lp", "ndjson.gz", "csv", "lp.gz"]
+    days = pd.date_range(pd.Timestamp(start).floor("D"), end, freq="D")
+    pieces: list[tuple[datetime, datetime, str]] = []
+    for i, day in enumerate(days):
+        lo = max(day.to_pydatetime(), start)
+        hi = min((day + pd.Timedelta(days=1)).to_pydatetime(), end)
+        if lo >= hi:
+            continue
+        if i < len(text_formats):
+            cut = min(lo + timedelta(hours=1), hi)
+            pieces.append((lo, cut, text_formats[i]))
+            lo = cut
+        if lo < hi:
+            pieces.append((lo, hi, "parquet"))
+    written = []
+    for lo, hi, kind in pieces:
+        body = encoders[kind.removesuffix(".gz")](data.frame(lo, hi))
+        if kind.endswith(".gz"):
+            body = gzip.compress(body, compresslevel=1)
+        path = landing / f"demo-{lo:%Y%m%dT%H%M}.{kind}"
+        write_atomically(path, body)
+        written.append(path)
+    return written

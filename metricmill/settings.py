@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -83,6 +83,141 @@ class Settings(BaseSettings):
     line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
     scrape_targets: list[str] = []
     scrape_timeout_seconds: float = 10.0
+    # retention and archival (raw samples keep `retention_days`; 0 for a level = keep forever)
+    retention_1m_days: int = 90
+    retention_5m_days: int = 365
+    retention_1h_days: int = 730
+    retention_1d_days: int = 0
+    retention_confirm_fraction: float = 0.5
+    compress_after_days: int = 7
+    archive_anonymize: bool = False
+    anonymize_labels: list[str] = []
+    anonymize_drop_labels: list[str] = []
+    anonymize_key: SecretStr | None = None
+    anonymize_key_block: str | None = None
+    anonymize_coarsen_seconds: int = 0
+
+    @field_validator(
+        "retention_1m_days",
+        "retention_5m_days",
+        "retention_1h_days",
+        "retention_1d_days",
+        "compress_after_days",
+        "anonymize_coarsen_seconds",
+    )
+    @classmethod
+    def _retention_not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must not be negative (0 keeps forever / turns it off)")
+        return value
+
+    @field_validator("retention_confirm_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be a fraction in (0, 1]")
+        return value
+
+    # rollups (hours of pending range per transaction; rows per level the DQ suite checks a run)
+    rollup_chunk_hours: int = 6
+    rollup_check_max_rows: int = 500_000
+
+    @field_validator("rollup_chunk_hours", "rollup_check_max_rows")
+    @classmethod
+    def _rollup_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    # baselines and anomaly detection (detectors: metric glob -> ecod|iforest|copod|hbos; the
+    # first matching glob wins, metrics matching none use ECOD)
+    baseline_window_days: int = 28
+    baseline_level: Literal["1m", "5m", "1h"] = "5m"
+    baseline_chunk_series: int = 1000
+    detectors: dict[str, str] = {"*": "ecod"}
+    detector_max_fit_rows: int = 20_000
+    detect_lookback_minutes: int = 60
+    detect_shards: int = 1
+    detect_dask_address: str | None = None
+
+    @field_validator(
+        "baseline_window_days",
+        "baseline_chunk_series",
+        "detector_max_fit_rows",
+        "detect_lookback_minutes",
+        "detect_shards",
+    )
+    @classmethod
+    def _detection_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, value: dict[str, str]) -> dict[str, str]:
+        known = ("ecod", "iforest", "copod", "hbos")
+        cleaned = {pattern: name.strip().lower() for pattern, name in value.items()}
+        for pattern, name in cleaned.items():
+            if name not in known:
+                raise ValueError(
+                    f"unknown detector {name!r} for {pattern!r}: use one of {', '.join(known)}"
+                )
+        return cleaned
+
+    # alerts and notifications: the default rule (named "anomaly", every metric; rules added
+    # with `metricmill alerts rules add` come on top), and the Prefect notification blocks to
+    # send through, as "block-type-slug/block-name" (e.g. "slack-webhook/ops")
+    alert_rule_enabled: bool = True
+    alert_threshold: float = 0.7
+    alert_critical_threshold: float = 0.9
+    alert_for_seconds: float = 300.0
+    alert_keep_firing_for_seconds: float = 900.0
+    alert_min_abs_deviation: float = 0.0
+    alert_min_baseline_level: float = 0.0
+    alert_repeat_interval_seconds: float = 14400.0
+    notification_blocks: list[str] = []
+    notify_email_to: list[str] = []
+    notify_email_from: str | None = None
+    notify_timeout_seconds: float = 10.0
+    notify_retries: int = 3
+    notify_backoff_seconds: float = 2.0
+
+    @field_validator(
+        "alert_for_seconds",
+        "alert_keep_firing_for_seconds",
+        "alert_min_abs_deviation",
+        "alert_min_baseline_level",
+        "alert_repeat_interval_seconds",
+        "notify_timeout_seconds",
+        "notify_retries",
+        "notify_backoff_seconds",
+    )
+    @classmethod
+    def _alerting_not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @field_validator("alert_threshold", "alert_critical_threshold")
+    @classmethod
+    def _alert_score(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be a score in (0, 1]")
+        return value
+
+    @field_validator("notification_blocks")
+    @classmethod
+    def _block_references(cls, value: list[str]) -> list[str]:
+        cleaned = [v.strip() for v in value if v.strip()]
+        for ref in cleaned:
+            slug, _, name = ref.partition("/")
+            if not slug or not name:
+                raise ValueError(
+                    f"notification block {ref!r} must be 'block-type-slug/block-name', "
+                    "e.g. 'slack-webhook/ops'"
+                )
+        return cleaned
 
     @classmethod
     def settings_customise_sources(

@@ -218,10 +218,65 @@ CREATE TABLE IF NOT EXISTS archive_manifest (
 
 
 # 4: rollups, retention and archival (append statements here).
-_V4: list[str] = []
+_V4: list[str] = [
+    # retention/archival: reads of the Parquet tier find their files by metric and time
+    "CREATE INDEX IF NOT EXISTS archive_manifest_metric_idx "
+    "ON archive_manifest (metric, min_ts, max_ts)",
+]
 
 # 5: baselines, detection, alerts and notifications (append statements here).
-_V5: list[str] = []
+_V5: list[str] = [
+    # detection: how far each series has been scored; baselines keep the scale the score
+    # divides by (MAD and bucket spread, floored) and the series' typical level
+    """
+CREATE TABLE IF NOT EXISTS detect_watermarks (
+    series_id BIGINT PRIMARY KEY,
+    ts {t.ts} NOT NULL,
+    updated_at {t.ts} NOT NULL DEFAULT {t.now}
+)""",
+    "ALTER TABLE baselines ADD COLUMN scale {t.float}",
+    "ALTER TABLE baselines ADD COLUMN level {t.float}",
+    # alerts: the rule engine's carried state per (rule, series), CLI-managed rules,
+    # silences, and per alert whether it was a confirmed incident / silenced
+    """
+CREATE TABLE IF NOT EXISTS alert_state (
+    rule TEXT NOT NULL,
+    series_id BIGINT NOT NULL,
+    phase TEXT NOT NULL,
+    since {t.ts},
+    last_high {t.ts},
+    severity TEXT,
+    last_ts {t.ts} NOT NULL,
+    PRIMARY KEY (rule, series_id)
+)""",
+    """
+CREATE TABLE IF NOT EXISTS alert_rules (
+    name TEXT PRIMARY KEY,
+    metric_pattern TEXT NOT NULL,
+    threshold {t.float} NOT NULL,
+    critical_threshold {t.float} NOT NULL,
+    for_seconds {t.float} NOT NULL,
+    keep_firing_for_seconds {t.float} NOT NULL,
+    min_abs_deviation {t.float} NOT NULL,
+    min_baseline_level {t.float} NOT NULL,
+    repeat_interval_seconds {t.float} NOT NULL,
+    created_at {t.ts} NOT NULL DEFAULT {t.now}
+)""",
+    """
+CREATE TABLE IF NOT EXISTS silences (
+    id {t.id},
+    matcher TEXT NOT NULL,
+    starts_at {t.ts} NOT NULL,
+    ends_at {t.ts} NOT NULL,
+    comment TEXT,
+    created_at {t.ts} NOT NULL DEFAULT {t.now}
+)""",
+    "ALTER TABLE alerts ADD COLUMN expected {t.float}",
+    "ALTER TABLE alerts ADD COLUMN incident {t.bool} NOT NULL DEFAULT {false}",
+    "ALTER TABLE alerts ADD COLUMN silence_id BIGINT",
+    "CREATE UNIQUE INDEX IF NOT EXISTS alerts_open_fingerprint_idx "
+    "ON alerts (fingerprint) WHERE status <> 'resolved'",
+]
 
 # 6: deployments and operator state (append statements here).
 _V6: list[str] = []

@@ -19,15 +19,26 @@ from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.timeutil import parse_duration, parse_time
 from metricmill.types import US_PER_SECOND, Reason, WriteReport, datetime_to_us, us_to_datetime
+from storage.archive import with_archive
 from storage.backend import Backend, Health
 from storage.export import ExportFormat, confined_path, write_export
 from storage.frames import prepare
 from storage.postgres import PostgresBackend, TimescaleMode
+from storage.rollup import (
+    QUERY_LEVELS,
+    ROLLUP_LEVELS,
+    RollupReport,
+    counter_increase,
+    resolved_stats,
+    run_rollup,
+)
 from storage.schema import LATEST_VERSION
 from storage.sqlite import SQLiteBackend
 
-Agg = Literal["avg", "min", "max", "sum", "count", "last", "stddev"]
-AGGREGATIONS: tuple[str, ...] = ("avg", "min", "max", "sum", "count", "last", "stddev")
+Agg = Literal["avg", "min", "max", "sum", "count", "last", "stddev", "rate", "increase"]
+AGGREGATIONS: tuple[str, ...] = (
+    *("avg", "min", "max", "sum", "count", "last", "stddev", "rate", "increase"),
+)
 DEFAULT_RANGE = timedelta(hours=1)
 _OUTPUT_COLUMNS = ["metric", "labels", "ts", "value"]
 
@@ -153,6 +164,63 @@ class Store:
             report.max_ts = us_to_datetime(int(batch.ts_us.max()))
         return report
 
+    def committed_batches(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        """Of these batch ids, the committed ones and their rows in (writing them is a replay)."""
+        return self.backend.committed_batches(batch_ids)
+
+    def write_sample_parts(
+        self,
+        frame: pd.DataFrame,
+        *,
+        parts: np.ndarray,
+        batch_ids: Sequence[str],
+        sources: Sequence[str],
+        rejected: Sequence[Sequence[tuple[dict[str, Any], str]]] = (),
+        max_new_series: int | None = None,
+    ) -> list[WriteReport]:
+        """Several batches in one frame (`parts`: each row's batch number), each written
+        exactly once as `write_samples` would in order, in one transaction; a report each.
+
+        The per-series work (label canonicalisation, series lookup) is done once for all.
+        `rejected[i]` are the rows an earlier check set aside from batch i.
+        """
+        batch = prepare(frame, parts=parts, n_parts=len(batch_ids))
+        for number, rows in enumerate(rejected):
+            batch.add_rejected(list(rows), number)
+        assert batch.part_rows_in is not None
+        counts = self.backend.write_parts(
+            batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
+        )
+        reports = []
+        for number, (count, batch_id, source) in enumerate(
+            zip(counts, batch_ids, sources, strict=True)
+        ):
+            report = WriteReport(batch_id=batch_id, source=source)
+            report.rows_in = int(batch.part_rows_in[number])
+            report.replay = count.replay
+            reports.append(report)
+            if count.replay:
+                continue
+            if count.guarded_new_series:
+                report.guarded_new_series = count.guarded_new_series
+                report.rejected = Counter({Reason.CARDINALITY_LIMIT: report.rows_in})
+                continue
+            report.new_series = count.new_series
+            report.written = count.written
+            report.overwritten = count.overwritten
+            report.unchanged = count.unchanged
+            report.rejected = Counter(
+                reason
+                for (_, reason), part in zip(batch.rejected, batch.rejected_parts, strict=True)
+                if part == number
+            )
+            assert batch.parts is not None
+            ts = batch.ts_us[batch.parts == number]
+            if len(ts):
+                report.min_ts = us_to_datetime(int(ts.min()))
+                report.max_ts = us_to_datetime(int(ts.max()))
+        return reports
+
     # -- quarantine -----------------------------------------------------------------------
     def quarantine(self, *, limit: int = 100, pending_only: bool = False) -> pd.DataFrame:
         """The newest quarantined rows and batches, with their reason codes."""
@@ -178,6 +246,13 @@ class Store:
 
     def mark_replayed(self, entry_id: int) -> None:
         self.backend.mark_replayed(entry_id, datetime_to_us(datetime.now(UTC)))
+
+    # -- rollups -------------------------------------------------------------------------
+    def rollup(self, *, max_chunks: int | None = None) -> RollupReport:
+        """Recompute the pending ranges at 1m, 5m, 1h and 1d, in bounded transactions."""
+        return run_rollup(
+            self.backend, chunk_hours=self.settings.rollup_chunk_hours, max_chunks=max_chunks
+        )
 
     # -- reads ----------------------------------------------------------------------------
     def _window(self, start: str | datetime | None, end: str | datetime | None) -> tuple[int, int]:
@@ -210,11 +285,21 @@ class Store:
         end: str | datetime | None = None,
         step: str | int | float | timedelta | None = None,
         agg: str | None = None,
+        level: str | None = None,
+        include_archive: bool = False,
     ) -> pd.DataFrame:
         """Raw points in [start, end), or per-step aggregates (avg by default) when step is set.
 
-        Buckets are aligned to the Unix epoch; each point's ts is its bucket's start.
+        include_archive: also read archived (Parquet) data where the database holds none.
+
+        Buckets are aligned to the Unix epoch; each point's ts is its bucket's start. Steps are
+        read from the coarsest rollup level that divides the step (raw samples for what is not
+        rolled up yet); `level` forces one of raw, 1m, 5m, 1h, 1d (alone: its own buckets).
         """
+        if level is not None and level not in QUERY_LEVELS:
+            raise QueryError(f"unknown level {level!r}: use one of {', '.join(QUERY_LEVELS)}")
+        if level in ROLLUP_LEVELS and step is None:
+            step = timedelta(microseconds=ROLLUP_LEVELS[level])
         start_us, end_us = self._window(start, end)
         if agg is not None and agg not in AGGREGATIONS:
             raise QueryError(f"unknown aggregation {agg!r}: use one of {', '.join(AGGREGATIONS)}")
@@ -226,13 +311,18 @@ class Store:
         ids = sorted(matched)
         if step is None:
             points = self.backend.raw_points(ids, start_us, end_us)
+            if include_archive:
+                points = with_archive(self, points, name, matched, (start_us, end_us), None)
             values = points["value"].astype("float64")
         else:
             step_us = int(parse_duration(step) / timedelta(microseconds=1))
             if step_us < US_PER_SECOND // 1000:
                 raise QueryError("step must be at least 1ms")
-            points = self.backend.bucket_stats(ids, start_us, end_us, step_us)
-            values = aggregate(points, agg or "avg")
+            columns = None if include_archive else STATS_FOR.get(agg or "avg")
+            points = resolved_stats(self.backend, ids, start_us, end_us, step_us, level, columns)
+            if include_archive:
+                points = with_archive(self, points, name, matched, (start_us, end_us), step_us)
+            values = aggregate(points, agg or "avg", step_us=step_us)
         return pd.DataFrame(
             {
                 "metric": name,
@@ -388,8 +478,25 @@ def _quarantine_record(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def aggregate(stats: pd.DataFrame, agg: str) -> pd.Series:
-    """One aggregate from per-bucket count/sum/sum_sq/min/max/last — never averages of averages."""
+# The stat columns each aggregation reads (rate and increase: all of them).
+STATS_FOR: dict[str, tuple[str, ...]] = {
+    "avg": ("count", "sum"),
+    "sum": ("count", "sum"),
+    "count": ("count", "sum"),
+    "min": ("count", "sum", "min"),
+    "max": ("count", "sum", "max"),
+    "last": ("count", "sum", "last", "last_ts"),
+    "stddev": ("count", "sum", "sum_sq"),
+}
+
+
+def aggregate(stats: pd.DataFrame, agg: str, *, step_us: int = 0) -> pd.Series:
+    """One aggregate from per-bucket count/sum/sum_sq/min/max/last — never averages of averages.
+
+    rate and increase treat the series as a counter (see `storage.rollup.counter_increase`)."""
+    if agg in ("rate", "increase"):
+        increase = counter_increase(stats)
+        return increase / (step_us / US_PER_SECOND) if agg == "rate" else increase
     count = stats["count"].astype("float64")
     total = stats["sum"].astype("float64")
     if agg == "avg":

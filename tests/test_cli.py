@@ -305,15 +305,3 @@ def test_installed_command_shows_no_traceback(home: Path) -> None:
         assert "Traceback" not in done.stderr + done.stdout
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
         assert "secret" not in done.stderr
-
-
-# -- demo -------------------------------------------------------------------------------------
-def test_demo_runs_small_and_reports_what_it_stored(tmp_path: Path) -> None:
-    demo_home = tmp_path / "demo"
-    result = run("demo", "--home", str(demo_home), "--hosts", "2", "--days", "1")
-    assert "samples stored" in result.stdout
-    assert "14,400" in result.stdout  # 2 hosts × 5 metrics × 1440 minutes
-    assert "replay detected, nothing written" in result.stdout
-    assert "next steps" in result.stdout
-    stats = run("--home", str(demo_home), "stats")
-    assert "14,400" in stats.stdout

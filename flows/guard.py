@@ -1,0 +1,138 @@
+"""Whether a flow run should do its work: no overlap with another run, no work for a stale run.
+
+Every flow function is decorated with `@exclusive("name")` (under `@flow`), which runs its body
+inside `exclusive_run(settings, name)`:
+
+- another run of the same flow holds the flow's database lock (storage/locks.py): a manual run
+  while a scheduled one is busy, a second worker, a second `serve`: this run skips;
+- this run is a scheduled run of a deployment and a newer scheduled run of the same deployment
+  is already due (runs piled up while the server or `serve` was down): this run skips, and the
+  newest one does the work. Every flow catches up from the database, so one run is enough.
+
+A skipped run ends Completed, in a state named "Skipped" whose message says why; it is not a
+failure and raises no alert.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import ParamSpec, TypeVar
+from uuid import UUID
+
+from prefect import get_client, get_run_logger
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.context import FlowRunContext
+from prefect.states import Completed, State
+
+from metricmill.settings import Settings, load_settings
+from storage.locks import flow_lock
+
+SKIPPED = "Skipped"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def due_scheduled_runs(
+    deployment_id: UUID, *, after: datetime, now: datetime, exclude: UUID | None = None
+) -> list[FlowRun]:
+    """Runs of a deployment still waiting to start, due in (after, now], newest first."""
+    flow_run_filter = FlowRunFilter(
+        deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+        expected_start_time=FlowRunFilterExpectedStartTime.model_validate(
+            {"after_": after, "before_": now}
+        ),
+    )
+    if exclude is not None:
+        flow_run_filter.id = FlowRunFilterId(not_any_=[exclude])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=flow_run_filter,
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            # An explicit limit: this Prefect's server rejects the client's default (null).
+            limit=200,
+        )
+    # `after_` is inclusive: keep only runs strictly newer than `after`.
+    return [r for r in runs if r.expected_start_time is None or r.expected_start_time > after]
+
+
+def newer_run_due() -> FlowRun | None:
+    """A newer scheduled run of this run's deployment that is already due, if any."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    run = context.flow_run
+    if run.deployment_id is None or run.expected_start_time is None:
+        return None  # a run of the flow function itself: only the lock applies
+    newer = due_scheduled_runs(
+        run.deployment_id, after=run.expected_start_time, now=datetime.now(UTC), exclude=run.id
+    )
+    return newer[0] if newer else None
+
+
+@contextmanager
+def exclusive_run(settings: Settings, name: str) -> Iterator[str | None]:
+    """None while this run may work (the flow's lock is held); else why it skips."""
+    newer = newer_run_due()
+    if newer is not None:
+        yield f"skipped: a newer scheduled run ({newer.name}) is already due"
+        return
+    with flow_lock(settings, name) as held:
+        yield None if held else f"skipped: another {name} run is in progress"
+
+
+def skipped(reason: str) -> State[None]:
+    """The final state of a run that had nothing to do: Completed, named Skipped, with why."""
+    get_run_logger().warning("%s", reason)
+    return Completed(name=SKIPPED, message=reason)
+
+
+def exclusive(name: str) -> Callable[[Callable[P, R]], Callable[P, R | State[None]]]:
+    """Run the decorated flow function only while it holds flow `name`'s lock (see above).
+
+    The settings come from the function's `database_url` and `home` arguments, as the flow
+    itself loads them. Goes under `@flow`: the signature (and so the UI's form) is unchanged.
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R | State[None]]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R | State[None]:
+            bound = signature.bind(*args, **kwargs)
+            settings = load_settings(
+                database_url=bound.arguments.get("database_url"), home=bound.arguments.get("home")
+            )
+            with exclusive_run(settings, name) as skip:
+                if skip:
+                    return skipped(skip)
+                return fn(*args, **kwargs)
+
+        # Prefect builds the parameter model from the signature, resolving names in the
+        # wrapper's module: hand it the annotations already resolved in the flow's own module.
+        hints = typing.get_type_hints(fn, include_extras=True)
+        run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[
+                p.replace(annotation=hints.get(p.name, p.annotation))
+                for p in signature.parameters.values()
+            ],
+            return_annotation=hints.get("return", signature.return_annotation),
+        )
+        run.__annotations__ = hints
+        return run
+
+    return decorate

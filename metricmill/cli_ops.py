@@ -1,0 +1,406 @@
+"""Operator commands: `metricmill serve`, `metricmill status` and `metricmill doctor`.
+
+Registered in metricmill/cli.py with `app.add_typer(ops_app)` (no group name: the commands
+sit at the top level). Prefect is imported inside the commands: it is slow to import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from metricmill.cli import (
+    GlobalOptions,
+    format_time,
+    one_line,
+    out,
+    print_stats,
+    quarantined_files,
+    row,
+    settings_from,
+    table,
+)
+from metricmill.errors import MetricmillError
+from metricmill.settings import MEMORY_URL, Settings, config_file_path
+from metricmill.types import datetime_to_us
+
+ops_app: typer.Typer = typer.Typer()
+
+
+# -- serve ------------------------------------------------------------------------------------
+@ops_app.command()
+def serve(
+    ctx: typer.Context,
+    flow: Annotated[
+        list[str] | None,
+        typer.Option("--flow", help="Serve only this flow (repeatable); default: all."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most N runs at once in this process.")
+    ] = None,
+) -> None:
+    """Serve every flow as a scheduled deployment until Ctrl-C (see the Prefect UI)."""
+    from deployments.schedules import SCHEDULES
+    from deployments.serve import build_deployments, serve_all
+
+    options = ctx.find_object(GlobalOptions) or GlobalOptions()
+    settings = settings_from(ctx)
+    if settings.database_url == MEMORY_URL:
+        raise MetricmillError("serve needs a database file or server, not an in-memory database")
+    settings.ensure_dirs()
+    # Served runs are child processes: they read the settings from the environment. Only the
+    # values the user gave are passed on (never written into Prefect as parameters).
+    if options.home is not None:
+        os.environ["METRICMILL_HOME"] = str(settings.home)
+    if options.database is not None:
+        os.environ["METRICMILL_DATABASE_URL"] = options.database
+    try:
+        deployments, missing = build_deployments(flow)
+    except ValueError as exc:
+        raise MetricmillError(str(exc)) from None
+    console = out()
+    from deployments.inspect import api_problem
+
+    problem = api_problem()
+    if problem:
+        console.print(
+            Text(f"warning: {problem}; runs will not be visible in a Prefect UI", "yellow")
+        )
+    by_flow = {s.flow: s for s in SCHEDULES}
+    for deployment in deployments:
+        schedule = by_flow[deployment.flow_name or ""]
+        console.print(f"serving {deployment.full_name}  (cron {schedule.cron!r} UTC)")
+    for name in missing:
+        console.print(Text(f"warning: flow {name!r} is not available yet: not served", "yellow"))
+    if not deployments:
+        raise MetricmillError("no flow to serve")
+    serve_all(flow)
+
+
+# -- status -----------------------------------------------------------------------------------
+def ago(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "-"
+    seconds = max((now - when).total_seconds(), 0.0)
+    if seconds < 120:
+        text = f"{seconds:.0f}s"
+    elif seconds < 7200:
+        text = f"{seconds / 60:.0f}m"
+    elif seconds < 172800:
+        text = f"{seconds / 3600:.1f}h"
+    else:
+        text = f"{seconds / 86400:.1f}d"
+    return f"{format_time(when)} ({text} ago)"
+
+
+@ops_app.command()
+def status(ctx: typer.Context) -> None:
+    """Last run of each flow, ingest and rollup lag, open alerts, quarantine, storage."""
+    from deployments.schedules import SCHEDULES
+    from storage.locks import lock_holders
+    from storage.ops import snapshot
+    from storage.store import Store
+
+    settings = settings_from(ctx)
+    now = datetime.now(UTC)
+    with Store.open(settings=settings) as store:
+        snap = snapshot(store.backend, now_us=datetime_to_us(now))
+        info = store.stats()
+    running = set(lock_holders(settings))
+    console = out()
+
+    runs, problem = flow_runs([s.flow for s in SCHEDULES])
+    flows = table(
+        "flow",
+        "schedule (UTC)",
+        "last run",
+        "state",
+        "started",
+        "note",
+        title="flows" + (f" — Prefect API: {problem}" if problem else ""),
+    )
+    for schedule in SCHEDULES:
+        last = runs.get(schedule.flow)
+        note = "running now (holds its lock)" if schedule.flow in running else ""
+        if last is None:
+            row(flows, schedule.flow, schedule.cron, "-", "-", "-", note)
+            continue
+        note = "; ".join(x for x in (note, last.message) if x)
+        row(
+            flows,
+            schedule.flow,
+            schedule.cron,
+            last.name,
+            last.state,
+            format_time(last.started),
+            note,
+        )
+    console.print(flows)
+
+    pipeline = table("", "", title="pipeline", show_header=False)
+    row(pipeline, "last batch written", ago(snap.last_batch_at, now))
+    row(pipeline, "batches in the last 24h", snap.batches_24h)
+    row(pipeline, "newest sample", ago(snap.newest_sample, now))
+    row(pipeline, "newest 1m rollup bucket", ago(snap.newest_rollup_1m, now))
+    pending = f"{snap.pending_ranges}"
+    if snap.pending_ranges:
+        pending += (
+            f" (data from {format_time(snap.oldest_pending_start)}, "
+            f"waiting since {ago(snap.oldest_pending_since, now)})"
+        )
+    row(pipeline, "pending rollup ranges", pending)
+    alerts = ", ".join(f"{sev}: {n}" for sev, n in sorted(snap.open_alerts.items())) or "none"
+    row(pipeline, "open alerts", alerts)
+    files = quarantined_files(settings)
+    row(pipeline, "quarantine", f"{snap.quarantined_rows} rows pending replay, {len(files)} files")
+    console.print(pipeline)
+    print_stats(info)
+
+
+def flow_runs(names: list[str]) -> tuple[dict[str, Any], str | None]:
+    """Last runs by flow from the Prefect API, or ({}, why not)."""
+    from deployments.inspect import api_problem, last_runs
+
+    problem = api_problem()
+    if problem:
+        return {}, problem
+    try:
+        return last_runs(names), None
+    except Exception as exc:  # an API that answers /health but fails a query: still report
+        return {}, one_line(exc)
+
+
+# -- doctor -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: not applicable / informational
+    detail: str
+    fix: str = ""
+
+
+def check_directories(settings: Settings) -> list[Check]:
+    checks = []
+    for label, env, path in (
+        ("home", "METRICMILL_HOME", settings.home),
+        ("landing directory", "METRICMILL_LANDING_DIR", settings.landing),
+        ("archive directory", "METRICMILL_ARCHIVE_DIR", settings.archive),
+        ("quarantine directory", "METRICMILL_QUARANTINE_DIR", settings.quarantine),
+        ("export directory", "METRICMILL_EXPORT_DIR", settings.exports),
+    ):
+        problem = writable_problem(path)
+        fix = f"make {path} writable for this user (chmod/chown), or set {env} elsewhere"
+        checks.append(
+            Check(label, problem is None, problem or str(path), "" if not problem else fix)
+        )
+    return checks
+
+
+def writable_problem(path: Path) -> str | None:
+    """None when files can be created in `path` (created first if missing)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return f"{path} is not writable: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def check_database(settings: Settings) -> list[Check]:
+    from storage.ops import compressed_hypertables, timescale_jobs
+    from storage.postgres import PostgresBackend
+    from storage.schema import LATEST_VERSION
+    from storage.store import Store
+
+    url = settings.masked_database_url
+    try:
+        store = Store.open(settings=settings, init=False)
+    except MetricmillError as exc:
+        return [
+            Check(
+                "database",
+                False,
+                one_line(exc),
+                "start the database or fix METRICMILL_DATABASE_URL / --database "
+                "(postgresql://USER@HOST:PORT/DB or sqlite:///PATH)",
+            )
+        ]
+    with store:
+        checks = [Check("database", True, f"{url} ({store.backend_name})")]
+        version = store.schema_version()
+        checks.append(
+            Check(
+                "schema",
+                version == LATEST_VERSION,
+                f"version {version}, this metricmill needs {LATEST_VERSION}",
+                "" if version == LATEST_VERSION else "run `metricmill init`",
+            )
+        )
+        # Without the tables a write probe can only fail for that same reason: skip it.
+        health = store.health() if version == LATEST_VERSION else None
+        probe = [p for p in health.problems if p.startswith("write probe")] if health else []
+        checks.append(
+            Check(
+                "database writes",
+                None if health is None else not probe,
+                probe[0] if probe else ("write probe ok" if health else "not checked (no schema)"),
+                "grant this user INSERT on the metricmill tables" if probe else "",
+            )
+        )
+        backend = store.backend
+        if not isinstance(backend, PostgresBackend):
+            checks.append(Check("TimescaleDB", None, "not applicable (SQLite)"))
+            return checks
+        if not backend.timescale:
+            needed = settings.timescaledb == "require"
+            checks.append(
+                Check(
+                    "TimescaleDB",
+                    False if needed else None,
+                    f"off ({backend.timescale_note or 'disabled by METRICMILL_TIMESCALEDB=off'})",
+                    "install timescaledb, add it to shared_preload_libraries, restart "
+                    "PostgreSQL, then run `metricmill init`"
+                    if needed
+                    else "",
+                )
+            )
+            return checks
+        checks.append(Check("TimescaleDB", True, f"extension {backend.timescale_version}"))
+        hypertables = compressed_hypertables(backend)
+        missing = [h for h, compressed in hypertables if not compressed]
+        checks.append(
+            Check(
+                "hypertables",
+                bool(hypertables) and not missing,
+                f"{len(hypertables)} hypertables"
+                + (f"; compression off on {', '.join(missing)}" if missing else ", compression on"),
+                "" if hypertables and not missing else "run `metricmill init` to convert tables",
+            )
+        )
+        jobs = timescale_jobs(backend)
+        unscheduled = [f"{p} on {h}" for p, h, scheduled in jobs if not scheduled]
+        checks.append(
+            Check(
+                "TimescaleDB policies",
+                None if not jobs else not unscheduled,
+                ", ".join(sorted({f"{p} on {h}" for p, h, _ in jobs})) or "no background policies",
+                f"resume them: SELECT alter_job(job_id, scheduled => true) for {unscheduled}"
+                if unscheduled
+                else "",
+            )
+        )
+    return checks
+
+
+def block_names(settings: Settings) -> list[str]:
+    """Every Prefect block a setting names (settings ending in _block or _blocks)."""
+    names: list[str] = []
+    for field_name in type(settings).model_fields:
+        value = getattr(settings, field_name)
+        if field_name.endswith("_block") and isinstance(value, str) and value:
+            names.append(value)
+        elif field_name.endswith("_blocks") and isinstance(value, list | tuple):
+            names.extend(str(v) for v in value if v)
+    return names
+
+
+def check_prefect(settings: Settings) -> list[Check]:
+    from deployments.inspect import api_problem, missing_blocks
+
+    names = block_names(settings)
+    problem = api_problem()
+    if problem:
+        checks = [
+            Check(
+                "Prefect API",
+                None,
+                problem,
+                "for the UI and schedules: `prefect server start`, then "
+                "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            )
+        ]
+        if names:
+            checks.append(
+                Check(
+                    "notification blocks",
+                    False,
+                    f"cannot check {', '.join(names)}",
+                    "set PREFECT_API_URL to the server that holds the blocks",
+                )
+            )
+        return checks
+    checks = [Check("Prefect API", True, "reachable")]
+    if not names:
+        return [*checks, Check("notification blocks", None, "none configured")]
+    try:
+        absent = missing_blocks(names)
+    except Exception as exc:
+        return [*checks, Check("notification blocks", False, one_line(exc), "check the server")]
+    checks.append(
+        Check(
+            "notification blocks",
+            not absent,
+            f"missing: {', '.join(absent)}" if absent else f"found: {', '.join(names)}",
+            "create them in the Prefect UI (Blocks) or with `prefect block create`, or fix "
+            "the block names in the settings"
+            if absent
+            else "",
+        )
+    )
+    return checks
+
+
+@ops_app.command()
+def doctor(ctx: typer.Context) -> None:
+    """Check settings, database, TimescaleDB, notification blocks and directories; exit 1 on a
+    failed check, each with the fix."""
+    checks: list[Check] = []
+    try:
+        settings = settings_from(ctx)
+    except MetricmillError as exc:
+        checks.append(
+            Check(
+                "settings",
+                False,
+                one_line(exc),
+                "fix the named METRICMILL_* variable or its key in metricmill.toml",
+            )
+        )
+        print_checks(checks)
+        raise typer.Exit(1) from None
+    config = config_file_path(settings.home)
+    source = f"file {config}" if config else "environment and defaults, no metricmill.toml"
+    checks.append(Check("settings", True, f"valid (home {settings.home}; {source})"))
+    if settings.database_url != MEMORY_URL:
+        checks.extend(check_directories(settings))
+    checks.extend(check_database(settings))
+    checks.extend(check_prefect(settings))
+    print_checks(checks)
+    if any(c.ok is False for c in checks):
+        raise typer.Exit(1)
+
+
+def print_checks(checks: list[Check]) -> None:
+    failed = sum(c.ok is False for c in checks)
+    grid = table(
+        "check",
+        "result",
+        "detail",
+        title=f"doctor: {'all checks passed' if not failed else f'{failed} failed'}",
+    )
+    for check in checks:
+        result = {True: "ok", False: "FAIL", None: "-"}[check.ok]
+        row(grid, check.name, result, check.detail)
+    console = out()
+    console.print(grid)
+    for check in checks:
+        if check.ok is False and check.fix:
+            console.print(Text(f"fix {check.name}: {check.fix}"), soft_wrap=True)
