@@ -17,6 +17,7 @@ from storage import detection
 from storage.store import Store
 from tasks.alerting import flow_run_link, process_scores
 from tasks.detect import empty_scores, score_shard
+from tasks.notify import load_channels
 
 
 def _run_name() -> str:
@@ -41,6 +42,8 @@ def detect(database_url: str | None = None, home: str | None = None) -> dict[str
     """Score every series' points newer than its watermark and apply the alert rules."""
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
+    # A notification block that does not exist is a setup mistake: say so before scoring.
+    load_channels(settings)
     shards = settings.detect_shards
     if settings.detect_dask_address or shards > 1:
         runner = (

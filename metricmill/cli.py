@@ -41,7 +41,7 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (MetricmillError, FileNotFoundError, PermissionError) as exc:
+        except (MetricmillError, OSError) as exc:  # OSError: paths the user gave
             fail(exc)
 
 
