@@ -319,15 +319,19 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cleanup_deployments: list[A
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--name",
-         "ingest/every-minute"],
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("ingest/every-minute")
-    cleanup_deployments.append(deployment.id)
-    # Prefect 3.8.8's CLI fails after registering, in its worker check (README: known issues);
-    # what it registered is what the file says.
+        registered = {s.full_name: client.read_deployment_by_name(s.full_name) for s in SCHEDULES}
+        deployment = registered["ingest/every-minute"]
+    cleanup_deployments.extend(d.id for d in registered.values())
+    assert done.returncode == 0, done.stdout + done.stderr
+    for schedule in SCHEDULES:
+        assert registered[schedule.full_name].work_pool_name == "metricmill"
+        assert [s.schedule.cron for s in registered[schedule.full_name].schedules] == [  # type: ignore[union-attr]
+            schedule.cron
+        ]
     assert deployment.work_pool_name == "metricmill", done.stdout + done.stderr
     assert deployment.entrypoint == "flows/ingest.py:ingest"
     assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"]  # type: ignore[union-attr]
