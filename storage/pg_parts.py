@@ -25,27 +25,8 @@ from storage.backend import (
     row_json,
 )
 from storage.frames import PreparedBatch
-from storage.postgres import (
-    _COPY_HEADER,
-    _COPY_TRAILER,
-    _PG_EPOCH_US,
-    PostgresBackend,
-    binary_copy_payload,
-)
+from storage.postgres import PostgresBackend, binary_copy_payload
 
-_PART_ROW = np.dtype(
-    [
-        ("fields", ">i2"),
-        ("len_id", ">i4"),
-        ("series_id", ">i8"),
-        ("len_ts", ">i4"),
-        ("ts", ">i8"),
-        ("len_value", ">i4"),
-        ("value", ">f8"),
-        ("len_part", ">i4"),
-        ("part", ">i4"),
-    ]
-)
 _PART_STAGE = "sample_part_stage"
 
 
@@ -56,20 +37,6 @@ def parts_collide(batch: PreparedBatch) -> bool:
     order = np.lexsort((batch.ts_us, batch.codes))
     codes, ts = batch.codes[order], batch.ts_us[order]
     return bool(((codes[1:] == codes[:-1]) & (ts[1:] == ts[:-1])).any())
-
-
-def _part_payload(ids: np.ndarray, ts: np.ndarray, values: np.ndarray, parts: np.ndarray) -> bytes:
-    rows = np.empty(len(ids), dtype=_PART_ROW)
-    rows["fields"] = 4
-    rows["len_id"] = 8
-    rows["series_id"] = ids
-    rows["len_ts"] = 8
-    rows["ts"] = ts - _PG_EPOCH_US
-    rows["len_value"] = 8
-    rows["value"] = values
-    rows["len_part"] = 4
-    rows["part"] = parts
-    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 
 def _open_ledger_rows(
@@ -241,7 +208,9 @@ def _write_samples(
             )
         ) as copy:
             copy.write(
-                _part_payload(ids[may_exist], ts[may_exist], values[may_exist], parts[may_exist])
+                binary_copy_payload(
+                    ids[may_exist], ts[may_exist], values[may_exist], parts[may_exist]
+                )
             )
         cur.execute(
             sql.SQL(

@@ -31,17 +31,18 @@ TimescaleMode = Literal["auto", "off", "require"]
 _PG_EPOCH_US = 946_684_800_000_000
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
-_SAMPLE_ROW = np.dtype(
-    [
-        ("fields", ">i2"),
-        ("len_id", ">i4"),
-        ("series_id", ">i8"),
-        ("len_ts", ">i4"),
-        ("ts", ">i8"),
-        ("len_value", ">i4"),
-        ("value", ">f8"),
-    ]
-)
+_SAMPLE_FIELDS = [
+    ("fields", ">i2"),
+    ("len_id", ">i4"),
+    ("series_id", ">i8"),
+    ("len_ts", ">i4"),
+    ("ts", ">i8"),
+    ("len_value", ">i4"),
+    ("value", ">f8"),
+]
+_SAMPLE_ROW = np.dtype(_SAMPLE_FIELDS)
+# The same row plus the int4 number of the batch part (file) it came from.
+_PART_ROW = np.dtype([*_SAMPLE_FIELDS, ("len_part", ">i4"), ("part", ">i4")])
 _CHUNK_INTERVALS = {
     "samples": "1 day",
     "rollup_1m": "7 days",
@@ -51,16 +52,24 @@ _CHUNK_INTERVALS = {
 }
 
 
-def binary_copy_payload(series_ids: np.ndarray, ts_us: np.ndarray, values: np.ndarray) -> bytes:
-    """Rows (bigint, timestamptz, float8) in COPY BINARY format, built in one numpy pass."""
-    rows = np.empty(len(series_ids), dtype=_SAMPLE_ROW)
-    rows["fields"] = 3
+def binary_copy_payload(
+    series_ids: np.ndarray,
+    ts_us: np.ndarray,
+    values: np.ndarray,
+    parts: np.ndarray | None = None,
+) -> bytes:
+    """Rows (bigint, timestamptz, float8[, int4 part]) in COPY BINARY format, one numpy pass."""
+    rows = np.empty(len(series_ids), dtype=_SAMPLE_ROW if parts is None else _PART_ROW)
+    rows["fields"] = 3 if parts is None else 4
     rows["len_id"] = 8
     rows["series_id"] = series_ids
     rows["len_ts"] = 8
     rows["ts"] = ts_us - _PG_EPOCH_US
     rows["len_value"] = 8
     rows["value"] = values
+    if parts is not None:
+        rows["len_part"] = 4
+        rows["part"] = parts
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 

@@ -27,6 +27,7 @@ from prefect import get_run_logger, task
 from metricmill.settings import Settings
 from storage import detection
 from storage.store import Store
+from tasks.alert_engine import SCORE_COLUMNS
 from tasks.baseline import DAY_US, BaselineTable, fit_models, model_features
 from tasks.detectors import FittedModel, detector_for
 
@@ -34,18 +35,6 @@ Z_FLOOR = 3.0
 Z_FULL = 5.0
 MODEL_POWER = 0.75
 CONTEXT_US = 3_600_000_000  # points before the watermark the features look back at
-SCORE_COLUMNS = [
-    "series_id",
-    "ts_us",
-    "value",
-    "expected",
-    "lower",
-    "upper",
-    "stat_score",
-    "model_score",
-    "score",
-    "baseline_level",
-]
 
 
 def stat_score(z: np.ndarray) -> np.ndarray:

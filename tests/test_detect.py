@@ -72,7 +72,7 @@ def test_score_frame_contract_and_scores() -> None:
     )
     scored = score_points(points, BaselineTable.from_frame(learned.baselines), models, metric_of)
     frame = scored.scores
-    assert list(frame.columns) == SCORE_COLUMNS
+    assert list(frame.columns) == list(SCORE_COLUMNS)
     assert frame["series_id"].dtype == np.int64 and frame["ts_us"].dtype == np.int64
     assert frame.equals(frame.sort_values(["series_id", "ts_us"]).reset_index(drop=True))
     assert scored.no_baseline.tolist() == [9]
