@@ -388,14 +388,36 @@ class Backend:
     def id_list(self, ids: list[int]) -> Any:
         return ids
 
+    def read_columns(
+        self, template: str, columns: Sequence[tuple[str, str, str]], params: Sequence[Any]
+    ) -> dict[str, np.ndarray]:
+        """Run `template` (a SELECT whose select list is the placeholder `{columns}`, with no
+        ORDER BY) and return one numpy array per column, rows ordered by the first two
+        columns. `columns` holds (name, SQL expression, kind): kind "int" (int64), "float"
+        (float64) or "ts" (a stored timestamp, returned as int64 µs).
+
+        Here: ordinary rows, transposed once. PostgreSQL overrides this with COPY BINARY read
+        straight into numpy (no per-value Python objects).
+        """
+        select = ", ".join(
+            self.ts_out.format(col=expr) if kind == "ts" else expr for _, expr, kind in columns
+        )
+        order = ", ".join(expr for _, expr, _ in columns[:2])
+        rows = self.execute(f"{template.replace('{columns}', select)} ORDER BY {order}", params)
+        read = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+        return {
+            name: np.asarray(values, dtype="float64" if kind == "float" else "int64")
+            for (name, _, kind), values in zip(columns, read, strict=True)
+        }
+
     def raw_points(self, ids: list[int], start_us: int, end_us: int) -> pd.DataFrame:
-        rows = self.execute(
-            f"SELECT series_id, {self.ts_out.format(col='ts')}, value FROM samples "  # noqa: S608
-            f"WHERE series_id {self.ids_in} AND ts >= {self.ts_in} AND ts < {self.ts_in} "
-            "ORDER BY series_id, ts",
+        arrays = self.read_columns(
+            f"SELECT {{columns}} FROM samples WHERE series_id {self.ids_in} "  # noqa: S608
+            f"AND ts >= {self.ts_in} AND ts < {self.ts_in}",
+            [("series_id", "series_id", "int"), ("ts_us", "ts", "ts"), ("value", "value", "float")],
             (self.id_list(ids), start_us, end_us),
         )
-        return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
+        return pd.DataFrame(arrays)
 
     def bucket_stats(
         self, ids: list[int], start_us: int, end_us: int, step_us: int

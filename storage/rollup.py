@@ -15,7 +15,7 @@ key lookup). Every fragment composed into SQL text is a constant of this module.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -437,19 +437,17 @@ def written_rows(backend: Backend, level: str, spans: list[Span], limit: int) ->
 _INT_COLUMNS = frozenset({"series_id", "ts_us", "count", "first_ts", "last_ts"})
 
 
-def _stats_frame(
-    rows: list[tuple[Any, ...]], names: Sequence[str] = STATS_FRAME_COLUMNS
-) -> pd.DataFrame:
-    """A stats frame from rows holding `names`; columns not read are 0 (ints) or NaN."""
-    # Column-wise: one transpose and a typed array per column (a frame built from row
-    # tuples costs ~10 µs a row).
-    read = dict(zip(names, zip(*rows, strict=True), strict=True)) if rows else {}
-    n = len(rows)
+_KIND = {c: "int" if c == "count" else "ts" if c.endswith("_ts") else "float" for c in STAT_COLUMNS}
+
+
+def _stats_frame_from(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A stats frame from column arrays; stat columns not read are 0 (ints) or NaN."""
+    n = len(arrays["series_id"]) if "series_id" in arrays else 0
     frame: dict[str, np.ndarray] = {}
     for name in STATS_FRAME_COLUMNS:
         dtype = "int64" if name in _INT_COLUMNS else "float64"
-        if name in read:
-            frame[name] = np.asarray(read[name], dtype=dtype)
+        if name in arrays:
+            frame[name] = np.asarray(arrays[name], dtype=dtype)
         else:
             frame[name] = np.zeros(n, dtype=dtype) if dtype == "int64" else np.full(n, np.nan)
     return pd.DataFrame(frame)
@@ -469,18 +467,16 @@ def step_stats(
     A level's rows are taken whole: the caller aligns [start, end) to the level's width.
     """
     if end_us <= start_us or not ids:
-        return _stats_frame([])
+        return _stats_frame_from({})
     d = dialect_for(backend)
-    # Only the columns the caller needs cross the wire (a 30-day hourly read is mostly
-    # transfer and decoding, not the index scan).
+    # Only the columns the caller needs cross the wire, read straight into arrays (a 30-day
+    # hourly read is mostly transfer and decoding, not the index scan).
     wanted = [c for c in STAT_COLUMNS if columns is None or c in columns]
-    out = ", ".join(
-        [
-            "q.series_id",
-            d.ts_out.format(col="q.bucket"),
-            *(d.ts_out.format(col=f"q.{c}") if c.endswith("_ts") else f"q.{c}" for c in wanted),
-        ]
-    )
+    kinds = [
+        ("series_id", "q.series_id", "int"),
+        ("ts_us", "q.bucket", "ts"),
+        *((c, f"q.{c}", _KIND[c]) for c in wanted),
+    ]
     ids_in = backend.ids_in
     if source != "raw" and step_us == ROLLUP_LEVELS[source]:
         inner = (
@@ -490,11 +486,12 @@ def step_stats(
         )
     else:
         inner = d.stats_select(source, step_us, ids_in)
-    rows = backend.execute(
-        f"SELECT {out} FROM ({inner}) q ORDER BY q.series_id, q.bucket",  # noqa: S608
+    arrays = backend.read_columns(
+        f"SELECT {{columns}} FROM ({inner}) q",  # noqa: S608
+        kinds,
         (backend.id_list(ids), start_us, end_us),
     )
-    return _stats_frame(rows, ["series_id", "ts_us", *wanted])
+    return _stats_frame_from(arrays)
 
 
 def _level_start(backend: Backend, level: str, ids: list[int]) -> int | None:
@@ -597,7 +594,7 @@ def resolved_stats(
     frames = [step_stats(backend, src, ids, s, e, step_us, columns) for src, s, e in plan.parts]
     frames = [f for f in frames if len(f)]
     if not frames:
-        return _stats_frame([])
+        return _stats_frame_from({})
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True).sort_values(
