@@ -428,7 +428,10 @@ def _bucket_stats(raw: pd.DataFrame, step_us: int) -> pd.DataFrame:
         sum_sq=("sq", "sum"),
         min=("value", "min"),
         max=("value", "max"),
+        first=("value", "first"),
+        first_ts=("ts_us", "min"),
         last=("value", "last"),
+        last_ts=("ts_us", "max"),
     ).reset_index()
     return stats.rename(columns={"bucket": "ts_us"})
 
