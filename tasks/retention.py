@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from metricmill.settings import Settings
 from storage.archive import Anonymizer, ArchiveError
 from storage.retention import RetentionReport, apply, preview
+from storage.schema import ROLLUP_TABLES
 from storage.store import Store
 from storage.timescale import compress_old_chunks
 from tasks.ingest import is_transient
@@ -86,8 +87,13 @@ def run_retention(settings: Settings, dry_run: bool = False) -> dict[str, Any]:
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient)
 def compress_chunks(settings: Settings) -> int:
-    """TimescaleDB only: compress sample chunks older than compress_after_days."""
+    """TimescaleDB only: compress sample and rollup chunks older than compress_after_days
+    (a late sample still rolls up into a compressed rollup chunk: TimescaleDB takes DML on
+    compressed chunks)."""
     with Store.open(settings=settings) as store:
         if not getattr(store.backend, "timescale", False):
             return 0
-        return compress_old_chunks(store.backend, settings.compress_after_days)
+        return sum(
+            compress_old_chunks(store.backend, settings.compress_after_days, table)
+            for table in ("samples", *ROLLUP_TABLES.values())
+        )
