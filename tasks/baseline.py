@@ -6,7 +6,10 @@ Per series, in one pass over a (series, time)-sorted frame:
    that grows steadily is compared with where it is now, not with its 4-week average;
 2. season: hour of week (168 slots) when there are >= 3 weeks and hour-of-week slots explain
    clearly more of the detrended variance than hour-of-day slots (an F test plus a minimum
-   effect size); else hour of day (24) when those slots explain enough; else none (1 slot);
+   effect size); else hour of day split into weekdays and weekend days ("weekpart", 48 slots)
+   when there is a week and that split explains clearly more than hour of day alone (two
+   weeks of history cannot learn 168 slots, but a weekend is already unlike a Monday); else
+   hour of day (24) when those slots explain enough; else none (1 slot);
 3. per slot: n, mean, std, median, MAD, p05/p50/p95/p99 of the detrended bucket averages,
    and `scale`: sqrt((1.4826 MAD)^2 + spread^2), where spread is the typical standard deviation
    *inside* a bucket (from sum_sq) — raw points scatter more than 5-minute averages — floored
@@ -36,8 +39,8 @@ from tasks.detectors import FittedModel, features, fit_per_metric
 
 HOUR_US = 3_600_000_000
 DAY_US = 86_400_000_000
-SEASONS = ("none", "day", "week")
-SLOTS = (1, 24, 168)
+SEASONS = ("none", "day", "week", "weekpart")
+SLOTS = (1, 24, 168, 48)
 MAX_SLOTS = 168
 MAD_TO_SIGMA = 1.4826
 
@@ -49,6 +52,7 @@ class LearnParams:
     min_history_us: int = DAY_US
     min_points: int = 12
     weekly_min_span_us: int = 21 * DAY_US
+    weekpart_min_span_us: int = 6 * DAY_US  # a week less the newest hours holds a weekend
     min_strength: float = 0.1  # share of variance a season must explain
     min_f: float = 4.0  # F statistic the season's slots must reach
     rel_floor: float = 1e-3
@@ -66,12 +70,14 @@ class Learned:
 
 
 def slot_of(ts_us: np.ndarray, season: np.ndarray) -> np.ndarray:
-    """Slot of each timestamp under each row's season code (0 none, 1 day, 2 week); UTC,
-    hour-of-week slot 0 is Monday 00:00."""
+    """Slot of each timestamp under each row's season code (0 none, 1 day, 2 week, 3
+    weekpart); UTC, hour-of-week slot 0 is Monday 00:00; weekpart slots 24-47 are Saturday and
+    Sunday hours."""
     hours = ts_us // HOUR_US
     hod = hours % 24
     how = (hours + 72) % 168  # 1970-01-01 was a Thursday
-    return np.where(season == 2, how, np.where(season == 1, hod, 0))
+    slot = np.where(season == 2, how, hod + 24 * ((season == 3) & (how >= 120)))
+    return slot * (season > 0)
 
 
 def group_quantiles(
@@ -134,7 +140,8 @@ def choose_seasons(
     span_us: np.ndarray,
     params: LearnParams,
 ) -> np.ndarray:
-    """Season code per series (0 none, 1 day, 2 week) from centred, detrended values x."""
+    """Season code per series (0 none, 1 day, 2 week, 3 weekpart) from centred, detrended
+    values x."""
     n_series = len(span_us)
     points = np.bincount(code, minlength=n_series).astype(np.float64)
     ss_total = np.bincount(code, weights=x * x, minlength=n_series) - (
@@ -143,6 +150,8 @@ def choose_seasons(
     hours = ts // HOUR_US
     ss_day, k_day = _ss_within(code, hours % 24, x, n_series, 24)
     ss_week, k_week = _ss_within(code, (hours + 72) % 168, x, n_series, 168)
+    weekend_hours = 24 * ((hours + 72) % 168 >= 120)
+    ss_part, k_part = _ss_within(code, hours % 24 + weekend_hours, x, n_series, 48)
     with np.errstate(invalid="ignore", divide="ignore"):
         f_day = ((ss_total - ss_day) / np.maximum(k_day - 1, 1)) / (
             ss_day / np.maximum(points - k_day, 1)
@@ -153,6 +162,11 @@ def choose_seasons(
         day_strength = 1 - ss_day / ss_total
         week_gain = 1 - ss_week / ss_day
         week_strength = 1 - ss_week / ss_total
+        f_part = ((ss_day - ss_part) / np.maximum(k_part - k_day, 1)) / (
+            ss_part / np.maximum(points - k_part, 1)
+        )
+        part_gain = 1 - ss_part / ss_day
+        part_strength = 1 - ss_part / ss_total
     daily = (k_day >= 12) & (day_strength >= params.min_strength) & (f_day >= params.min_f)
     weekly = (
         (span_us >= params.weekly_min_span_us)
@@ -161,7 +175,14 @@ def choose_seasons(
         & (week_strength >= params.min_strength)
         & (f_week >= params.min_f)
     )
-    return np.where(weekly, 2, np.where(daily, 1, 0))
+    weekpart = (
+        (span_us >= params.weekpart_min_span_us)
+        & (k_part >= 36)
+        & (part_gain >= params.min_strength)
+        & (part_strength >= params.min_strength)
+        & (f_part >= params.min_f)
+    )
+    return np.where(weekly, 2, np.where(weekpart, 3, np.where(daily, 1, 0)))
 
 
 def learn_baselines(
@@ -380,9 +401,7 @@ class BaselineTable:
         run_pos = np.minimum(np.searchsorted(self.series_ids, series_id[starts]), n - 1)
         run_has = self.series_ids[run_pos] == series_id[starts]
         pos = np.repeat(run_pos, run_len)
-        season = self.season[pos]
-        hours = ts_us // HOUR_US
-        slot = np.where(season == 2, (hours + 72) % 168, hours % 24) * (season > 0)
+        slot = slot_of(ts_us, self.season[pos])
         flat = pos * MAX_SLOTS + slot
         at = np.minimum(ts_us, self.t_end[pos] + params.max_extrapolation_us)
         expected = self.median.ravel().take(flat) + self.slope_per_us[pos] * (at - self.t_ref[pos])

@@ -62,21 +62,27 @@ def test_season_is_chosen_per_series_from_its_history() -> None:
         series(3, long, 100 + daily(long) + rng.normal(0, 2, len(long))),
         series(4, long, 100 + rng.normal(0, 2, len(long))),
     )
-    assert seasons(learned) == {1: "week", 2: "day", 3: "day", 4: "none"}
+    # Two weeks cannot fill 168 slots, but they show a weekend unlike the weekdays.
+    assert seasons(learned) == {1: "week", 2: "weekpart", 3: "day", 4: "none"}
     slots = learned.baselines.groupby("series_id")["slot"].agg(["count", "min", "max"])
     assert slots.loc[1].tolist() == [168, 0, 167]
-    assert slots.loc[2].tolist() == [24, 0, 23]
+    assert slots.loc[2].tolist() == [48, 0, 47]
+    assert slots.loc[3].tolist() == [24, 0, 23]
     assert slots.loc[4].tolist() == [1, 0, 0]
-    assert learned.seasons == {"none": 1, "day": 2, "week": 1}
-    # Saturday noon expects the weekend drop only where the week was learned (the noon hour
-    # slot's median sits 20 * sin(pi / 12) / 2 ~ 2.6 below the level).
+    assert learned.seasons == {"none": 1, "day": 1, "week": 1, "weekpart": 1}
+    # Saturday noon expects the weekend drop only where weeks were learned (the noon hour
+    # slot's median sits 20 * sin(pi / 12) / 2 ~ 2.6 below the level); Tuesday noon does not.
     table = BaselineTable.from_frame(learned.baselines)
     saturday_noon = MONDAY + 5 * DAY_US + 12 * HOUR_US + 14 * 7 * DAY_US
-    ids = np.array([1, 3])
-    _, expected, scale, _ = table.lookup(ids, np.full(2, saturday_noon))
-    assert expected[1] == pytest.approx(97.4, abs=1)
-    assert expected[0] - expected[1] == pytest.approx(-30, abs=1.5)
+    tuesday_noon = saturday_noon - 4 * DAY_US
+    ids = np.array([1, 2, 3])
+    _, expected, scale, _ = table.lookup(ids, np.full(3, saturday_noon))
+    assert expected[2] == pytest.approx(97.4, abs=1)
+    assert expected[0] - expected[2] == pytest.approx(-30, abs=1.5)
+    assert expected[1] - expected[2] == pytest.approx(-30, abs=1.5)
     assert np.all(scale > 0)
+    _, weekday, _, _ = table.lookup(ids, np.full(3, tuesday_noon))
+    assert weekday[1] - weekday[2] == pytest.approx(0, abs=1.5)
 
 
 def test_per_slot_statistics_and_trend() -> None:
@@ -216,7 +222,7 @@ def test_baseline_flow_learns_skips_fits_and_refits_a_broken_model(
     report = state.result()
     assert isinstance(report, dict)
     assert report["series"] == 4
-    assert report["seasons"] == {"none": 1, "day": 2, "week": 0}
+    assert report["seasons"] == {"none": 1, "day": 2, "week": 0, "weekpart": 0}
     assert report["skipped"] == {"under a day of history": 1}
     assert [m["metric"] for m in report["models"]] == ["queue.depth", "web.latency"]
     assert {m["detector"] for m in report["models"]} == {"ecod"}
