@@ -339,15 +339,21 @@ def _csv_timestamps(column: pd.Series) -> pd.Series:
 
 
 def labels_from_columns(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    """One label dict per row from label columns; an empty or null cell means no such label."""
-    return pd.Series(
-        [
-            {str(k): str(v) for k, v in row.items() if not _empty_cell(v)}
-            for row in frame[columns].to_dict(orient="records")
-        ],
-        index=frame.index,
-        dtype=object,
-    )
+    """One label dict per row from label columns; an empty or null cell means no such label.
+
+    Rows with the same label values share one dict object, built once per distinct
+    combination (a file holds few series and many rows; the checks and the series lookup
+    downstream also work once per distinct object)."""
+    n = len(frame)
+    if not columns or n == 0:
+        return pd.Series([{} for _ in range(n)], index=frame.index, dtype=object)
+    group = frame[columns].groupby(columns, dropna=False, sort=False).ngroup().to_numpy()
+    _, first = np.unique(group, return_index=True)
+    distinct = frame[columns].iloc[first].to_dict(orient="records")
+    shared = np.empty(len(distinct), dtype=object)
+    for code, row in zip(group[first], distinct, strict=True):
+        shared[code] = {str(k): str(v) for k, v in row.items() if not _empty_cell(v)}
+    return pd.Series(shared[group], index=frame.index, dtype=object)
 
 
 def _empty_cell(value: Any) -> bool:
