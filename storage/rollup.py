@@ -414,6 +414,33 @@ def written_rows(backend: Backend, level: str, spans: list[Span], limit: int) ->
         return pd.DataFrame(columns=["series_id", "bucket", *STAT_COLUMNS])
     spans = merge_spans(spans)
     low, high = spans[0][0], spans[-1][1]
+    # Only the newest buckets can hold the `limit` newest rows: start from the newest bucket
+    # (one primary-key probe per series) and widen the window until it holds `limit` rows,
+    # so a backfill is not sorted whole to keep its tail.
+    table = ROLLUP_TABLES[level]
+    spanning = f"series_id {_series_spanning(d)}"
+    newest = backend.execute(
+        f"SELECT {d.ts_out.format(col='max(m)')} FROM (SELECT (SELECT max(r.bucket) "  # noqa: S608
+        f"FROM {table} r WHERE r.series_id = s.series_id AND r.bucket < {d.ts_in}) AS m "
+        f"FROM series s WHERE s.{spanning}) per_series",
+        (high, low, high),
+    )[0][0]
+    width = ROLLUP_LEVELS[level]
+    buckets = max(1, limit // 1000)
+    while newest is not None:
+        tail = int(newest) - width * buckets
+        if tail <= low:
+            break
+        inside = backend.execute(
+            f"SELECT count(*) FROM {table} WHERE {spanning} "  # noqa: S608
+            f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in}",
+            (tail, high, tail, high),
+        )[0][0]
+        if int(inside) >= limit:
+            low = tail
+            spans = [(max(s, low), e) for s, e in spans if e > low]
+            break
+        buckets *= 4
     # The spanning series and the outer bounds let every backend probe the primary key.
     where = " OR ".join(f"(bucket >= {d.ts_in} AND bucket < {d.ts_in})" for _ in spans)
     params: list[Any] = [low, high, low, high, *(v for span in spans for v in span)]

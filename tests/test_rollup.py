@@ -260,3 +260,16 @@ def test_retention_task_compresses_old_rollup_chunks_too(
     report = store.rollup()
     assert report.pending_left == 0 and report.levels["1m"].rows > 0
     assert_levels_match_raw(store)
+
+
+def test_written_rows_with_a_limit_are_the_newest(store: Store) -> None:
+    ingest_everything(store)
+    store.rollup()
+    span = [tuple(datetime_to_us(t) for t in EVERYTHING)]
+    for level in ("1m", "5m"):
+        everything = written_rows(store.backend, level, span, limit=10_000_000)
+        for limit in (1, 7, 50):
+            newest = written_rows(store.backend, level, span, limit=limit)
+            assert len(newest) == limit
+            top = sorted(everything["bucket"], reverse=True)[:limit]
+            assert sorted(newest["bucket"], reverse=True) == top, (level, limit)
