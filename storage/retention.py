@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from psycopg import sql
 
 from metricmill.errors import MetricmillError
 from metricmill.settings import Settings
@@ -38,7 +39,7 @@ from storage.archive import (
 )
 from storage.backend import Backend
 from storage.schema import ROLLUP_LEVELS, ROLLUP_TABLES
-from storage.timescale import drop_boundary, drop_chunks_before
+from storage.timescale import chunks_before, drop_boundary, drop_chunk_range, drop_chunks_before
 
 if TYPE_CHECKING:
     from storage.store import Store
@@ -372,10 +373,14 @@ def _count(backend: Backend, level: str, ids: np.ndarray, cutoff_us: int) -> int
     return int(rows[0][0])
 
 
-def _lock_holds(backend: Backend, series: pd.DataFrame) -> set[int]:
-    """Start of every deleting transaction: block new rules until commit, re-read the holds."""
+def _lock_holds(backend: Backend, series: pd.DataFrame, first: str | None = None) -> set[int]:
+    """Start of every deleting transaction: block new rules until commit, re-read the holds.
+
+    `first`: a LOCK statement to take before the transaction's snapshot (PostgreSQL)."""
     if backend.name == "postgresql":
         backend.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if first is not None:
+            backend.execute(first)  # before any SELECT: the snapshot sees what it waited for
         backend.execute("LOCK TABLE retention_rules IN SHARE MODE")
         backend.execute("SELECT pg_advisory_xact_lock(%s)", (_RULES_LOCK,))
     held = held_mask(series, list_rules(backend))
@@ -492,6 +497,8 @@ def apply(
         outcomes[id(group)].held = _count(backend, group.level, group.held_ids, group.cutoff_us)
     for level in LEVELS:
         groups = [g for g in planned.groups if g.level == level and len(g.ids)]
+        if level == "raw" and getattr(backend, "timescale", False):
+            _archive_whole_chunks(store, planned, groups, outcomes, report, anonymizer, checkpoint)
         for group in (g for g in groups if g.archive):
             outcome = outcomes[id(group)]
             _archive_group(store, planned, group, outcome, report, anonymizer, checkpoint)
@@ -558,7 +565,7 @@ def _archive_day(
     anonymizer: Anonymizer | None,
     checkpoint: Checkpoint | None,
 ) -> tuple[int, int, ArchivedFile | None]:
-    backend, root = store.backend, store.settings.archive
+    backend = store.backend
     end_us = min(day_us + DAY_US, cutoff_us)
     with backend.transaction():
         held = _lock_holds(backend, planned.series)
@@ -567,31 +574,53 @@ def _archive_day(
             return 0, 0, None
         where = _older_than(backend, "raw", lower=True)
         params = [backend.id_list(free), day_us, end_us]
-        rows = backend.execute(
-            f"SELECT samples.series_id, {backend.ts_out.format(col='samples.ts')}, "  # noqa: S608
-            f"samples.value FROM samples WHERE {where} ORDER BY samples.series_id, samples.ts",
-            params,
+        archived, item = _write_verified_day(
+            store, planned, metric, day_us, where, params, anonymizer, checkpoint
         )
-        if not rows:
+        if item is None:
             return 0, 0, None
-        sid = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        ts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-        values = np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows))
-        prepared = archive_table(planned.series, sid, ts, values, anonymizer)
-        item = write_verified(
-            root, metric, day_us, prepared, anonymized=anonymizer is not None, checkpoint=checkpoint
-        )
-        remove_orphans(backend, root, partition_dir(metric, day_us), keep=item.path)
-        if checkpoint is not None:
-            checkpoint("verified", {"path": item.path})
-        record_manifest(backend, item)
         deleted = _delete(backend, "samples", where, params)
-        if deleted != len(rows):
+        if deleted != archived:
             raise MetricmillError(
                 f"{metric} {us_to_datetime(day_us):%Y-%m-%d}: {deleted} rows matched the delete "
-                f"but {len(rows)} were archived; rolled back, the next run retries"
+                f"but {archived} were archived; rolled back, the next run retries"
             )
-    return len(rows), deleted, item
+    return archived, deleted, item
+
+
+def _write_verified_day(
+    store: Store,
+    planned: Plan,
+    metric: str,
+    day_us: int,
+    where: str,
+    params: list[Any],
+    anonymizer: Anonymizer | None,
+    checkpoint: Checkpoint | None,
+) -> tuple[int, ArchivedFile | None]:
+    """Inside the caller's transaction: one metric-day's rows (`where` over samples) written to
+    their Parquet file, read back and verified, stray files of the partition removed, and the
+    manifest row recorded. (rows, file); (0, None) when there are no rows."""
+    backend, root = store.backend, store.settings.archive
+    rows = backend.execute(
+        f"SELECT samples.series_id, {backend.ts_out.format(col='samples.ts')}, "  # noqa: S608
+        f"samples.value FROM samples WHERE {where} ORDER BY samples.series_id, samples.ts",
+        params,
+    )
+    if not rows:
+        return 0, None
+    sid = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    ts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    values = np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows))
+    prepared = archive_table(planned.series, sid, ts, values, anonymizer)
+    item = write_verified(
+        root, metric, day_us, prepared, anonymized=anonymizer is not None, checkpoint=checkpoint
+    )
+    remove_orphans(backend, root, partition_dir(metric, day_us), keep=item.path)
+    if checkpoint is not None:
+        checkpoint("verified", {"path": item.path})
+    record_manifest(backend, item)
+    return len(rows), item
 
 
 def archive_table(
@@ -612,6 +641,99 @@ def archive_table(
     return build_table(
         info["series_key"].tolist(), info["labels"].tolist(), codes, ts, values, anonymizer
     )
+
+
+def _archive_whole_chunks(
+    store: Store,
+    planned: Plan,
+    groups: list[Group],
+    outcomes: Mapping[int, Outcome],
+    report: RetentionReport,
+    anonymizer: Anonymizer | None,
+    checkpoint: Checkpoint | None,
+) -> None:
+    """TimescaleDB, raw level: each whole day chunk in which every series is past its cut-off
+    is archived (per metric: written, read back, verified, recorded) and dropped with
+    drop_chunks, in one transaction that locks the chunk against writers first — so no late
+    sample can land between the archive and the drop. A chunk with held series, series newer
+    than the plan, or a pending rollup range in it is left to the row-by-row path."""
+    backend = store.backend
+    if not groups or not any(g.archive for g in groups):
+        return
+    limit = min(g.cutoff_us for g in groups)
+    covered = np.concatenate([g.ids for g in groups])
+    others = np.setdiff1d(planned.series["series_id"].to_numpy(), covered)
+    if len(others):
+        earliest = _min_ts(backend, "samples", others)
+        if earliest is not None:
+            limit = min(limit, earliest - earliest % DAY_US)
+    group_of = {int(i): g for g in groups for i in g.ids}
+    archived_ids = {int(i) for g in groups if g.archive for i in g.ids}
+    members = planned.series[planned.series["series_id"].isin(sorted(archived_ids))]
+    by_metric = {str(m): c["series_id"].tolist() for m, c in members.groupby("metric", sort=True)}
+    newest_id = int(planned.series["series_id"].max()) if len(planned.series) else 0
+    for schema, name, start, end in chunks_before(backend, "samples", limit):
+        if start % DAY_US or end - start != DAY_US:
+            continue  # not one UTC day (a changed chunk interval): row by row
+        with backend.transaction():
+            lock = (
+                sql.SQL("LOCK TABLE {} IN SHARE MODE")
+                .format(sql.Identifier(schema, name))
+                .as_string(backend.conn)  # type: ignore[attr-defined]
+            )
+            held = _lock_holds(backend, planned.series, first=lock)
+            counts = {
+                int(sid): int(n)
+                for sid, n in backend.execute(
+                    "SELECT series_id, count(*) FROM samples "  # noqa: S608
+                    f"WHERE ts >= {backend.ts_in} AND ts < {backend.ts_in} GROUP BY series_id",
+                    (start, end),
+                )
+            }
+            pending = backend.execute(
+                "SELECT count(*) FROM rollup_pending "  # noqa: S608
+                f"WHERE start_ts < {backend.ts_in} AND end_ts > {backend.ts_in}",
+                (end, start),
+            )[0][0]
+            strangers = [s for s in counts if s not in group_of or s in held or s > newest_id]
+            if not counts or pending or strangers:
+                continue
+            archived = 0
+            for metric, ids in by_metric.items():
+                present = [i for i in ids if i in counts]
+                if not present:
+                    continue
+                where = (
+                    f"samples.series_id {backend.ids_in} AND samples.ts >= {backend.ts_in} "
+                    f"AND samples.ts < {backend.ts_in}"
+                )
+                params = [backend.id_list(present), start, end]
+                rows, item = _write_verified_day(
+                    store, planned, metric, start, where, params, anonymizer, checkpoint
+                )
+                archived += rows
+                if item is not None:
+                    report.files.append(item)
+            expected = sum(n for s, n in counts.items() if s in archived_ids)
+            if archived != expected:
+                raise MetricmillError(
+                    f"chunk {us_to_datetime(start):%Y-%m-%d}: {archived} rows archived but "
+                    f"{expected} are in it; rolled back, the next run retries"
+                )
+            if drop_chunk_range(backend, "samples", start, end) != 1:
+                raise MetricmillError(
+                    f"chunk {us_to_datetime(start):%Y-%m-%d} was not dropped; rolled back"
+                )
+        touched: set[int] = set()
+        for sid, n in counts.items():
+            group = group_of[sid]
+            outcome = outcomes[id(group)]
+            outcome.deleted += n
+            if group.archive:
+                outcome.archived += n
+            if id(group) not in touched:
+                outcome.chunks_dropped += 1
+                touched.add(id(group))
 
 
 def _drop_whole_chunks(

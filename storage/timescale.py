@@ -48,3 +48,26 @@ def compressed_chunks(backend: Backend, table: str = "samples") -> int:
         (table,),
     )
     return int(rows[0][0])
+
+
+def chunks_before(backend: Backend, table: str, limit_us: int) -> list[tuple[str, str, int, int]]:
+    """(schema, name, range start µs, range end µs) of the table's chunks that end at or
+    before `limit_us`, oldest first."""
+    rows = backend.execute(
+        f"SELECT chunk_schema, chunk_name, {backend.ts_out.format(col='range_start')}, "  # noqa: S608
+        f"{backend.ts_out.format(col='range_end')} FROM timescaledb_information.chunks "
+        "WHERE hypertable_schema = current_schema() AND hypertable_name = %s "
+        f"AND range_end <= {backend.ts_in} ORDER BY range_start",
+        (table, limit_us),
+    )
+    return [(str(a), str(b), int(c), int(d)) for a, b, c, d in rows]
+
+
+def drop_chunk_range(backend: Backend, table: str, start_us: int, end_us: int) -> int:
+    """drop_chunks for the chunks lying wholly in [start, end)."""
+    rows = backend.execute(
+        "SELECT count(*) FROM drop_chunks(%s::regclass, "  # noqa: S608
+        f"older_than => {backend.ts_in}, newer_than => {backend.ts_in})",
+        (table, end_us, start_us),
+    )
+    return int(rows[0][0])
