@@ -330,6 +330,62 @@ def plan(backend: Backend, settings: Settings, now: datetime | None = None) -> P
     return Plan(now_us, today_us, series, groups, forever)
 
 
+def raw_cutoffs(
+    backend: Backend,
+    settings: Settings,
+    metrics: np.ndarray,
+    labels: np.ndarray,
+    now: datetime | None = None,
+) -> np.ndarray | None:
+    """Per incoming row (metric, labels as received): the oldest time (µs) its series' raw
+    rule keeps, where a rule keeps less than the default `retention_days` — older rows would
+    land in hours retention has already archived (and a rollup would rebuild those hours from
+    the late rows alone). int64 min where the default (checked by the quality suite), a longer
+    rule or a legal hold applies; None when no raw rule is stricter than the default."""
+    from storage.frames import canonical_labels
+
+    rules = list_rules(backend)
+    default = default_days(settings, "raw")
+    stricter = [
+        r
+        for r in rules
+        if r.level == "raw" and not r.legal_hold and r.retention_days is not None
+        and (default is None or r.retention_days < default)
+    ]  # fmt: skip
+    if not stricter or not len(metrics):
+        return None
+    # One lookup per distinct (metric, label object): rows decoded together share objects.
+    keys = pd.MultiIndex.from_arrays(
+        [pd.Series(metrics, dtype=object), pd.Series(map(id, labels), dtype="int64")]
+    )
+    codes, uniques = pd.factorize(keys)
+    first = np.unique(codes, return_index=True)[1]
+    texts = [canonical_labels(labels[i])[0] for i in first]
+    series = pd.DataFrame(
+        {
+            "metric": [str(metrics[i]) for i in first],
+            "labels": [json.loads(t) if t is not None else {} for t in texts],
+        }
+    )
+    frame = _label_frame(series)
+    chosen = sorted(
+        (r for r in rules if r.level == "raw" and not r.legal_hold),
+        key=lambda r: (-r.priority, r.rule_id),
+    )
+    days = np.full(len(series), -1, dtype=np.int64)  # -1: the default
+    for rule in chosen:
+        free = days == -1
+        days[free & match_mask(series, frame, rule)] = (
+            rule.retention_days if rule.retention_days is not None else 0
+        )
+    strict = (days > 0) & ((default is None) | (days < (default or 0)))
+    strict &= ~held_mask(series, rules)
+    now_us = datetime_to_us(now or datetime.now(UTC))
+    today_us = now_us - now_us % DAY_US
+    per_series = np.where(strict, today_us - days * DAY_US, np.iinfo(np.int64).min)
+    return per_series[codes]
+
+
 # -- SQL pieces ------------------------------------------------------------------------------
 def _plus(backend: Backend, column: str, us: int) -> str:
     if backend.name == "sqlite":

@@ -20,14 +20,20 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.tasks import Task
 
-from expectations.ingest_batch import BatchUnusable, QualityLimits, check_required_columns
+from expectations.ingest_batch import (
+    BatchUnusable,
+    QualityLimits,
+    QualityReason,
+    check_required_columns,
+)
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame
 from storage.landing import Claim, claim_files, move_done, move_quarantined
 from storage.readers import UnreadableFile, read_landed_file
+from storage.retention import raw_cutoffs
 from storage.store import Store
-from tasks.quality import validate_batch
+from tasks.quality import rejected_rows, validate_batch
 
 
 class TransientError(RuntimeError):
@@ -96,6 +102,10 @@ def _write(
     if checked is not None:
         outcome.quality_markdown = checked.markdown()
     with Store.open(settings=settings) as store:
+        old = _past_their_rule(store, settings, checked.typed_good()) if checked else None
+        if old is not None:
+            rejected = rejected + _too_old(good, old)
+            good = good[~old]
         report = store.write_samples(
             good,
             source=outcome.source,
@@ -192,10 +202,40 @@ def _check_together(
     return checked.typed_good(), good_parts, rejected, markdown
 
 
+def _past_their_rule(store: Store, settings: Settings, good: pd.DataFrame) -> np.ndarray | None:
+    """Which good rows (ts typed) are older than their series' raw retention rule, where it
+    keeps less than the default the quality suite checks: retention may already have
+    archived their hours, and a rollup must not rebuild an archived hour from late rows
+    alone. None when no row is."""
+    if good.empty:
+        return None
+    cutoffs = raw_cutoffs(
+        store.backend,
+        settings,
+        good["metric"].to_numpy(dtype=object),
+        good["labels"].to_numpy(dtype=object),
+    )
+    if cutoffs is None:
+        return None
+    old = pd.DatetimeIndex(good["ts"]).as_unit("us").asi8 < cutoffs
+    return old if old.any() else None
+
+
+def _too_old(frame: pd.DataFrame, old: np.ndarray) -> list[tuple[dict[str, Any], str]]:
+    reasons = np.full(len(frame), None, dtype=object)
+    reasons[old] = QualityReason.TIMESTAMP_TOO_OLD
+    return rejected_rows(frame, reasons)
+
+
 def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> None:
     """Check and write files as one unit: one GX validation, one write transaction with a
     ledger batch per file. Fills each file's outcome and its destination."""
     good, parts, rejected, markdown = _check_together(settings, files)
+    old = _past_their_rule(store, settings, good)
+    if old is not None:
+        for row, part in zip(_too_old(good, old), parts[old].tolist(), strict=True):
+            rejected[part].append(row)
+        good, parts = good[~old], parts[~old]
     # One group writes at a time in this process: the other task thread decodes and checks
     # meanwhile. Two writes at once only contend (for the same series rows and the same index
     # pages of samples) and end later than one after the other.

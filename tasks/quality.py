@@ -377,6 +377,11 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def rejected_rows(frame: pd.DataFrame, reasons: np.ndarray) -> list[tuple[dict[str, Any], str]]:
+    """(row as received, reason) for each row of `frame` whose reason is not None."""
+    return _rejected_rows(frame, reasons)
+
+
 def _rejected_rows(frame: pd.DataFrame, reasons: np.ndarray) -> list[tuple[dict[str, Any], str]]:
     rows = np.flatnonzero(pd.notna(reasons))
     if not len(rows):
