@@ -61,3 +61,23 @@ def expected_rows(metric: str, labels: dict[str, str]) -> pd.DataFrame:
 
 def cutoff(days: int) -> datetime:
     return TODAY - timedelta(days=days)
+
+
+def assert_archive_plus_database_is_everything(
+    store: Store, settings: Settings, series: list[tuple[str, dict[str, str]]] = SERIES
+) -> None:
+    """The archive verifies, holds no row twice, and with what the database kept is exactly
+    what was written: no sample lost, none duplicated."""
+    from storage.archive import read_archive, verify_archive
+
+    assert verify_archive(store.backend, settings.archive) == []
+    for metric, labels in series:
+        archived = read_archive(settings, metric, labels)
+        assert not archived.duplicated(["series_key", "ts"]).any()
+        both = pd.concat(
+            [archived[["ts", "value"]], remaining(store, metric, labels)[["ts", "value"]]]
+        )
+        want = expected_rows(metric, labels)
+        assert sorted(zip(both["ts"], both["value"], strict=True)) == sorted(
+            zip(want["ts"], want["value"], strict=True)
+        ), (metric, labels)

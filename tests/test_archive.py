@@ -39,6 +39,7 @@ from tests.retention_data import (
     PER_DAY,
     SERIES,
     TODAY,
+    assert_archive_plus_database_is_everything,
     cutoff,
     expected_rows,
     filled_store,
@@ -220,15 +221,7 @@ def test_kill_between_parquet_write_and_delete_loses_nothing_and_archives_nothin
     retention.apply(store)
 
     assert (settings.archive / orphan).is_file()  # the rerun wrote the same content-named file
-    assert verify_archive(store.backend, settings.archive) == []
-    for series in (CPU1, CPU2):
-        archived = read_archive(settings, series[0], series[1])
-        assert not archived.duplicated(["series_key", "ts"]).any()
-        both = pd.concat([archived[["ts", "value"]], remaining(store, *series)[["ts", "value"]]])
-        want = expected_rows(*series)
-        assert sorted(zip(both["ts"], both["value"], strict=True)) == sorted(
-            zip(want["ts"], want["value"], strict=True)
-        )
+    assert_archive_plus_database_is_everything(store, settings, [CPU1, CPU2])
 
 
 # -- anonymized export ------------------------------------------------------------------------

@@ -11,19 +11,19 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from metricmill.settings import Settings
 from metricmill.types import datetime_to_us
 from storage import retention
-from storage.archive import ArchiveError, read_archive, verify_archive
+from storage.archive import ArchiveError
 from storage.store import Store
 from tests.dbtargets import DbTarget
 from tests.retention_data import (
     DAYS,
     PER_DAY,
     SERIES,
+    assert_archive_plus_database_is_everything,
     cutoff,
     expected_rows,
     filled_store,
@@ -62,18 +62,6 @@ def day_chunks(store: Store) -> list[int]:
             "WHERE hypertable_name = 'samples' ORDER BY range_start"
         )
     ]
-
-
-def assert_archive_plus_database_is_everything(store: Store, settings: Settings) -> None:
-    assert verify_archive(store.backend, settings.archive) == []
-    for series in SERIES:
-        archived = read_archive(settings, series[0], series[1])
-        assert not archived.duplicated(["series_key", "ts"]).any()
-        both = pd.concat([archived[["ts", "value"]], remaining(store, *series)[["ts", "value"]]])
-        want = expected_rows(*series)
-        assert sorted(zip(both["ts"], both["value"], strict=True)) == sorted(
-            zip(want["ts"], want["value"], strict=True)
-        ), series
 
 
 def test_days_every_series_has_left_are_archived_then_dropped_whole(
