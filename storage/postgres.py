@@ -75,7 +75,8 @@ def binary_copy_payload(
 
 def _parse_array_copy(data: bytes, kinds: Sequence[str]) -> list[np.ndarray] | None:
     """Decode COPY BINARY rows whose fields are one-dimensional arrays of 8-byte values into
-    one flat column per field; None when a value is NULL (the layout is not fixed then)."""
+    one flat column per field; None when an element is NULL (the layout is not fixed then).
+    A NULL array is an aggregate over no rows: an empty column."""
     view = memoryview(data)
     if len(data) < 21:
         return None
@@ -94,8 +95,10 @@ def _parse_array_copy(data: bytes, kinds: Sequence[str]) -> list[np.ndarray] | N
             return None
         for i, kind in enumerate(kinds):
             size = int.from_bytes(view[pos : pos + 4], "big", signed=True)
-            if size < 0:  # a NULL array: no rows at all
-                return None
+            if size < 0:  # array_agg over no rows is NULL (never over some): no values
+                pos += 4
+                parts[i].append(np.empty(0, dtype=element[kind])["v"])
+                continue
             body = view[pos + 4 : pos + 4 + size]
             pos += 4 + size
             dims, has_null = (int.from_bytes(body[k : k + 4], "big") for k in (0, 4))
