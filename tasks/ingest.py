@@ -28,7 +28,7 @@ from expectations.ingest_batch import (
 )
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
-from storage.frames import to_frame
+from storage.frames import to_frame, with_parsed_timestamps
 from storage.landing import Claim, claim_files, move_done, move_quarantined
 from storage.readers import UnreadableFile, read_landed_file
 from storage.retention import raw_cutoffs
@@ -184,7 +184,7 @@ def _check_together(
 ) -> tuple[pd.DataFrame, np.ndarray, list[list[tuple[dict[str, Any], str]]], str]:
     """One frame of the files' rows, checked by the GX suite once: (good rows, the part of each
     good row, rejected rows per file, the quality markdown)."""
-    frames = [f.decoded.frame for f in files]
+    frames = [with_parsed_timestamps(f.decoded.frame) for f in files]
     sizes = np.array([len(frame) for frame in frames], dtype=np.int64)
     parts = np.repeat(np.arange(len(files), dtype=np.int64), sizes)
     rejected: list[list[tuple[dict[str, Any], str]]] = [list(f.decoded.rejected) for f in files]
