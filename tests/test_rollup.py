@@ -167,6 +167,27 @@ def test_rerun_is_harmless(store: Store) -> None:
         pd.testing.assert_frame_equal(stored(store, level), before[level])
 
 
+def test_about_one_sample_a_minute_with_some_crowded_buckets(store: Store) -> None:
+    """The usual scrape interval: most 1m buckets hold one sample (each its own row on SQLite,
+    no grouping), some two or three (grouped), some none; then a rewrite of a few."""
+    rng = np.random.default_rng(11)
+    start = BASE - timedelta(hours=6)
+    times = every(start, timedelta(seconds=59), 600)  # every 59th minute holds two
+    times += [start + timedelta(minutes=17, seconds=s) for s in (5, 25, 50)]  # a third
+    for labels in LABELS:
+        store.write_samples(frame("net", labels, times, eighths(rng, len(times))))
+    store.rollup()
+    assert_levels_match_raw(store)
+    crowded = frame("net", LABELS[0], [start + timedelta(minutes=40, seconds=s) for s in
+                    (1, 2, 59)], np.array([1.5, -2.0, 3.25]))  # fmt: skip
+    store.write_samples(crowded)
+    store.rollup()
+    assert_levels_match_raw(store)
+    got = stored(store, "1m")
+    minute = datetime_to_us(start + timedelta(minutes=40))
+    assert got.loc[got["bucket"] == minute, "count"].max() >= 3
+
+
 def test_a_30_day_backfill_takes_many_small_transactions(store: Store) -> None:
     rng = np.random.default_rng(3)
     start = (NOW - timedelta(days=30)).replace(hour=0)
