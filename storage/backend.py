@@ -404,11 +404,16 @@ class Backend:
         )
         order = ", ".join(expr for _, expr, _ in columns[:2])
         rows = self.execute(f"{template.replace('{columns}', select)} ORDER BY {order}", params)
-        read = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-        return {
-            name: np.asarray(values, dtype="float64" if kind == "float" else "int64")
-            for (name, _, kind), values in zip(columns, read, strict=True)
-        }
+        dtypes = [(name, "float64" if kind == "float" else "int64") for name, _, kind in columns]
+        try:  # one structured array built in C: a third of the time of transposing the rows
+            table = np.array(rows, dtype=dtypes)
+            return {name: np.ascontiguousarray(table[name]) for name, _ in dtypes}
+        except (TypeError, ValueError, OverflowError):  # a NULL: column by column, NULL as NaN
+            read = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+            return {
+                name: np.asarray(values, dtype=dtype)
+                for (name, dtype), values in zip(dtypes, read, strict=True)
+            }
 
     def raw_points(self, ids: list[int], start_us: int, end_us: int) -> pd.DataFrame:
         arrays = self.read_columns(

@@ -74,22 +74,19 @@ def history(
     table = ROLLUP_TABLES[level]  # a constant name, never user text
     b = store.backend
     clause, params = _ids_clause(store, "series_id", series_ids)
-    rows = b.execute(
-        f"SELECT series_id, {b.ts_out.format(col='bucket')}, count, sum, sum_sq "  # noqa: S608
-        f"FROM {table} WHERE bucket >= {b.ts_in} AND bucket < {b.ts_in}{clause} "
-        "ORDER BY series_id, bucket",
+    arrays = b.read_columns(
+        f"SELECT {{columns}} FROM {table} "  # noqa: S608
+        f"WHERE bucket >= {b.ts_in} AND bucket < {b.ts_in}{clause}",
+        [
+            ("series_id", "series_id", "int"),
+            ("ts_us", "bucket", "ts"),
+            ("count", "count", "float"),
+            ("sum", "sum", "float"),
+            ("sum_sq", "sum_sq", "float"),
+        ],
         [start_us, end_us, *params],
     )
-    frame = pd.DataFrame(rows, columns=["series_id", "ts_us", "count", "sum", "sum_sq"])
-    return frame.astype(
-        {
-            "series_id": "int64",
-            "ts_us": "int64",
-            "count": "float64",
-            "sum": "float64",
-            "sum_sq": "float64",
-        }
-    )
+    return pd.DataFrame(arrays)
 
 
 def series_with_history(

@@ -170,14 +170,15 @@ class PostgresBackend(Backend):
             "TO STDOUT (FORMAT BINARY)"
         )
         try:
+            # A savepoint inside the caller's transaction: a COPY over the limit leaves the
+            # transaction usable for the text path.
             with (
+                self.conn.transaction(),
                 self.conn.cursor() as cur,
                 cur.copy(statement.encode(), tuple(params) or None) as copy,
             ):
                 data = b"".join(copy)
         except psycopg.errors.ProgramLimitExceeded:
-            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                raise
             data = b""
         parsed = _parse_array_copy(data, [kind for _, _, kind in columns])
         if parsed is None:

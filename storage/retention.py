@@ -658,16 +658,18 @@ def _write_verified_day(
     their Parquet file, read back and verified, stray files of the partition removed, and the
     manifest row recorded. (rows, file); (0, None) when there are no rows."""
     backend, root = store.backend, store.settings.archive
-    rows = backend.execute(
-        f"SELECT samples.series_id, {backend.ts_out.format(col='samples.ts')}, "  # noqa: S608
-        f"samples.value FROM samples WHERE {where} ORDER BY samples.series_id, samples.ts",
+    rows = backend.read_columns(
+        f"SELECT {{columns}} FROM samples WHERE {where}",  # noqa: S608
+        [
+            ("series_id", "samples.series_id", "int"),
+            ("ts", "samples.ts", "ts"),
+            ("value", "samples.value", "float"),
+        ],
         params,
     )
-    if not rows:
+    if not len(rows["series_id"]):
         return 0, None
-    sid = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    ts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-    values = np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows))
+    sid, ts, values = rows["series_id"], rows["ts"], rows["value"]
     prepared = archive_table(planned.series, sid, ts, values, anonymizer)
     item = write_verified(
         root, metric, day_us, prepared, anonymized=anonymizer is not None, checkpoint=checkpoint
@@ -676,7 +678,7 @@ def _write_verified_day(
     if checkpoint is not None:
         checkpoint("verified", {"path": item.path})
     record_manifest(backend, item)
-    return len(rows), item
+    return len(sid), item
 
 
 def archive_table(
