@@ -120,7 +120,7 @@ class Settings(BaseSettings):
 
     # rollups (hours of pending range per transaction; rows per level the DQ suite checks a run)
     rollup_chunk_hours: int = 6
-    rollup_check_max_rows: int = 500_000
+    rollup_check_max_rows: int = 100_000
 
     @field_validator("rollup_chunk_hours", "rollup_check_max_rows")
     @classmethod

@@ -46,7 +46,7 @@ def test_demo_finds_the_injected_incidents(tmp_path: Path, monkeypatch: pytest.M
     assert total == 5
     assert found >= 4, output
     assert int(cell(output, "false alerts").split()[0]) <= 3, output
-    runs = re.findall(r"│ (ingest history|rollup|baseline|ingest live|rollup live|detect|"
+    runs = re.findall(r"│ (ingest history|rollup ×\d+|baseline|ingest live|rollup live|detect|"
                       r"retention)\s*│ (\w+)", output)  # fmt: skip
     assert len(runs) == 7 and all(state == "Completed" for _, state in runs), runs
     assert f"--home {home} alerts list" in output
