@@ -9,7 +9,9 @@ pending rows it finished in that same transaction.
 Each backend gets a small dialect: integer bucket arithmetic on SQLite (ts are µs integers),
 `date_bin` on PostgreSQL, `time_bucket` and `first()/last()` on TimescaleDB. Elsewhere first
 and last are found by joining the group's first/last key back to its source row (a primary
-key lookup). Every fragment composed into SQL text is a constant of this module.
+key lookup), by a window over the bucket (PostgreSQL's 1m level), or, for PostgreSQL's upper
+levels, from the source rows in the bucket's first and last slots. Every fragment composed
+into SQL text is a constant of this module.
 """
 
 from __future__ import annotations
@@ -181,13 +183,12 @@ class PostgresDialect(Dialect):
     greatest, least = "greatest", "least"
     splits_singles = False  # one pass with window functions (stats_select)
 
-    def loop_select(self, source: str, width_us: int, series_filter: str, span: Span) -> str | None:
-        return None  # PostgreSQL hashes or sorts the groups itself; no help needed
-
     def bucket(self, column: str, width_us: int) -> str:
         return f"date_bin(interval '{int(width_us)} microseconds', {column}, timestamptz 'epoch')"
 
     def stats_select(self, source: str, width_us: int, series_filter: str) -> str:
+        if source != "raw":
+            return self._upper_select(source, width_us, series_filter, per_series=False)
         # One pass: first/last by window over the bucket (the join back to the source rows
         # costs two more scans of it, hashed to disk at default work_mem).
         src = _Source(source)
@@ -203,6 +204,59 @@ class PostgresDialect(Dialect):
                                ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x
             GROUP BY series_id, bucket"""  # noqa: S608
 
+    def loop_select(self, source: str, width_us: int, series_filter: str, span: Span) -> str | None:
+        return self._upper_select(source, width_us, series_filter, per_series=True)
+
+    def _upper_select(
+        self, source: str, width_us: int, series_filter: str, *, per_series: bool
+    ) -> str:
+        """An upper level from the level below, with no sort of the span and no window.
+
+        A source row starting its bucket holds the bucket's first value, one in the bucket's
+        last slot its last value (a filtered aggregate each); a bucket of one row is its own
+        first and last; only a bucket missing its edge rows looks them up by primary key.
+        `per_series`: grouped series by series through a LATERAL primary-key range (the rows
+        arrive in key order, each series' few buckets are sorted in memory), which beats one
+        sort of the whole span when every series has many source rows there (5m from 1m);
+        otherwise one GROUP BY over the span."""
+        src = _Source(source)
+        last_slot = f"interval '{int(width_us) - ROLLUP_LEVELS[source]} microseconds'"
+        columns = f"""bucket, count, sum, sum_sq, min, max, first, first_ts, last, last_ts,
+                      {self.bucket("bucket", width_us)} AS b"""
+        aggregates = f"""{src.aggregates}, min(bucket) AS fk, max(bucket) AS lk,
+                   count(*) AS k, min(first) AS fa, min(last) AS la,
+                   min(first) FILTER (WHERE bucket = b) AS f0,
+                   min(last) FILTER (WHERE bucket = b + {last_slot}) AS l0"""
+        in_span = f"bucket >= {self.bound} AND bucket < {self.bound}"
+        if per_series:
+            series = "s.series_id"
+            source_rows = f"""(SELECT series_id FROM series WHERE series_id {series_filter}) s
+                CROSS JOIN LATERAL (
+                    SELECT b, {aggregates}
+                    FROM (SELECT {columns} FROM {src.table}
+                          WHERE series_id = s.series_id AND {in_span}) r
+                    GROUP BY b) g"""  # noqa: S608
+        else:
+            series = "g.series_id"
+            source_rows = f"""(
+                    SELECT series_id, b, {aggregates}
+                    FROM (SELECT series_id, {columns} FROM {src.table}
+                          WHERE series_id {series_filter} AND {in_span}) r
+                    GROUP BY series_id, b) g"""  # noqa: S608
+
+        def edge(found: str, alone: str, key: str, column: str) -> str:
+            return (
+                f"CASE WHEN g.k = 1 THEN g.{alone} ELSE coalesce(g.{found}, "  # noqa: S608
+                f"(SELECT v.{column} FROM {src.table} v "
+                f"WHERE v.series_id = {series} AND v.bucket = g.{key})) END"
+            )
+
+        return f"""SELECT {series} AS series_id, g.b AS bucket, g.n AS count, g.s AS sum,
+                   g.ss AS sum_sq, g.mn AS min, g.mx AS max,
+                   {edge("f0", "fa", "fk", "first")} AS first, g.fts AS first_ts,
+                   {edge("l0", "la", "lk", "last")} AS last, g.lts AS last_ts
+            FROM {source_rows}"""  # noqa: S608
+
     def lock(self) -> None:
         self.backend.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK,))
 
@@ -216,6 +270,9 @@ class PostgresDialect(Dialect):
 
 
 class TimescaleDialect(PostgresDialect):
+    def loop_select(self, source: str, width_us: int, series_filter: str, span: Span) -> str | None:
+        return None  # first()/last() in one hashed pass (stats_select), compressed chunks too
+
     def bucket(self, column: str, width_us: int) -> str:
         return (
             f"time_bucket(interval '{int(width_us)} microseconds', {column}, "
