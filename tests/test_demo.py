@@ -27,11 +27,17 @@ def test_demo_finds_the_injected_incidents(tmp_path: Path, monkeypatch: pytest.M
     isolate_settings(monkeypatch)
     monkeypatch.setenv("COLUMNS", "220")
     home = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--home", str(home), "--hosts", "4", "--days", "4"])
+    # Eight days: a week holds a weekend on any day the suite runs. From four, a Saturday
+    # evening or a Monday has no weekend evening to compare with, or takes the weekend for
+    # a falling trend, and alerts on every quiet series (a limit of young series).
+    days = 8
+    result = CliRunner().invoke(
+        app, ["demo", "--home", str(home), "--hosts", "4", "--days", str(days)]
+    )
     output = result.stdout
     assert result.exit_code == 0, output + (result.stderr or "")
 
-    generated = 4 * len(METRICS) * 4 * 1440
+    generated = 4 * len(METRICS) * days * 1440
     assert cell(output, "generated").startswith(f"{generated:,} samples")
     kinds = set(cell(output, "landed files").split("(", 1)[1].rstrip(")").split(", "))
     assert {"ndjson", "csv.gz", "lp", "parquet"} <= kinds
