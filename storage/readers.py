@@ -39,7 +39,15 @@ _LINE_PROTOCOL_SUFFIXES = (".lp", ".line", ".influx")
 
 
 class UnreadableFile(MetricmillError):
-    """A file is not NDJSON or CSV samples, or cannot be decoded at all."""
+    """A file is not samples in a format metricmill reads, or cannot be decoded at all.
+
+    `reason` is the quarantine reason code the ingest flow files it under (the `.reason` file's
+    first line); a reader that knows better (a size or depth bound) passes its own.
+    """
+
+    def __init__(self, message: str, *, reason: str = "unreadable_file") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_samples_file(path: str | Path) -> pd.DataFrame:
