@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_settings
 from pydantic import SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -63,7 +65,8 @@ def normalise_database_url(url: str) -> str:
 class Settings(BaseSettings):
     """Everything metricmill can be told, with the defaults a single machine needs."""
 
-    model_config = SettingsConfigDict(env_prefix="METRICMILL_", extra="forbid")
+    # allow_inf_nan=False: every float setting is finite (SETTLE_SECONDS=nan would never settle)
+    model_config = SettingsConfigDict(env_prefix="METRICMILL_", extra="forbid", allow_inf_nan=False)
 
     home: Path = Path("~/.metricmill")
     database_url: str = ""
@@ -81,6 +84,12 @@ class Settings(BaseSettings):
     max_label_name_length: int = 128
     max_label_value_length: int = 2048
     line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
+    # bounds on one landed file, checked while it streams in (storage.limits)
+    max_file_bytes: int = 1 << 30  # decompressed
+    max_line_bytes: int = 1 << 20
+    max_nesting_depth: int = 32
+    max_row_labels: int = 1000
+    max_bad_lines: int = 10_000
     scrape_targets: list[str] = []
     scrape_timeout_seconds: float = 10.0
     # retention and archival (raw samples keep `retention_days`; 0 for a level = keep forever)
@@ -270,6 +279,20 @@ class Settings(BaseSettings):
             setattr(self, name, path.resolve())
         return self
 
+    @model_validator(mode="after")
+    def _within_bounds(self) -> Settings:
+        """Sane upper bounds: a value past them is a typo, and would overflow a date or a
+        buffer somewhere far from the setting that caused it."""
+        for names, high in _UPPER_BOUNDS:
+            for name in names:
+                if getattr(self, name) > high:
+                    raise ValueError(f"METRICMILL_{name.upper()}: must be at most {high:,}")
+        for name in ("max_file_bytes", "max_line_bytes", "max_nesting_depth", "max_row_labels",
+                     "max_bad_lines"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"METRICMILL_{name.upper()}: must be at least 1")
+        return self
+
     @property
     def masked_database_url(self) -> str:
         return mask_url(self.database_url)
@@ -301,6 +324,33 @@ class Settings(BaseSettings):
         return self.export_dir
 
 
+_DAY_FIELDS = (
+    "retention_days", "retention_1m_days", "retention_5m_days", "retention_1h_days",
+    "retention_1d_days", "compress_after_days", "baseline_window_days",
+)  # fmt: skip
+_SECOND_FIELDS = (
+    "settle_seconds", "max_future_skew_seconds", "scrape_timeout_seconds",
+    "anonymize_coarsen_seconds", "alert_for_seconds", "alert_keep_firing_for_seconds",
+    "alert_repeat_interval_seconds", "notify_timeout_seconds", "notify_backoff_seconds",
+)  # fmt: skip
+# (fields, the largest value each may take)
+_UPPER_BOUNDS: tuple[tuple[tuple[str, ...], int], ...] = (
+    (_DAY_FIELDS, 36_500),  # a century: further back than any sample can be
+    (_SECOND_FIELDS, 366 * 86_400),
+    (("detect_lookback_minutes",), 366 * 24 * 60),
+    (("max_file_bytes",), 1 << 40),
+    (("max_line_bytes",), 1 << 30),
+    # JSON nested deeper than this would recurse past Python's limit in the json module
+    (("max_nesting_depth",), 256),
+    (("max_row_labels", "max_labels"), 100_000),
+    (("max_bad_lines",), 100_000_000),
+    (("max_new_series_per_batch", "rollup_check_max_rows", "detector_max_fit_rows"), 10**9),
+    (("max_label_name_length", "max_label_value_length"), 1 << 20),
+    (("rollup_chunk_hours",), 24 * 366),
+    (("baseline_chunk_series", "detect_shards", "notify_retries"), 1_000_000),
+)
+
+
 def config_file_path(home: str | Path | None = None) -> Path | None:
     """METRICMILL_CONFIG if set (it must exist), else HOME/metricmill.toml when present."""
     explicit = os.environ.get("METRICMILL_CONFIG")
@@ -321,8 +371,19 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"]) or "settings"
-            env_name = f"METRICMILL_{field.upper()}"
+            field = ".".join(str(part) for part in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
             # err["msg"] never contains the input value; URLs are masked by the validator.
-            problems.append(f"{env_name}: {err['msg'].removeprefix('Value error, ')}")
+            problems.append(f"METRICMILL_{field.upper()}: {message}" if field else message)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+    except pydantic_settings.SettingsError as exc:
+        # A list or dict setting that is not JSON: pydantic-settings names the field in quotes.
+        text = str(exc)
+        field = text.split('"')[1] if text.count('"') >= 2 else "?"
+        raise SettingsError(
+            f"invalid settings: METRICMILL_{field.upper()}: not valid JSON "
+            '(a list is written ["a", "b"], a mapping {"key": "value"})'
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        where = config_file_path(overrides.get("home"))
+        raise SettingsError(f"invalid settings: {where}: not TOML: {exc}") from None
