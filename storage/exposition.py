@@ -214,14 +214,16 @@ def parse_exposition(
     sampled: set[str] = set()  # names of the samples seen so far
     skipped_nan = 0
 
-    for line_no, raw in enumerate(_text_lines(text), 1):
-        if isinstance(raw, bytes):
+    for line_no, source in enumerate(_text_lines(text), 1):
+        if isinstance(source, bytes):
             try:
-                raw = raw.decode("utf-8")
+                raw = source.decode("utf-8")
             except UnicodeDecodeError:
-                shown = raw.decode("utf-8", "backslashreplace").removesuffix("\r")
+                shown = source.decode("utf-8", "backslashreplace").removesuffix("\r")
                 rejected.append(({"line": shown, "line_no": line_no}, INVALID_UNICODE))
                 continue
+        else:
+            raw = source
         line = raw[:-1] if raw[-1:] == "\r" else raw
         body = line.strip(" \t")
         if not body:
