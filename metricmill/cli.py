@@ -27,6 +27,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from metricmill.errors import MetricmillError, QueryError
+from metricmill.secrets import PASSWORD_ENV, redact, split_password
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.types import WriteReport
@@ -81,7 +82,7 @@ def one_line(exc: BaseException) -> str:
         text = f"{where}{exc.strerror}"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return redact(" ".join(text.split()))
 
 
 def fail(exc: BaseException) -> NoReturn:
@@ -529,18 +530,38 @@ def run_ingest_flow(settings: Settings, options: GlobalOptions, **kwargs: Any) -
     """The ingest flow's summary rows by source; a failed run is a one-line error."""
     from flows.ingest import ingest as ingest_flow  # Prefect is slow to import: only when used
 
-    # The database URL only as the user gave it: flow parameters are stored by Prefect.
-    state = ingest_flow(
-        scrape=False,
-        home=str(settings.home),
-        database_url=options.database,
-        return_state=True,
-        **kwargs,
-    )
+    # The database URL only as the user gave it, less its password: flow parameters are stored
+    # by Prefect. The password reaches the run through the environment.
+    url, password = split_password(options.database) if options.database else (None, None)
+    with password_in_environment(password):
+        state = ingest_flow(
+            scrape=False,
+            home=str(settings.home),
+            database_url=url,
+            return_state=True,
+            **kwargs,
+        )
     rows = state.result() if state.is_completed() else None
     if not isinstance(rows, list):  # failed, or Skipped: another ingest run was in progress
         raise MetricmillError(f"ingest flow run ended {state.name}: {state.message}")
     return {r["source"]: r for r in rows}
+
+
+@contextmanager
+def password_in_environment(password: str | None) -> Iterator[None]:
+    """METRICMILL_DATABASE_PASSWORD set for an in-process flow run, then restored."""
+    if password is None:
+        yield
+        return
+    previous = os.environ.get(PASSWORD_ENV)
+    os.environ[PASSWORD_ENV] = password
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PASSWORD_ENV, None)
+        else:
+            os.environ[PASSWORD_ENV] = previous
 
 
 def describe_outcome(summary: dict[str, Any]) -> str:

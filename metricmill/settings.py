@@ -6,6 +6,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import pydantic_settings
 from pydantic import SecretStr, ValidationError, field_validator, model_validator
@@ -19,6 +20,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from metricmill.errors import SettingsError
+from metricmill.secrets import (
+    install_log_redaction,
+    quote_password,
+    redact,
+    remember,
+    split_password,
+)
+
+install_log_redaction()  # settings are where passwords enter: from here on, logs hide them
 
 MEMORY_URL = "sqlite:///:memory:"
 _SQLITE_SCHEMES = {"sqlite", "sqlite+pysqlite"}
@@ -26,17 +36,8 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
-    if url == MEMORY_URL:
-        return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        # Not parseable as a URL: hide everything between '://' and '@', if present.
-        head, sep, tail = url.partition("://")
-        if sep and "@" in tail:
-            return f"{head}://***@{tail.rsplit('@', 1)[1]}"
-        return url
+    """The URL with any password replaced by ***, safe to print or log (see `redact`)."""
+    return url if url == MEMORY_URL else redact(url)
 
 
 def normalise_database_url(url: str) -> str:
@@ -45,7 +46,7 @@ def normalise_database_url(url: str) -> str:
     if url in {"memory", "memory://", ":memory:", "sqlite://", "sqlite:///:memory:"}:
         return MEMORY_URL
     try:
-        parsed = make_url(url)
+        parsed = make_url(quote_password(url))
     except (ArgumentError, ValueError) as exc:
         raise ValueError(f"not a database URL: {mask_url(url)!r}") from exc
     scheme = parsed.drivername
@@ -70,6 +71,10 @@ class Settings(BaseSettings):
 
     home: Path = Path("~/.metricmill")
     database_url: str = ""
+    # The database password, kept out of the URL wherever the URL is stored (flow parameters):
+    # from METRICMILL_DATABASE_PASSWORD, or a Prefect Secret block named here.
+    database_password: SecretStr | None = None
+    database_password_block: str | None = None
     landing_dir: Path | None = None
     archive_dir: Path | None = None
     quarantine_dir: Path | None = None
@@ -280,6 +285,24 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _password(self) -> Settings:
+        """A server URL without a password gets the one from the environment or the block."""
+        if not self.database_url.startswith("postgresql://"):
+            return self
+        url, in_url = split_password(self.database_url)
+        password = in_url
+        if password is None and self.database_password is not None:
+            password = self.database_password.get_secret_value()
+        if password is None and self.database_password_block:
+            password = _secret_block(self.database_password_block)
+        if password is not None:
+            remember(password)
+            user, _, rest = url.partition("://")[2].partition("@")
+            if rest:
+                self.database_url = f"postgresql://{user}:{quote(password, safe='')}@{rest}"
+        return self
+
+    @model_validator(mode="after")
     def _within_bounds(self) -> Settings:
         """Sane upper bounds: a value past them is a typo, and would overflow a date or a
         buffer somewhere far from the setting that caused it."""
@@ -292,6 +315,11 @@ class Settings(BaseSettings):
             if getattr(self, name) < 1:
                 raise ValueError(f"METRICMILL_{name.upper()}: must be at least 1")
         return self
+
+    def __repr_args__(self) -> Any:
+        """repr() and str() show the URL masked (a settings object may end up in a log)."""
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name == "database_url" else value)
 
     @property
     def masked_database_url(self) -> str:
@@ -322,6 +350,18 @@ class Settings(BaseSettings):
     def exports(self) -> Path:
         assert self.export_dir is not None
         return self.export_dir
+
+
+def _secret_block(name: str) -> str:
+    """The value of a Prefect Secret block (Prefect is imported only when one is named)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        block: Any = Secret.load(name, _sync=True)  # type: ignore[call-arg]
+        value = block.get()
+    except Exception as exc:  # missing block, unreachable API: a setting that cannot be used
+        raise ValueError(f"cannot load the Prefect Secret block {name!r}: {exc}") from None
+    return str(value)
 
 
 _DAY_FIELDS = (
