@@ -547,9 +547,7 @@ def read_landed_file(
         except UnicodeDecodeError as exc:
             raise UnreadableFile(f"{path.name}: cannot decode file: {exc}") from None
         del raw
-        parsed = parse_line_protocol(
-            text, precision=precision, max_bad_lines=limits.max_bad_lines
-        )
+        parsed = parse_line_protocol(text, precision=precision, max_bad_lines=limits.max_bad_lines)
         widest = max((len(t) for t in {id(t): t for t in parsed.frame["labels"]}.values()),
                      default=0)  # fmt: skip
         if widest > limits.max_row_labels:
