@@ -29,11 +29,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def user_error(*args: str) -> str:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 1, (args, result.output)
-    assert (
-        "Traceback" not in result.output
-        and result.exception is None
-        or isinstance(result.exception, SystemExit)
-    ), (args, result.exception)
+    assert "Traceback" not in result.output, (args, result.output)
+    assert isinstance(result.exception, SystemExit), (args, result.exception)  # no crash
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
     return lines[0]
