@@ -350,7 +350,7 @@ def csv_frame(raw: bytes, path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> pd
     except (pd.errors.ParserError, csv.Error) as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise UnreadableFile(f"{path}: not CSV: {first_line}") from None
-    if len(frame.columns) > limits.max_row_labels + 4:
+    if len(frame.columns) - 3 > limits.max_row_labels:  # beside metric, timestamp, value
         raise too_many_labels(path.name, len(frame.columns) - 3, limits)
     frame.columns = [str(c).strip() for c in frame.columns]
     metric_col = next((c for c in _METRIC_COLUMNS if c in frame.columns), None)
@@ -456,7 +456,7 @@ def read_parquet_samples(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> pd.
             "(METRICMILL_MAX_NESTING_DEPTH)",
             reason=FileReason.TOO_DEEP,
         )
-    if len(schema) > limits.max_row_labels + 4:
+    if len(schema) - 3 > limits.max_row_labels:  # beside metric, ts, value
         raise too_many_labels(name, len(schema) - 3, limits)
     try:
         frame = pd.read_parquet(path)
