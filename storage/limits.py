@@ -85,14 +85,31 @@ class _LineGuard:
             self.run += len(block)
         else:
             last = block.rfind(b"\n")
-            longest = self.run + first
-            if last - first - 1 > self.limit:  # a longer line may sit between the two
-                longest = max(longest, max(map(len, block[first + 1 : last].split(b"\n"))))
-            self.run = len(block) - last - 1
-            if longest > self.limit:
+            if self.run + first > self.limit:
                 self._fail()
+            if last - first - 1 > self.limit:  # a longer line may sit between the two
+                self._check_inside(block, first + 1, last)
+            self.run = len(block) - last - 1
         if self.run > self.limit:
             self._fail()
+
+    def _check_inside(self, block: bytes, start: int, stop: int) -> None:
+        """Any line in block[start:stop] (whole lines) longer than the bound, found without
+        splitting: a line longer than the bound holds a whole window of half its length free
+        of newlines, so windows of that size are probed with find, and only a free one is
+        measured exactly."""
+        stride = max(self.limit // 2, 1)
+        at = start
+        while at < stop:
+            end = min(at + stride, stop)
+            if end - at == stride and block.find(b"\n", at, end) < 0:
+                begin = block.rfind(b"\n", start - 1, at) + 1
+                finish = block.find(b"\n", end, stop + 1)
+                if finish - begin > self.limit:
+                    self._fail()
+                at = finish + 1
+            else:
+                at = end
 
     def _fail(self) -> None:
         raise UnreadableFile(
