@@ -42,7 +42,7 @@ from storage.landing import (
     real_directory,
 )
 from storage.locks import LockLost, ensure_flow_lock
-from storage.readers import UnreadableFile, read_landed_file
+from storage.readers import ReadLimits, UnreadableFile, read_landed_file
 from storage.retention import raw_cutoffs
 from storage.store import Store
 from tasks.quality import rejected_rows, validate_batch
@@ -352,6 +352,7 @@ def _decode(settings: Settings, landed: _Landed, labels_memo: dict[Any, Any]) ->
             precision=settings.line_protocol_precision,
             data=data,
             labels_memo=labels_memo,
+            limits=ReadLimits.from_settings(settings),
         )
         if len(decoded.frame):
             check_required_columns(decoded.frame.columns)
@@ -543,10 +544,11 @@ def scrape_target(settings: Settings, url: str) -> SourceOutcome:
     response.raise_for_status()
     target = httpx.URL(url)
     parsed = parse_exposition(
-        response.text,
+        response.content,  # bytes: a line that is not UTF-8 is rejected, not stored as U+FFFD
         scrape_time=scrape_time,
         extra_labels={"instance": f"{target.host}:{target.port}", "job": "scrape"},
     )
+    outcome.skipped_fields = parsed.skipped_nan  # NaN samples: skipped and counted
     _write(settings, parsed.frame, outcome, batch_id=None, pre_rejected=parsed.rejected)
     outcome.seconds = time.perf_counter() - started
     return outcome
