@@ -29,6 +29,7 @@ from expectations.ingest_batch import (
     QualityReason,
     check_required_columns,
 )
+from metricmill.secrets import redact
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame, with_parsed_timestamps
@@ -536,7 +537,7 @@ def ingest_records(
 def scrape_target(settings: Settings, url: str) -> SourceOutcome:
     """One Prometheus exposition scrape, stamped at scrape time unless the text has timestamps."""
     started = time.perf_counter()
-    outcome = SourceOutcome(source=f"scrape:{url}", kind="scrape")
+    outcome = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")  # summary: no password
     scrape_time = datetime.now(UTC)
     response = httpx.get(url, timeout=settings.scrape_timeout_seconds)
     if response.status_code >= 500:

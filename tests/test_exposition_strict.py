@@ -4,11 +4,18 @@ then the samples it gives and the lines it rejects."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from metricmill.settings import load_settings
 from storage.exposition import ExpositionResult, parse_exposition
+from storage.store import Store
+from tasks.ingest import scrape_target
+from tests.settings_env import isolate_settings
 
 SCRAPE = datetime(2024, 5, 21, 11, 15, 0, tzinfo=UTC)
 
@@ -100,3 +107,36 @@ def test_nan_samples_are_skipped_and_counted_not_quarantined() -> None:
     assert result.rejected == []
     assert result.skipped_nan == 3
     assert [m for m, _, _ in got(result)] == ["rpc_sum", "rpc_count"]
+
+
+def test_a_scrape_reads_bytes_counts_nan_and_keeps_the_password_out_of_its_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = b'# TYPE s summary\ns{quantile="0.5"} NaN\ns_count 0\nbad{b="\xff"} 1\nup 1\n'
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    isolate_settings(monkeypatch, home=tmp_path)
+    settings = load_settings()
+    url = f"http://scraper:Sekr3t-pw@127.0.0.1:{server.server_port}/metrics"
+    try:
+        outcome = scrape_target.fn(settings, url)
+    finally:
+        server.shutdown()
+    assert "Sekr3t-pw" not in outcome.source and outcome.source.startswith("scrape:http://")
+    assert outcome.skipped_fields == 1  # the NaN quantile
+    assert outcome.written == 2  # s_count and up
+    assert dict(outcome.quarantined) == {"invalid_unicode": 1}
+    with Store.open(settings=settings) as store:
+        [row] = store.quarantine(limit=10, pending_only=True)["row"].tolist()
+    assert row["line"] == 'bad{b="\\xff"} 1'
