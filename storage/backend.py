@@ -316,11 +316,16 @@ class Backend:
 
     def failed_batches(self) -> list[tuple[str, str, str, int]]:
         """(batch id, source, last error, failures) of the ledger's failed batches."""
+        try:
+            rows = self.execute(
+                "SELECT batch_id, source, detail FROM ingest_batches WHERE status = 'failed' "
+                "ORDER BY created_at"
+            )
+        except Exception:  # no schema yet (doctor on a new database): nothing failed
+            self.rollback_quietly()
+            return []
         out = []
-        for batch_id, source, detail in self.execute(
-            "SELECT batch_id, source, detail FROM ingest_batches WHERE status = 'failed' "
-            "ORDER BY created_at"
-        ):
+        for batch_id, source, detail in rows:
             data = json.loads(detail) if isinstance(detail, str) else detail or {}
             out.append((batch_id, source, str(data.get("error", "")), int(data.get("failures", 0))))
         return out

@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,9 @@ class _AdvisoryHolder:
             self.conn = None
 
 
-_holders: dict[tuple[str, str], _AdvisoryHolder] = {}
+# The advisory locks this run holds: a context variable, so the run's tasks (which run in
+# copies of the flow's context) find the run's own lock, never another run's in the process.
+_holders: ContextVar[dict[tuple[str, str], _AdvisoryHolder]] = ContextVar("flow_locks")
 
 
 @contextmanager
@@ -191,11 +194,11 @@ def _advisory_lock(url: str, name: str) -> Iterator[bool]:
     if not with_database_retries(holder.take):
         yield False
         return
-    _holders[(url, name)] = holder
+    token = _holders.set({**_holders.get({}), (url, name): holder})
     try:
         yield True
     finally:
-        _holders.pop((url, name), None)
+        _holders.reset(token)
         holder.close()
 
 
@@ -203,7 +206,7 @@ def ensure_flow_lock(settings: Settings, name: str) -> None:
     """Before a write: make sure this process still holds flow `name`'s lock, taking it again
     after a database restart; LockLost if another run has it now. A file lock cannot be lost;
     outside a run holding the lock (a script writing directly) this does nothing."""
-    holder = _holders.get((settings.database_url, name))
+    holder = _holders.get({}).get((settings.database_url, name))
     if holder is not None:
         holder.ensure()
 
