@@ -122,7 +122,8 @@ def _redacting_factory(factory: Any) -> Any:
         if cleaned != message or record.args:
             record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
-            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = redact(text)
         return record
 
     make.redacting = True  # type: ignore[attr-defined]
