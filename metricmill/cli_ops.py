@@ -236,7 +236,9 @@ def stuck_files(settings: Settings) -> tuple[str, str]:
 def check_landing(settings: Settings) -> list[Check]:
     from storage.landing import LandingError, real_directory
 
-    checks = []
+    checks: list[Check] = []
+    if not settings.landing.is_dir():
+        return checks  # the directory check above says what is wrong with it
     for sub in ("processing", "done"):
         try:
             real_directory(settings.landing / sub)
