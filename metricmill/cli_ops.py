@@ -160,6 +160,9 @@ def status(ctx: typer.Context) -> None:
     row(pipeline, "open alerts", alerts)
     files = quarantined_files(settings)
     row(pipeline, "quarantine", f"{snap.quarantined_rows} rows pending replay, {len(files)} files")
+    from metricmill.cli_receive import receiver_status
+
+    row(pipeline, "push receiver backlog", receiver_status(settings))
     console.print(pipeline)
     print_stats(info)
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from metricmill.cli import out, settings_from
+from metricmill.settings import Settings
 
 receive_app: typer.Typer = typer.Typer()
 
@@ -38,3 +39,25 @@ def receive(
         console.print(f"receiving on {url} ({auth}); landing in {settings.landing}")
 
     serve(settings, host=settings.receive_host, port=settings.receive_port, on_ready=announce)
+
+
+def receiver_status(settings: Settings) -> str:
+    """One line for `status`: the landing backlog against its limit, and whether a receiver
+    answers on the configured address."""
+    import httpx
+
+    from storage.push_landing import landing_backlog
+
+    backlog = landing_backlog(settings.landing)
+    limit = settings.receive_max_backlog_bytes
+    url = f"http://{settings.receive_host}:{settings.receive_port}"
+    try:
+        up = httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        up = False
+    state = f"receiver at {url} answering" if up else f"no receiver answering at {url}"
+    share = f"{100 * backlog.bytes / limit:.0f}%"
+    return (
+        f"{backlog.files} files, {backlog.bytes} bytes waiting in landing "
+        f"({share} of receive_max_backlog_bytes); {state}"
+    )

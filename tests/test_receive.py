@@ -7,6 +7,7 @@ so these tests pin what the ingest flow will see; the flow itself runs in test_r
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import subprocess
 import sys
@@ -278,3 +279,78 @@ def test_generated_protobuf_code_matches_the_proto_file(tmp_path: Path) -> None:
     )  # fmt: skip
     for name in ("remote_write_pb2.py", "remote_write_pb2.pyi"):
         assert (tmp_path / name).read_text() == (proto_dir / name).read_text(), name
+
+
+def test_status_shows_the_receivers_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from metricmill.cli import app
+    from tests.settings_env import isolate_settings
+
+    body = remote_write_body([({"__name__": "up"}, [(NOW_MS, 1.0)])])
+    with receiver_in_thread(receiver_settings(tmp_path)) as live:
+        reply = httpx.post(f"{live.url}/api/v1/write", content=body, headers=REMOTE_WRITE_HEADERS)
+        assert reply.status_code == 204
+        size = landed(tmp_path)[0].stat().st_size
+        isolate_settings(monkeypatch, home=tmp_path, receive_port=live.url.rsplit(":", 1)[1])
+        monkeypatch.setenv("COLUMNS", "250")
+        result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "push receiver backlog" in x)
+    assert f"1 files, {size} bytes waiting in landing" in line, line
+    assert f"receiver at {live.url} answering" in line, line
+
+
+def test_otlp_json_lands_as_documented(live: LiveReceiver, tmp_path: Path) -> None:
+    request = {
+        "resourceMetrics": [
+            {
+                "resource": {
+                    "attributes": [
+                        {"key": "service.name", "value": {"stringValue": "api"}},
+                        {"key": "telemetry.sdk.name", "value": {"stringValue": "opentelemetry"}},
+                        {"key": "k8s.pod.name", "value": {"stringValue": "api-0"}},
+                    ]
+                },
+                "scopeMetrics": [
+                    {
+                        "metrics": [
+                            {
+                                "name": "jobs.done",
+                                "sum": {
+                                    "isMonotonic": True,
+                                    "aggregationTemporality": 2,
+                                    "dataPoints": [
+                                        {"asInt": "12", "timeUnixNano": str(NOW_MS * 1_000_000)}
+                                    ],
+                                },
+                            },
+                            {
+                                "name": "jobs.delta",
+                                "sum": {
+                                    "isMonotonic": True,
+                                    "aggregationTemporality": 1,
+                                    "dataPoints": [
+                                        {"asInt": "1", "timeUnixNano": str(NOW_MS * 1_000_000)}
+                                    ],
+                                },
+                            },
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    reply = httpx.post(
+        f"{live.url}/v1/metrics",
+        content=json.dumps(request),
+        headers={"Content-Type": "application/json"},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["partialSuccess"]["rejectedDataPoints"] == "1"  # the delta point
+    [path] = landed(tmp_path)
+    assert rows(path) == [
+        ("jobs_done_total", {"job": "api", "k8s_pod_name": "api-0"}, NOW_MS, 12.0)
+    ]
