@@ -255,7 +255,10 @@ def test_gzipped_line_protocol_replayed_is_written_once(
         f"cpu,cpu=cpu-total,host=edge-1 usage_idle={90 + i * 0.5},usage_user={2 + i}i "
         f"{(now_s + i * 10) * 1_000_000_000}"
         for i in range(5)
-    ] + [f'system,host=edge-1 load1=0.42,uptime_format="3 days" {now_s * 1_000_000_000}']
+    ] + [
+        f'system,host=edge-1 load1=0.42,uptime_format="3 days" {now_s * 1_000_000_000}',
+        "system,host=edge-1 load5=oops",  # quarantined with its text; the others land
+    ]
     body = gzip.compress(("\n".join(lines) + "\n").encode())
     headers = {  # what Telegraf's outputs.influxdb_v2 sends
         "Content-Encoding": "gzip",
@@ -275,6 +278,7 @@ def test_gzipped_line_protocol_replayed_is_written_once(
 
     [landed] = [r for r in rows if "push-influx" in str(r["source"])]
     assert (landed["written"], landed["replay"]) == (11, False), landed
+    assert landed["quarantined"] == "malformed_line: 1", landed
     [replayed] = [r for r in replay_rows if "push-influx" in str(r["source"])]
     assert (replayed["written"], replayed["replay"]) == (0, True), replayed
     samples = stored(home)
@@ -288,6 +292,9 @@ def test_gzipped_line_protocol_replayed_is_written_once(
     load = frozenset({"host": "edge-1", "bucket": "edge"}.items())
     assert samples[("system_load1", load)] == [(now_s * 1000, 0.42)]
     assert len(samples) == 3  # the string field is skipped
+    with Store.open(f"sqlite:///{home / 'metrics.db'}") as store:
+        [bad] = store.quarantine().to_dict(orient="records")
+    assert bad["reason"] == "malformed_line" and "load5=oops" in str(bad), bad
 
 
 # -- kill -9 while senders push ------------------------------------------------------------------
