@@ -71,7 +71,7 @@ def build_bodies(senders: int, requests: int, series: int, samples: int) -> list
                     "region": ("eu", "us", "ap")[s % 3],
                 }
                 for name in sorted(labels):
-                    ts.labels.add(name=name, value=labels[name])
+                    ts.labels[name] = labels[name]
                 for k in range(samples):
                     ts.samples.add(timestamp=base_ms + k * 10, value=float(n * samples + k))
             mine.append(bytes(cramjam.snappy.compress_raw(request.SerializeToString())))

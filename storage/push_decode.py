@@ -7,9 +7,10 @@ A body that cannot be decoded at all raises `BadPush` with one line of reason.
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
+from math import isnan
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from metricmill.errors import MetricmillError
@@ -18,7 +19,8 @@ from storage.proto.remote_write_pb2 import WriteRequest
 from storage.push_landing import PushBatch, SeriesPoints
 
 # Prometheus marks a series gone with this NaN; it is a signal, not a value to store.
-STALE_NAN_BITS = np.uint64(0x7FF0000000000002)
+_STALE_NAN = struct.pack("<Q", 0x7FF0000000000002)
+_pack = struct.Struct("<d").pack
 # Influx 1.x precision spellings, as line protocol precisions.
 INFLUX_PRECISIONS = {"n": "ns", "ns": "ns", "u": "us", "us": "us", "ms": "ms", "s": "s"}
 BUCKET_LABEL = "bucket"
@@ -41,29 +43,27 @@ def decode_remote_write(body: bytes) -> PushBatch:
         raise BadPush(f"not a remote write WriteRequest: {exc}") from None
     batch = PushBatch("remote_write")
     batch.ignore("metadata", len(request.metadata))
+    append = batch.series.append
     for series in request.timeseries:
-        batch.ignore("exemplars", len(series.exemplars))
-        batch.ignore("native_histograms", len(series.histograms))
-        if not series.samples:
+        if series.exemplars:
+            batch.ignore("exemplars", len(series.exemplars))
+        if series.histograms:
+            batch.ignore("native_histograms", len(series.histograms))
+        samples = series.samples
+        if not samples:
             continue
-        labels = {label.name: label.value for label in series.labels}
+        labels = dict(series.labels)
         metric = labels.pop("__name__", "")
-        values = np.fromiter((s.value for s in series.samples), np.float64, len(series.samples))
-        stamps = np.fromiter((s.timestamp for s in series.samples), np.int64, len(series.samples))
-        stale = values.view(np.uint64) == STALE_NAN_BITS
-        if stale.any():
-            batch.ignore("stale_markers", int(stale.sum()))
-            values, stamps = values[~stale], stamps[~stale]
-            if not len(values):
+        pairs = [(sample.timestamp * 1000, sample.value) for sample in samples]  # ms -> µs
+        stamps, values = zip(*pairs, strict=True)
+        if any(map(isnan, values)):  # maybe staleness markers
+            kept = [(ts, v) for ts, v in pairs if _pack(v) != _STALE_NAN]
+            batch.ignore("stale_markers", len(pairs) - len(kept))
+            if not kept:
                 continue
-        batch.series.append(SeriesPoints(metric, labels, _ms_to_us(stamps), values.tolist()))
+            stamps, values = zip(*kept, strict=True)
+        append(SeriesPoints(metric, labels, stamps, values))
     return batch
-
-
-def _ms_to_us(stamps_ms: np.ndarray) -> list[int]:
-    # Beyond ±9.2e15 ms the product leaves int64: clamp (far outside storage's range anyway).
-    limit = np.iinfo(np.int64).max // 1000
-    return (np.clip(stamps_ms, -limit, limit) * 1000).tolist()
 
 
 def decode_line_protocol(body: bytes, *, bucket: str, precision: str) -> PushBatch:

@@ -68,39 +68,44 @@ class PushBatch:
 
 
 def _number(value: float) -> str:
-    if math.isfinite(value):
+    if value - value == 0:  # finite
         return repr(value)
     # Not JSON, but the ingest flow's reader takes these literals: the row is quarantined as
     # non_finite_value instead of vanishing.
     return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _iso_times(ts_us: Sequence[int]) -> list[str]:
-    stamps = np.asarray(ts_us, dtype=np.int64)
-    wild = (stamps < _MIN_US) | (stamps > _MAX_US)
-    texts = np.datetime_as_string(np.where(wild, 0, stamps).astype("datetime64[us]"), unit="us")
-    iso = [f"{text}Z" for text in texts]
-    for index in np.flatnonzero(wild).tolist():
-        iso[index] = f"{int(stamps[index])}us"  # stays visible in quarantine (invalid_timestamp)
+def _iso_times(stamps: set[int]) -> dict[int, str]:
+    """ISO 8601 text (µs, Z) of each distinct instant; pushed series mostly share their times."""
+    usable = [t for t in stamps if _MIN_US <= t <= _MAX_US]
+    texts = np.datetime_as_string(np.array(usable, dtype="datetime64[us]"), unit="us")
+    iso = {t: f"{text}Z" for t, text in zip(usable, texts.tolist(), strict=True)}
+    for t in stamps:
+        if t not in iso:
+            iso[t] = f"{t}us"  # stays visible in quarantine (invalid_timestamp)
     return iso
 
 
 def ndjson_bytes(batch: PushBatch) -> bytes:
     """The batch as landing-file bytes: the same batch gives the same bytes."""
+    iso = _iso_times(set().union(*(s.ts_us for s in batch.series))) if batch.series else {}
+    dumps = orjson.dumps
+    number = _number
     lines: list[str] = []
+    extend = lines.extend
     for series in batch.series:
         head = (
-            '{"metric":'
-            + orjson.dumps(series.metric).decode()
-            + ',"labels":'
-            + orjson.dumps(series.labels).decode()
-            + ',"ts":"'
+            b'{"metric":'
+            + dumps(series.metric)
+            + b',"labels":'
+            + dumps(series.labels, option=orjson.OPT_SORT_KEYS)
+            + b',"ts":"'
+        ).decode()
+        extend(
+            f'{head}{iso[ts]}","value":{number(v)}}}'
+            for ts, v in zip(series.ts_us, series.values, strict=True)
         )
-        lines.extend(
-            f'{head}{ts}","value":{_number(v)}}}'
-            for ts, v in zip(_iso_times(series.ts_us), series.values, strict=True)
-        )
-    lines.extend(orjson.dumps(text).decode() for text in batch.rejected)
+    lines.extend(dumps(text).decode() for text in batch.rejected)
     return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
 
 

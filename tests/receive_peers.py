@@ -159,7 +159,7 @@ def remote_write_body(series: list[tuple[dict[str, str], list[tuple[int, float]]
     for labels, samples in series:
         ts = request.timeseries.add()
         for name in sorted(labels):
-            ts.labels.add(name=name, value=labels[name])
+            ts.labels[name] = labels[name]
         for stamp, value in samples:
             ts.samples.add(timestamp=stamp, value=value)
     return bytes(cramjam.snappy.compress_raw(request.SerializeToString()))

@@ -354,3 +354,19 @@ def test_otlp_json_lands_as_documented(live: LiveReceiver, tmp_path: Path) -> No
     assert rows(path) == [
         ("jobs_done_total", {"job": "api", "k8s_pod_name": "api-0"}, NOW_MS, 12.0)
     ]
+
+
+def test_invalid_receive_setting_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from metricmill.cli import app
+    from tests.settings_env import isolate_settings
+
+    isolate_settings(monkeypatch, home=tmp_path, receive_max_backlog_bytes=0)
+    result = CliRunner().invoke(app, ["receive", "--port", "70000"])
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: invalid settings:"), line
+    assert "METRICMILL_RECEIVE_PORT" in line and "METRICMILL_RECEIVE_MAX_BACKLOG_BYTES" in line

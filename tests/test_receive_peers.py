@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flows.ingest import ingest
+from metricmill.errors import MetricmillError
 from metricmill.settings import Settings
 from storage.store import Store
 from tests.receive_peers import (
@@ -369,3 +370,23 @@ def test_kill_9_loses_no_acknowledged_sample(
             assert (ts, value) in samples.get(key, set()), (key, ts, value)
     assert sum(len(points) for points in samples.values()) == 3 * 60 * 50
     print(json.dumps({"acked_before_kill": killed_with, "retries": [s.failures for s in senders]}))
+
+
+def test_token_from_a_prefect_secret_block(tmp_path: Path) -> None:
+    from prefect.blocks.system import Secret
+
+    from metricmill.receiver import load_token
+
+    Secret(value="from-the-block").save("metricmill-receive-test", overwrite=True)
+    settings = receiver_settings(tmp_path, receive_token_block="metricmill-receive-test")
+    token = load_token(settings)
+    assert token == "from-the-block"
+    body = remote_write_body([({"__name__": "up"}, [(int(time.time() * 1000), 1.0)])])
+    with receiver_in_thread(settings, token=token) as live:
+        url = f"{live.url}/api/v1/write"
+        assert httpx.post(url, content=body, headers=REMOTE_WRITE_HEADERS).status_code == 401
+        auth = {**REMOTE_WRITE_HEADERS, "Authorization": "Bearer from-the-block"}
+        assert httpx.post(url, content=body, headers=auth).status_code == 204
+    missing = receiver_settings(tmp_path, receive_token_block="no-such-block")
+    with pytest.raises(MetricmillError, match="no-such-block"):
+        load_token(missing)

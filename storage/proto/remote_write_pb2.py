@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12remote_write.proto\x12\x17metricmill.remote_write\"\x88\x01\n\x0cWriteRequest\x12\x37\n\ntimeseries\x18\x01 \x03(\x0b\x32#.metricmill.remote_write.TimeSeries\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.metricmill.remote_write.MetricMetadataJ\x04\x08\x02\x10\x03\"\xb8\x01\n\nTimeSeries\x12.\n\x06labels\x18\x01 \x03(\x0b\x32\x1e.metricmill.remote_write.Label\x12\x30\n\x07samples\x18\x02 \x03(\x0b\x32\x1f.metricmill.remote_write.Sample\x12\x34\n\texemplars\x18\x03 \x03(\x0b\x32!.metricmill.remote_write.Exemplar\x12\x12\n\nhistograms\x18\x04 \x03(\x0c\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\\\n\x08\x45xemplar\x12.\n\x06labels\x18\x01 \x03(\x0b\x32\x1e.metricmill.remote_write.Label\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\"V\n\x0eMetricMetadata\x12\x0c\n\x04type\x18\x01 \x01(\x05\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12remote_write.proto\x12\x17metricmill.remote_write\"\x88\x01\n\x0cWriteRequest\x12\x37\n\ntimeseries\x18\x01 \x03(\x0b\x32#.metricmill.remote_write.TimeSeries\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.metricmill.remote_write.MetricMetadataJ\x04\x08\x02\x10\x03\"\xf8\x01\n\nTimeSeries\x12?\n\x06labels\x18\x01 \x03(\x0b\x32/.metricmill.remote_write.TimeSeries.LabelsEntry\x12\x30\n\x07samples\x18\x02 \x03(\x0b\x32\x1f.metricmill.remote_write.Sample\x12\x34\n\texemplars\x18\x03 \x03(\x0b\x32!.metricmill.remote_write.Exemplar\x12\x12\n\nhistograms\x18\x04 \x03(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"*\n\x06Sample\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"\\\n\x08\x45xemplar\x12.\n\x06labels\x18\x01 \x03(\x0b\x32\x1e.metricmill.remote_write.Label\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\"V\n\x0eMetricMetadata\x12\x0c\n\x04type\x18\x01 \x01(\x05\x12\x1a\n\x12metric_family_name\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'remote_write_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TIMESERIES_LABELSENTRY']._loaded_options = None
+  _globals['_TIMESERIES_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WRITEREQUEST']._serialized_start=48
   _globals['_WRITEREQUEST']._serialized_end=184
   _globals['_TIMESERIES']._serialized_start=187
-  _globals['_TIMESERIES']._serialized_end=371
-  _globals['_LABEL']._serialized_start=373
-  _globals['_LABEL']._serialized_end=409
-  _globals['_SAMPLE']._serialized_start=411
-  _globals['_SAMPLE']._serialized_end=453
-  _globals['_EXEMPLAR']._serialized_start=455
-  _globals['_EXEMPLAR']._serialized_end=547
-  _globals['_METRICMETADATA']._serialized_start=549
-  _globals['_METRICMETADATA']._serialized_end=635
+  _globals['_TIMESERIES']._serialized_end=435
+  _globals['_TIMESERIES_LABELSENTRY']._serialized_start=390
+  _globals['_TIMESERIES_LABELSENTRY']._serialized_end=435
+  _globals['_LABEL']._serialized_start=437
+  _globals['_LABEL']._serialized_end=473
+  _globals['_SAMPLE']._serialized_start=475
+  _globals['_SAMPLE']._serialized_end=517
+  _globals['_EXEMPLAR']._serialized_start=519
+  _globals['_EXEMPLAR']._serialized_end=611
+  _globals['_METRICMETADATA']._serialized_start=613
+  _globals['_METRICMETADATA']._serialized_end=699
 # @@protoc_insertion_point(module_scope)
