@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import socket
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -309,22 +310,35 @@ def build_app(receiver: Receiver) -> Starlette:
     )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket; a clear one-line error when the address cannot be had."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        raise MetricmillError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings, *, host: str, port: int, on_ready: Callable[[str], None]) -> None:
     """Run the receiver until SIGINT/SIGTERM (uvicorn; requests in flight are finished)."""
     import uvicorn
 
     receiver = Receiver(settings, load_token(settings))
     receiver.prepare()
+    sock = listen(host, port)
     config = uvicorn.Config(
         build_app(receiver),
-        host=host,
-        port=port,
         limit_concurrency=settings.receive_max_connections,
         access_log=False,  # query strings may carry credentials (Influx 1.x `p=`)
         log_level="warning",
         lifespan="off",
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    on_ready(f"http://{host}:{port}")
-    server.run()
+    bound_host, bound_port = sock.getsockname()[:2]
+    on_ready(f"http://{bound_host}:{bound_port}")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -370,3 +370,22 @@ def test_invalid_receive_setting_is_one_error_line(
     [line] = result.output.strip().splitlines()
     assert line.startswith("error: invalid settings:"), line
     assert "METRICMILL_RECEIVE_PORT" in line and "METRICMILL_RECEIVE_MAX_BACKLOG_BYTES" in line
+
+
+def test_address_in_use_is_one_error_line(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METRICMILL_")}
+        env["METRICMILL_HOME"] = str(tmp_path)
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "metricmill"), "receive", "--port", str(port)],
+            capture_output=True, text=True, env=env, timeout=180, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert "receiving on" not in result.stdout
