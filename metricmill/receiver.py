@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -94,6 +95,8 @@ class Receiver:
         self.backlog = BacklogGauge(self.landing)
         self.stats: Counter[str] = Counter()
         self._limiter: anyio.CapacityLimiter | None = None
+        self._busy = 0
+        self._busy_lock = threading.Lock()
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -182,6 +185,18 @@ class Receiver:
         self, body: bytes, encoding: str, decode: Callable[[bytes], PushBatch]
     ) -> tuple[PushBatch, int]:
         """Decompress, decode and land one body (in a worker thread); the bytes landed."""
+        with self._busy_lock:
+            self._busy += 1
+            self.stats["peak_concurrent_work"] = max(self.stats["peak_concurrent_work"], self._busy)
+        try:
+            return self._decode_and_land(body, encoding, decode)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def _decode_and_land(
+        self, body: bytes, encoding: str, decode: Callable[[bytes], PushBatch]
+    ) -> tuple[PushBatch, int]:
         raw = self._decompress(body, encoding)
         try:
             batch = decode(raw)

@@ -389,3 +389,27 @@ def test_address_in_use_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     assert "receiving on" not in result.stdout
+
+
+def test_bodies_are_decoded_and_landed_at_most_receive_concurrency_at_once(
+    tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = receiver_settings(tmp_path, receive_concurrency=2)
+    bodies = [
+        remote_write_body(
+            [({"__name__": "m", "s": str(s)}, [(NOW_MS + k, float(n)) for k in range(50)])
+             for s in range(40)]
+        )
+        for n in range(12)
+    ]  # fmt: skip
+    with receiver_in_thread(settings) as live, ThreadPoolExecutor(12) as pool:
+        url = f"{live.url}/api/v1/write"
+        codes = list(
+            pool.map(lambda b: httpx.post(url, content=b, headers=REMOTE_WRITE_HEADERS), bodies)
+        )
+        peak = live.receiver.stats["peak_concurrent_work"]
+    assert [r.status_code for r in codes] == [204] * 12
+    assert 1 <= peak <= 2
+    assert len(landed(tmp_path)) == 12
