@@ -48,10 +48,11 @@ def _open_ledger_rows(
     opened = {row[0] for row in cur.fetchall()}
     others = [b for b in batch_ids if b not in opened]
     if others:
-        # Committed before: a replay. Quarantined whole before (the guard): may land now.
+        # Committed before: a replay. Quarantined whole before (the guard), or failed: may
+        # land now.
         cur.execute(
             "UPDATE ingest_batches SET status = 'writing' "
-            "WHERE batch_id = ANY(%s::text[]) AND status = 'quarantined' RETURNING batch_id",
+            "WHERE batch_id = ANY(%s::text[]) AND status <> 'committed' RETURNING batch_id",
             (others,),
         )
         opened |= {row[0] for row in cur.fetchall()}
