@@ -165,6 +165,9 @@ def status(ctx: typer.Context) -> None:
         row(pipeline, "stuck in processing", stuck)
         if errors:
             row(pipeline, "last write errors", errors)
+    from metricmill.cli_receive import receiver_status
+
+    row(pipeline, "push receiver backlog", receiver_status(settings))
     console.print(pipeline)
     print_stats(info)
 
