@@ -100,8 +100,12 @@ WITH NO DATA
 """
 _REFRESH = """
 CALL refresh_continuous_aggregate('cagg_1m', %(start)s::timestamptz,
-     %(start)s::timestamptz + %(points)s * %(step)s * interval '1 second' + interval '1 minute')
+     %(start)s::timestamptz + %(points)s * %(step)s * interval '1 second' + interval '1 minute',
+     options => %(options)s::jsonb)
 """
+# A manual refresh materialises 10 buckets per transaction by default (TimescaleDB 2.28's
+# DEFAULT_BUCKETS_PER_BATCH); 0 makes it one atomic pass, as one rollup transaction is.
+_REFRESH_OPTIONS = {"cagg": "{}", "cagg_atomic": '{"buckets_per_batch": 0}'}
 _SAME_AS_CAGG = """
 SELECT (SELECT count(*) FROM rollup_1m), (SELECT count(*) FROM cagg_1m),
        (SELECT count(*) FROM (SELECT * FROM rollup_1m EXCEPT
@@ -150,16 +154,16 @@ def bench_rollup(
         conn.execute("CREATE TABLE ref_1m (LIKE rollup_1m INCLUDING ALL)")
         log(f"seeded {rows:,} samples over {series:,} series")
         span = {"start": START, "points": points, "step": STEP_SECONDS}
-        sides = ["mine", "reference", *(["cagg"] if timescaledb else [])]
+        sides = ["mine", "reference", *(_REFRESH_OPTIONS if timescaledb else [])]
         times: dict[str, list[float]] = {side: [] for side in (*sides, "upper")}
         for number in range(repeat):
             conn.execute(_EMPTY)
             conn.execute(_SEED_PENDING, {"metric": "bench_rollup"})
-            if timescaledb:
-                conn.execute("DROP MATERIALIZED VIEW IF EXISTS cagg_1m")
-                conn.execute(_CAGG)
             # Rotate who goes first: the first reader of the samples warms the caches.
             for side in sides[number % len(sides) :] + sides[: number % len(sides)]:
+                if side in _REFRESH_OPTIONS:  # each refresh starts from an empty aggregate
+                    conn.execute("DROP MATERIALIZED VIEW IF EXISTS cagg_1m")
+                    conn.execute(_CAGG)
                 conn.execute("CHECKPOINT")
                 if side == "mine":
                     report = store.rollup()
@@ -174,29 +178,33 @@ def bench_rollup(
                     times["reference"].append(time.perf_counter() - started)
                 else:  # a refresh runs its own transactions (not inside a transaction block)
                     started = time.perf_counter()
-                    conn.execute(_REFRESH, span)
-                    times["cagg"].append(time.perf_counter() - started)
+                    conn.execute(_REFRESH, {**span, "options": _REFRESH_OPTIONS[side]})
+                    times[side].append(time.perf_counter() - started)
+                    _check_same_as_cagg(conn)
             same = conn.execute(
                 "SELECT count(*) FROM (SELECT * FROM rollup_1m EXCEPT SELECT * FROM ref_1m) d"
             ).fetchone()
             assert same is not None and same[0] == 0, "the two 1m tables differ"
             if timescaledb:
-                counted = conn.execute(_SAME_AS_CAGG).fetchone()
-                assert counted is not None and counted[0] == counted[1] and counted[2] == 0, (
-                    f"rollup_1m and the continuous aggregate differ: {counted}"
-                )
+                _check_same_as_cagg(conn)
             peers = ", ".join(f"{side} {times[side][-1]:.2f}s" for side in sides[1:])
             log(
                 f"  repeat {number + 1}: rollup 1m {times['mine'][-1]:.2f}s "
                 f"(chunks {report.chunks}, rows {levels['1m'].rows:,}), "
                 f"upper {times['upper'][-1]:.2f}s, {peers}"
             )
-    return {
-        "mine_1m": median(times["mine"]),
-        "upper": median(times["upper"]),
-        "reference": median(times["reference"]),
-        **({"cagg": median(times["cagg"])} if timescaledb else {}),
-    }
+    return {side: median(values) for side, values in times.items()}
+
+
+def _check_same_as_cagg(conn: psycopg.Connection) -> None:
+    """The aggregate holds exactly rollup_1m's rows (once both have run in this repeat)."""
+    rolled = conn.execute("SELECT count(*) FROM rollup_1m").fetchone()
+    if rolled is None or rolled[0] == 0:
+        return  # the rollup runs later in this repeat; the check after it covers this pair
+    counted = conn.execute(_SAME_AS_CAGG).fetchone()
+    assert counted is not None and counted[0] == counted[1] and counted[2] == 0, (
+        f"rollup_1m and the continuous aggregate differ: {counted}"
+    )
 
 
 def bench_query(
@@ -277,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             )
     cagg = []
     if args.timescaledb:
-        cagg = [["refresh_continuous_aggregate of a 1m aggregate", f"{rolled['cagg']:.3f}"]]
+        cagg = [
+            ["refresh_continuous_aggregate, 1m (batches of 10 buckets)", f"{rolled['cagg']:.3f}"],
+            ["same, one atomic pass (buckets_per_batch 0)", f"{rolled['cagg_atomic']:.3f}"],
+        ]
     print(
         format_table(
             ["measure", "seconds (median)"],
             [
-                ["Store.rollup(): 1m level (with run bookkeeping)", f"{rolled['mine_1m']:.3f}"],
+                ["Store.rollup(): 1m level (with run bookkeeping)", f"{rolled['mine']:.3f}"],
                 [
                     "hand-written INSERT ... SELECT date_bin ... GROUP BY",
                     f"{rolled['reference']:.3f}",
@@ -297,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     suffix = "_timescaledb" if args.timescaledb else ""
     if args.timescaledb:
-        print(ratio_line("rollup_1m_vs_cagg", rolled["mine_1m"] / rolled["cagg"]))
-    print(ratio_line(f"rollup_1m_vs_sql{suffix}", rolled["mine_1m"] / rolled["reference"]))
-    print(ratio_line(f"rollup_upper_vs_1m{suffix}", rolled["upper"] / rolled["mine_1m"]))
+        faster = min(rolled["cagg"], rolled["cagg_atomic"])  # the aggregate's better way
+        print(ratio_line("rollup_1m_vs_cagg", rolled["mine"] / faster))
+    print(ratio_line(f"rollup_1m_vs_sql{suffix}", rolled["mine"] / rolled["reference"]))
+    print(ratio_line(f"rollup_upper_vs_1m{suffix}", rolled["upper"] / rolled["mine"]))
     print(
         ratio_line(f"query_rollup_speedup{suffix}", queried["raw"] / queried["rollup"]),
         flush=True,
