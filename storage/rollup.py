@@ -277,6 +277,9 @@ class PostgresDialect(Dialect):
         # With the span's size known, a level's estimated cost (its edge lookups counted once
         # per group) passes jit_inline_above_cost: compiling then took longer than the work.
         self.backend.execute("SET LOCAL jit = off")
+        # A statement run a few times is prepared (psycopg), and a prepared statement may get
+        # a generic plan, blind to the bounds again: plan each run with its own bounds.
+        self.backend.execute("SET LOCAL plan_cache_mode = force_custom_plan")
 
     def claim_suffix(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
