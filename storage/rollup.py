@@ -292,7 +292,7 @@ class PostgresDialect(Dialect):
 
 class TimescaleDialect(PostgresDialect):
     def loop_select(self, source: str, width_us: int, series_filter: str, span: Span) -> str | None:
-        return None  # first()/last() in one hashed pass (stats_select), compressed chunks too
+        return None  # first()/last() in one pass (stats_select), compressed chunks too
 
     def bucket(self, column: str, width_us: int) -> str:
         return (
