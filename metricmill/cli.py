@@ -633,3 +633,8 @@ from metricmill.cli_alerts import alerts_app, notify_app  # noqa: E402
 
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(notify_app, name="notify")
+
+# -- the push receiver (its module imports this one, hence last) -------------------------------
+from metricmill.cli_receive import receive_app  # noqa: E402
+
+app.add_typer(receive_app)

@@ -83,6 +83,37 @@ class Settings(BaseSettings):
     line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
     scrape_targets: list[str] = []
     scrape_timeout_seconds: float = 10.0
+    # push receiver (`metricmill receive`): where it listens, what it accepts, when it pushes back
+    receive_host: str = "127.0.0.1"
+    receive_port: int = 9201
+    receive_max_request_bytes: int = 32 * 1024 * 1024
+    receive_max_backlog_bytes: int = 1024 * 1024 * 1024
+    receive_retry_after_seconds: int = 30
+    receive_concurrency: int = 4
+    receive_max_connections: int = 64
+    receive_token: SecretStr | None = None
+    receive_token_block: str | None = None
+
+    @field_validator(
+        "receive_max_request_bytes",
+        "receive_max_backlog_bytes",
+        "receive_retry_after_seconds",
+        "receive_concurrency",
+        "receive_max_connections",
+    )
+    @classmethod
+    def _receive_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("receive_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be a TCP port (0-65535; 0 picks a free one)")
+        return value
+
     # retention and archival (raw samples keep `retention_days`; 0 for a level = keep forever)
     retention_1m_days: int = 90
     retention_5m_days: int = 365
