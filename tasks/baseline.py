@@ -619,6 +619,8 @@ class BaselineOutcome:
     rows: int = 0
     excluded_rows: int = 0
     seconds: float = 0.0
+    budget: float = 0.5
+    thresholds: list[float] = field(default_factory=list)  # effective (both), one per series
 
     @property
     def seconds_per_1000(self) -> float:
@@ -632,7 +634,7 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
     started = time.perf_counter()
     days = window_days or settings.baseline_window_days
     level = settings.baseline_level
-    outcome = BaselineOutcome()
+    outcome = BaselineOutcome(budget=settings.alert_budget_per_week)
     with Store.open(settings=settings) as store:
         end_us = _now_us() // HOUR_US * HOUR_US
         start_us = end_us - days * DAY_US
@@ -649,7 +651,11 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
             )
             kept = detection.exclude_windows(buckets, incidents)
             outcome.excluded_rows += len(buckets) - len(kept)
-            learned = learn_baselines(kept, bucket_us=ROLLUP_LEVELS[level])
+            learned = learn_baselines(
+                kept,
+                bucket_us=ROLLUP_LEVELS[level],
+                params=LearnParams(alert_budget_per_week=settings.alert_budget_per_week),
+            )
             outcome.rows += detection.write_baselines(store, learned.baselines)
             for name, count in learned.seasons.items():
                 outcome.seasons[name] = outcome.seasons.get(name, 0) + count
@@ -660,6 +666,9 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
                 for i, r in learned.skipped[["series_id", "reason"]].itertuples(index=False)
             )
             outcome.series += len(part)
+            firsts = learned.baselines.drop_duplicates("series_id")
+            if "threshold_both" in firsts:
+                outcome.thresholds.extend(float(v) for v in firsts["threshold_both"].dropna())
             fit_buckets.append(_sample_rows(kept, settings.detector_max_fit_rows))
             fit_baselines.append(learned.baselines)
         if fit_buckets:
