@@ -312,6 +312,9 @@ def main() -> None:
     if args.only == "real":
         bench_real(args.real_dir)
         return
+    if args.only == "baseline":
+        bench_baseline(args.baseline_series)
+        return
     if args.only == "backtest":
         bench_backtest_speed()
         return
