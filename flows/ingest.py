@@ -22,6 +22,7 @@ from tasks.ingest import (
     prepare_store,
     scrape_target,
 )
+from tasks.write_order import write_order
 
 
 def _run_name() -> str:
@@ -59,10 +60,24 @@ def ingest(
         outcomes.append(ingest_records(settings, samples))
     if landing:
         claim = claim_landing(settings)
+        if claim.busy:
+            logger.warning("another ingest run is working on the landing directory: no file taken")
         try:
-            # A task per group of files: each group is checked and written as one unit.
-            groups = [ingest_files.submit(settings, g) for g in group_files(claim.files)]
-            outcomes.extend(o for g in groups for o in g.result())
+            # A task per group of files: each group is checked and written as one unit, the
+            # groups written one after the other in landing order.
+            failures: list[BaseException] = []
+            with write_order() as order_key:
+                groups = [
+                    ingest_files.submit(settings, g, order_key=order_key, turn=turn)
+                    for turn, g in enumerate(group_files(claim.files))
+                ]
+                for group in groups:  # every group ends before the turnstile goes
+                    try:
+                        outcomes.extend(group.result())
+                    except Exception as exc:
+                        failures.append(exc)
+            if failures:
+                raise failures[0]  # the first: later groups only waited for it
         finally:
             claim.release()
     errors: dict[str, str] = {}

@@ -160,6 +160,11 @@ def status(ctx: typer.Context) -> None:
     row(pipeline, "open alerts", alerts)
     files = quarantined_files(settings)
     row(pipeline, "quarantine", f"{snap.quarantined_rows} rows pending replay, {len(files)} files")
+    stuck, errors = stuck_files(settings)
+    if stuck:
+        row(pipeline, "stuck in processing", stuck)
+        if errors:
+            row(pipeline, "last write errors", errors)
     console.print(pipeline)
     print_stats(info)
 
@@ -200,6 +205,58 @@ def check_directories(settings: Settings) -> list[Check]:
         checks.append(
             Check(label, problem is None, problem or str(path), "" if not problem else fix)
         )
+    return checks
+
+
+def stuck_files(settings: Settings) -> tuple[str, str]:
+    """("" or a summary of files that runs left in landing/processing/, the last errors the
+    ledger holds for them)."""
+    from storage.landing import stale_files
+    from storage.store import Store
+
+    stale = stale_files(settings.landing)
+    if not stale:
+        return "", ""
+    tries = max(n for _, n in stale)
+    summary = (
+        f"{len(stale)} files left in {settings.landing / 'processing'} by runs that did not "
+        f"finish them (runs that died decoding one: {tries}; the next run takes them up, "
+        "a file is quarantined after 3)"
+    )
+    names = {f"file:{path.name}" for path, _ in stale}
+    try:
+        with Store.open(settings=settings, init=False) as store:
+            failed = [f for f in store.failed_batches() if f[1] in names]
+    except MetricmillError:
+        failed = []
+    errors = "; ".join(f"{source[5:]}: {error} (failed {n}x)" for _, source, error, n in failed)
+    return summary, errors
+
+
+def check_landing(settings: Settings) -> list[Check]:
+    from storage.landing import LandingError, real_directory
+
+    checks = []
+    for sub in ("processing", "done"):
+        try:
+            real_directory(settings.landing / sub)
+        except (LandingError, OSError) as exc:
+            checks.append(
+                Check(f"landing/{sub}", False, one_line(exc), "replace it by a real directory")
+            )
+    summary, errors = stuck_files(settings)
+    if summary:
+        detail = summary + (f"; last errors: {errors}" if errors else "")
+        checks.append(
+            Check(
+                "landing backlog",
+                False,
+                detail,
+                "see the ingest run's logs; `metricmill status` lists the files",
+            )
+        )
+    else:
+        checks.append(Check("landing backlog", True, "no file left in processing/"))
     return checks
 
 
@@ -382,6 +439,8 @@ def doctor(ctx: typer.Context) -> None:
     if settings.database_url != MEMORY_URL:
         checks.extend(check_directories(settings))
     checks.extend(check_database(settings))
+    if settings.database_url != MEMORY_URL:
+        checks.extend(check_landing(settings))
     checks.extend(check_prefect(settings))
     print_checks(checks)
     if any(c.ok is False for c in checks):

@@ -285,6 +285,51 @@ class Backend:
     def rollback_quietly(self) -> None:
         """Clear a failed statement's state (PostgreSQL aborts the transaction)."""
 
+    def record_failures(self, failures: Sequence[tuple[str, str, str]]) -> None:
+        """(batch id, source, error) of files whose write failed: a 'failed' ledger row with
+        the error and how many times it failed (a committed row is never touched). A later
+        write of the batch replaces the row."""
+        for batch_id, source, error in failures:
+            with self.transaction():
+                rows = self.execute(
+                    "SELECT status, detail FROM ingest_batches WHERE batch_id = %s", (batch_id,)
+                )
+                if rows and rows[0][0] == "committed":
+                    continue
+                detail = rows[0][1] if rows else None
+                if isinstance(detail, str):
+                    detail = json.loads(detail)
+                times = int(detail.get("failures", 0)) if isinstance(detail, dict) else 0
+                text = json.dumps({"error": error, "failures": times + 1})
+                if rows:
+                    self.execute(
+                        "UPDATE ingest_batches SET status = 'failed', source = %s, detail = %s "
+                        "WHERE batch_id = %s",
+                        (source, text, batch_id),
+                    )
+                else:
+                    self.execute(
+                        "INSERT INTO ingest_batches (batch_id, source, status, detail) "
+                        "VALUES (%s, %s, 'failed', %s)",
+                        (batch_id, source, text),
+                    )
+
+    def failed_batches(self) -> list[tuple[str, str, str, int]]:
+        """(batch id, source, last error, failures) of the ledger's failed batches."""
+        try:
+            rows = self.execute(
+                "SELECT batch_id, source, detail FROM ingest_batches WHERE status = 'failed' "
+                "ORDER BY created_at"
+            )
+        except Exception:  # no schema yet (doctor on a new database): nothing failed
+            self.rollback_quietly()
+            return []
+        out = []
+        for batch_id, source, detail in rows:
+            data = json.loads(detail) if isinstance(detail, str) else detail or {}
+            out.append((batch_id, source, str(data.get("error", "")), int(data.get("failures", 0))))
+        return out
+
     def batch_status(self, batch_id: str) -> str | None:
         rows = self.execute("SELECT status FROM ingest_batches WHERE batch_id = %s", (batch_id,))
         return rows[0][0] if rows else None

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,18 @@ class PreparedBatch:
         if self.part_rows_in is not None:
             self.rejected_parts.extend([part] * len(rows))
             self.part_rows_in[part] += len(rows)
+
+    def as_parts(self) -> PreparedBatch:
+        """This batch as a batch of parts (one part, numbered 0, when it is not one already)."""
+        if self.parts is not None:
+            return self
+        return replace(
+            self,
+            parts=np.zeros(len(self.codes), dtype=np.int64),
+            rejected_parts=[0] * len(self.rejected),
+            part_rows_in=np.array([self.rows_in], dtype=np.int64),
+            part_duplicates=np.array([self.in_batch_duplicates], dtype=np.int64),
+        )
 
     def part(self, number: int) -> PreparedBatch:
         """One part as a batch of its own (its series only)."""

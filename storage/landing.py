@@ -1,16 +1,29 @@
-"""The landing directory: atomic claims that survive kill -9, then done/ or quarantine/.
+"""The landing directory: ordered, atomic claims that survive kill -9, then done/ or quarantine/.
 
 A run claims files by renaming them into `processing/<claim>/`, a directory whose `.lock`
 the run holds with flock for as long as it lives. A claim whose lock can be taken belongs to
-a dead run: the next run adopts its files. Exactly-once is the ledger's job (file hash as
-batch id); this module only makes sure every file is processed by one live run at a time and
-ends in done/ or quarantine/.
+a dead run: the next run adopts it whole (directory, lock and all). Exactly-once is the
+ledger's job (file hash as batch id); this module makes sure every file is processed by one
+live run at a time, in landing order, and ends in done/ or quarantine/.
+
+Landing order, the order in which files are written (a later file wins a (series, ts) that
+an earlier one also holds): files claimed by an earlier run come first, claim by claim in the
+order the claims were made; within a claim, by modification time, then name. Only one run at
+a time claims from a landing directory (it holds `processing/.lock`): a second run finds it busy
+and takes no file, so files landed later can never be written before files claimed earlier.
+
+Each claim keeps `.attempts` (JSON: file name -> runs that died while decoding it): a file that
+keeps killing the runs that take it up can be set aside instead of blocking the files behind it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,39 +31,107 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from metricmill.errors import MetricmillError
+
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
+_ATTEMPTS = ".attempts"
+_CLAIMS_LOCK = ".lock"  # processing/.lock: held by the run claiming from this landing
+
+
+class LandingError(MetricmillError):
+    """The landing tree is not usable as it is (a directory that is a symlink, say)."""
+
+
+def real_directory(path: Path) -> Path:
+    """`path` as a directory of its own (created if missing): never a symlink to elsewhere."""
+    with contextlib.suppress(FileExistsError):  # a file or a link there: told below
+        path.mkdir(parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a directory"
+        raise LandingError(f"{path} is {kind}; it must be a real directory")
+    return path
 
 
 @dataclass
 class Claim:
-    """A set of files this process owns until release()."""
+    """The claim directories this process owns until release(): its own and adopted ones.
 
-    directory: Path
+    `files` are in landing order. `busy` is True when another run holds the landing directory
+    (this claim then holds no file)."""
+
+    directories: list[Path] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
-    _lock: IO[bytes] | None = None
+    busy: bool = False
+    _locks: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        """This run's own claim directory (new files are renamed into it)."""
+        return self.directories[-1]
 
     def release(self) -> None:
         """Drop the claim; files still in it (a failed step) are adopted by the next run."""
-        _remove_if_empty(self.directory)
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        for directory in self.directories:
+            _remove_if_empty(directory)
+        for handle in reversed(self._locks):
+            handle.close()
+        self._locks = []
+
+
+_attempts_guard = threading.Lock()  # the run's task threads update one claim's counts
+
+
+def attempts(path: Path) -> int:
+    """How many runs died while decoding this claimed file."""
+    return int(_read_attempts(path.parent).get(path.name, 0))
+
+
+def count_attempt(paths: list[Path], step: int = 1) -> None:
+    """Count one more attempt at these claimed files (`step=-1`: take it back once the attempt
+    ended). Counts live in the claim directory, so they go with the files when a run adopts it."""
+    with _attempts_guard:
+        for directory in {p.parent for p in paths}:
+            counts = _read_attempts(directory)
+            for path in paths:
+                if path.parent == directory:
+                    counts[path.name] = max(int(counts.get(path.name, 0)) + step, 0)
+            _write_attempts(directory, counts)
+
+
+def _read_attempts(directory: Path) -> dict[str, int]:
+    try:
+        data = json.loads((directory / _ATTEMPTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_attempts(directory: Path, counts: dict[str, int]) -> None:
+    alive = {name: n for name, n in counts.items() if (directory / name).exists()}
+    temporary = directory / f"{_ATTEMPTS}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(json.dumps(alive), encoding="utf-8")
+    os.replace(temporary, directory / _ATTEMPTS)
+
+
+_BOOKKEEPING = frozenset((".lock", _ATTEMPTS))
 
 
 def _remove_if_empty(directory: Path) -> None:
-    """Remove a claim directory holding nothing but its lock; tolerate a racing remover."""
+    """Remove a claim directory holding nothing but its bookkeeping; tolerate a racing remover."""
     try:
-        if any(p.name != ".lock" for p in directory.iterdir()):
+        if any(p.name not in _BOOKKEEPING for p in directory.iterdir()):
             return
+        (directory / _ATTEMPTS).unlink(missing_ok=True)
         (directory / ".lock").unlink(missing_ok=True)
         directory.rmdir()
     except (FileNotFoundError, OSError):
         pass  # another run removed it, or a file arrived: either way it is not ours to drop
 
 
-def _take_lock(directory: Path) -> IO[bytes] | None:
+def _take_lock(path: Path) -> IO[bytes] | None:
     try:
-        handle = open(directory / ".lock", "ab")  # noqa: SIM115 - held for the claim's lifetime
+        handle = open(path, "ab")  # noqa: SIM115 - held for the claim's lifetime
     except FileNotFoundError:
         return None  # the directory went away under us: nothing to take
     try:
@@ -61,71 +142,136 @@ def _take_lock(directory: Path) -> IO[bytes] | None:
     return handle
 
 
-def _ready(path: Path, settle_seconds: float, now: float) -> bool:
-    if path.name.startswith(".") or path.name.endswith(IN_PROGRESS_SUFFIXES):
+def _ready(entry: os.DirEntry[str], settle_seconds: float, now: float) -> bool:
+    """A settled file, or a symlink (claimed so that it is quarantined, never opened)."""
+    name = entry.name
+    if name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES):
         return False
     try:
-        stat = path.stat()
+        if entry.is_symlink():
+            return True
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        return now - entry.stat(follow_symlinks=False).st_mtime >= settle_seconds
     except FileNotFoundError:
         return False
-    return now - stat.st_mtime >= settle_seconds
+
+
+def _claim_key(directory: Path) -> tuple[int, str]:
+    """Claims sort by when they were made: the name starts with the time (seconds in claims
+    made before this format, nanoseconds since)."""
+    head = directory.name.split("-", 1)[0]
+    stamp = int(head) if head.isdigit() else 0
+    return (stamp * 1_000_000_000 if stamp < 10**12 else stamp, directory.name)
+
+
+def landing_order(paths: list[Path]) -> list[Path]:
+    """Files of one claim in landing order: modification time, then name."""
+
+    def key(path: Path) -> tuple[int, str]:
+        try:
+            return (os.lstat(path).st_mtime_ns, path.name)
+        except FileNotFoundError:
+            return (0, path.name)
+
+    return sorted(paths, key=key)
 
 
 def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = None) -> Claim:
-    """Claim settled files from `landing` and adopt the files of claims left by dead runs."""
-    processing = landing / "processing"
-    processing.mkdir(parents=True, exist_ok=True)
+    """Claim settled files from `landing` and adopt the claims left by dead runs."""
+    real_directory(landing)
+    processing = real_directory(landing / "processing")
+    real_directory(landing / "done")  # refused before any file is taken, not after its write
+    claims_lock = _take_lock(processing / _CLAIMS_LOCK)
+    if claims_lock is None:
+        return Claim(busy=True)  # another run is claiming from, and working on, this landing
+    claim = Claim(_locks=[claims_lock])
+    for orphan in sorted(_orphaned_claims(processing), key=lambda o: _claim_key(o[0])):
+        directory, handle = orphan
+        claim.directories.append(directory)
+        claim._locks.append(handle)
+        leftovers = [
+            p
+            for p in directory.iterdir()
+            if p.name not in _BOOKKEEPING and not p.name.startswith(".")
+        ]
+        claim.files += landing_order(leftovers)
     # Lock the claim under a hidden name first, then publish it: other runs never see an
     # unlocked claim directory (they would take it for a dead run's).
-    name = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     hidden = processing / f".new-{name}"
     hidden.mkdir()
-    lock = _take_lock(hidden)
+    lock = _take_lock(hidden / ".lock")
     assert lock is not None, "a fresh claim directory is ours alone"
     claim_dir = processing / name
     os.rename(hidden, claim_dir)
-    claim = Claim(claim_dir, _lock=lock)
-    for orphan in _orphaned_claims(processing, exclude=claim_dir):
-        try:
-            leftovers = sorted(orphan.iterdir())
-        except FileNotFoundError:
-            continue  # emptied and removed by another run between its lock and ours
-        for path in leftovers:
-            if path.name == ".lock":
-                continue
-            target = claim_dir / path.name
-            try:
-                os.replace(path, target)
-            except FileNotFoundError:
-                continue
-            claim.files.append(target)
+    claim.directories.append(claim_dir)
+    claim._locks.append(lock)
     now = time.time()
-    for path in sorted(p for p in landing.iterdir() if p.is_file()):
-        if limit is not None and len(claim.files) >= limit:
+    with os.scandir(landing) as entries:
+        ready = [Path(e.path) for e in entries if _ready(e, settle_seconds, now)]
+    taken: list[Path] = []
+    for path in landing_order(ready):
+        if limit is not None and len(claim.files) + len(taken) >= limit:
             break
-        if not _ready(path, settle_seconds, now):
-            continue
         target = claim_dir / path.name
         try:
             os.rename(path, target)  # atomic: exactly one run wins a file
         except FileNotFoundError:
             continue
-        claim.files.append(target)
+        taken.append(target)
+    claim.files += taken
     return claim
 
 
-def _orphaned_claims(processing: Path, *, exclude: Path) -> Iterator[Path]:
-    for directory in sorted(processing.iterdir()):
-        if directory == exclude or directory.name.startswith(".") or not directory.is_dir():
+def _orphaned_claims(processing: Path) -> Iterator[tuple[Path, IO[bytes]]]:
+    """Claim directories whose run is gone, each with its lock now held by the caller."""
+    for directory in processing.iterdir():
+        if directory.name.startswith(".") or not directory.is_dir() or directory.is_symlink():
             continue
-        handle = _take_lock(directory)
+        handle = _take_lock(directory / ".lock")
         if handle is None:
             continue  # a live run owns it, or it is gone
-        try:
-            yield directory
-        finally:
-            _remove_if_empty(directory)
+        if not directory.exists():
             handle.close()
+            continue
+        yield directory, handle
+
+
+def _flock_held(path: Path) -> bool:
+    """Whether some process holds a flock on `path`, read from /proc/locks: looking must not
+    take the lock, even for a moment (a run starting then would pass over that claim)."""
+    try:
+        info = os.stat(path)
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except OSError:
+        return True  # cannot tell: assume a live owner
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
+        for fields in (line.split() for line in table.splitlines())
+    )
+
+
+def stale_files(landing: Path) -> list[tuple[Path, int]]:
+    """Files in processing/ that no live run is working on, or that a run died decoding:
+    `(path, attempts)`, for `status` and `doctor`."""
+    processing = landing / "processing"
+    if not processing.is_dir() or processing.is_symlink():
+        return []
+    found: list[tuple[Path, int]] = []
+    for directory in sorted(processing.iterdir(), key=_claim_key):
+        if directory.name.startswith(".") or not directory.is_dir() or directory.is_symlink():
+            continue
+        counts = _read_attempts(directory)
+        orphaned = not _flock_held(directory / ".lock")
+        for path in sorted(directory.iterdir()):
+            if path.name in _BOOKKEEPING or path.name.startswith("."):
+                continue
+            tries = int(counts.get(path.name, 0))
+            if orphaned or tries > 0:
+                found.append((path, tries))
+    return found
 
 
 def _unique_target(directory: Path, name: str, tag: str) -> Path:
@@ -138,8 +284,7 @@ def _unique_target(directory: Path, name: str, tag: str) -> Path:
 
 def move_done(path: Path, landing: Path, *, tag: str) -> Path:
     """Move a processed file to landing/done/ (a name clash gets the batch tag added)."""
-    done = landing / "done"
-    done.mkdir(parents=True, exist_ok=True)
+    done = real_directory(landing / "done")
     target = _unique_target(done, path.name, tag)
     os.replace(path, target)
     return target
@@ -147,9 +292,12 @@ def move_done(path: Path, landing: Path, *, tag: str) -> Path:
 
 def move_quarantined(path: Path, quarantine: Path, *, reason: str, detail: str, tag: str) -> Path:
     """Move an unusable file to the quarantine directory with a `.reason` file beside it."""
-    quarantine.mkdir(parents=True, exist_ok=True)
+    real_directory(quarantine)
     target = _unique_target(quarantine, path.name, tag)
     reason_file = target.with_name(target.name + ".reason")
-    reason_file.write_text(f"{reason}\n{detail}\n", encoding="utf-8")
+    # Never through a link someone left in the quarantine directory.
+    fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(f"{reason}\n{detail}\n")
     os.replace(path, target)
     return target

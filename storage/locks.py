@@ -15,18 +15,24 @@ does; the caller then skips its work.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
-from metricmill.errors import DatabaseUnavailable
+from metricmill.errors import DatabaseUnavailable, MetricmillError
 from metricmill.settings import MEMORY_URL, Settings, mask_url
+from storage.retry import with_database_retries
 
 # The advisory lock's first key: the namespace of metricmill's flow locks ("mm" in ASCII), so
 # other applications' advisory locks on the same database never collide with ours.
@@ -35,6 +41,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _APP_PREFIX = "metricmill flow lock "  # the holder's application_name, for lock_holders
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_guard = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def lock_file_path(database_url: str, name: str) -> Path:
@@ -96,25 +103,112 @@ def _file_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
+class LockLost(MetricmillError):
+    """This run's flow lock went away (the database restarted) and another run holds it now."""
+
+
+@dataclass
+class _AdvisoryHolder:
+    """The connection a run holds its advisory lock on, and how to get the lock back."""
+
+    url: str
+    name: str
+    conn: psycopg.Connection[Any] | None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=f"{_APP_PREFIX}{self.name}",
+            )
+        except psycopg.OperationalError as exc:
+            text = str(exc).strip()
+            first_line = text.splitlines()[0] if text else type(exc).__name__
+            raise DatabaseUnavailable(
+                f"cannot connect to {mask_url(self.url)}: {first_line}"
+            ) from None
+
+    def take(self) -> bool:
+        """Try for the lock on a fresh connection (kept while it is held)."""
+        conn = self._connect()
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+        ).fetchone()
+        if row and row[0]:
+            self.conn = conn
+            return True
+        conn.close()
+        return False
+
+    def ensure(self) -> None:
+        """Still held, or taken again: a restart of the server ends every session, and with it
+        the lock. Raises LockLost when another run took it meanwhile."""
+        if self.conn is not None and not self.conn.closed:
+            try:
+                # Re-entrant: taking it again on the holding session succeeds; undo the count.
+                row = self.conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                ).fetchone()
+                if row and row[0]:
+                    self.conn.execute(
+                        "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                    )
+                    return
+            except psycopg.Error:
+                pass
+            self.close()
+        if not with_database_retries(self.take):
+            raise LockLost(
+                f"the {self.name} flow lock was lost (the database restarted?) and another "
+                "run holds it now; this run stops before writing"
+            )
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            if not self.conn.closed:
+                self.conn.execute(
+                    "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                )
+        except psycopg.Error as exc:
+            # The session is gone, and its locks with it: nothing to release. Never let this
+            # turn the run's outcome into a failure.
+            log.info("releasing the %s flow lock: its session is gone (%s)", self.name, exc)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
+
+
+# The advisory locks this run holds: a context variable, so the run's tasks (which run in
+# copies of the flow's context) find the run's own lock, never another run's in the process.
+_holders: ContextVar[dict[tuple[str, str], _AdvisoryHolder]] = ContextVar("flow_locks")
+
+
 @contextmanager
 def _advisory_lock(url: str, name: str) -> Iterator[bool]:
+    holder = _AdvisoryHolder(url, name, None)
+    if not with_database_retries(holder.take):
+        yield False
+        return
+    token = _holders.set({**_holders.get({}), (url, name): holder})
     try:
-        conn = psycopg.connect(
-            url, autocommit=True, connect_timeout=10, application_name=f"{_APP_PREFIX}{name}"
-        )
-    except psycopg.OperationalError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {first_line}") from None
-    with conn:
-        row = conn.execute(
-            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, name)
-        ).fetchone()
-        held = bool(row and row[0])
-        try:
-            yield held
-        finally:
-            if held and not conn.closed:
-                conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, name))
+        yield True
+    finally:
+        _holders.reset(token)
+        holder.close()
+
+
+def ensure_flow_lock(settings: Settings, name: str) -> None:
+    """Before a write: make sure this process still holds flow `name`'s lock, taking it again
+    after a database restart; LockLost if another run has it now. A file lock cannot be lost;
+    outside a run holding the lock (a script writing directly) this does nothing."""
+    holder = _holders.get({}).get((settings.database_url, name))
+    if holder is not None:
+        holder.ensure()
 
 
 def lock_holders(settings: Settings) -> list[str]:

@@ -1,10 +1,13 @@
-"""PostgreSQL: the files of one ingest task written together, each still its own ledger batch.
+"""PostgreSQL's write path: one or many ingest batches ("parts") in one transaction.
 
-One transaction takes a ledger row per part (the part's lock, as in `write_prepared`), looks up
-the series of every part in one query, creates the new ones with one INSERT, COPYs every part's
-samples at once, grows first/last seen with one UPDATE, and records per part its pending rollup
-ranges, its quarantined rows and its counts. Parts that share a (series, ts) go through
-`write_prepared` one by one instead (the later part must overwrite the earlier).
+One transaction takes a ledger row per part (the part's lock: a concurrent writer of the same
+batch waits on it, then sees it committed and reports a replay), looks up the series of every
+part in one query, creates the new ones with one INSERT, COPYs every row that cannot exist yet,
+upserts the others, grows first/last seen with one UPDATE, and records per part its pending
+rollup ranges, its quarantined rows and its counts. Parts are applied in their order: where
+several hold the same (series, ts), the later part's value is the one stored, and the counts
+are those of writing the parts one after the other. A part whose batch id repeats an earlier
+part's is a replay of it. A single batch is a batch of one part: there is no other path.
 """
 
 from __future__ import annotations
@@ -30,15 +33,6 @@ from storage.postgres import PostgresBackend, binary_copy_payload
 _PART_STAGE = "sample_part_stage"
 
 
-def parts_collide(batch: PreparedBatch) -> bool:
-    """True when two parts hold the same (series, ts) (within a part it is unique)."""
-    if len(batch.codes) < 2:
-        return False
-    order = np.lexsort((batch.ts_us, batch.codes))
-    codes, ts = batch.codes[order], batch.ts_us[order]
-    return bool(((codes[1:] == codes[:-1]) & (ts[1:] == ts[:-1])).any())
-
-
 def _open_ledger_rows(
     cur: psycopg.Cursor[Any], batch_ids: Sequence[str], sources: Sequence[str]
 ) -> set[str]:
@@ -54,10 +48,11 @@ def _open_ledger_rows(
     opened = {row[0] for row in cur.fetchall()}
     others = [b for b in batch_ids if b not in opened]
     if others:
-        # Committed before: a replay. Quarantined whole before (the guard): may land now.
+        # Committed before: a replay. Quarantined whole before (the guard), or failed: may
+        # land now.
         cur.execute(
             "UPDATE ingest_batches SET status = 'writing' "
-            "WHERE batch_id = ANY(%s::text[]) AND status = 'quarantined' RETURNING batch_id",
+            "WHERE batch_id = ANY(%s::text[]) AND status <> 'committed' RETURNING batch_id",
             (others,),
         )
         opened |= {row[0] for row in cur.fetchall()}
@@ -162,6 +157,59 @@ def _create_series(
             known.last_us[pos] = stored.last_us[index]
 
 
+def _layers(ids: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Per row (sorted by series id, ts, then part): how many rows of earlier parts share its
+    (series, ts). Layer 0 holds each key once; layer k overwrites layer k - 1."""
+    if not len(ids):
+        return np.zeros(0, dtype=np.int64)
+    same = (ids[1:] == ids[:-1]) & (ts[1:] == ts[:-1])
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    group = np.cumsum(np.concatenate(([True], ~same))) - 1
+    return np.arange(len(ids), dtype=np.int64) - starts[group]
+
+
+def _upsert(
+    cur: psycopg.Cursor[Any],
+    ids: np.ndarray,
+    ts: np.ndarray,
+    values: np.ndarray,
+    parts: np.ndarray,
+    n_parts: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert or overwrite rows whose (series, ts) are unique among them; (inserted,
+    overwritten) per part. The stage table is emptied first: it is reused within the
+    transaction (layer after layer) and by the same session's next transaction."""
+    stage = sql.Identifier(_PART_STAGE)
+    cur.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (series_id bigint, ts timestamptz, "
+            "value float8, part int4) ON COMMIT DELETE ROWS"
+        ).format(stage)
+    )
+    cur.execute(sql.SQL("TRUNCATE {}").format(stage))
+    with cur.copy(
+        sql.SQL("COPY {} (series_id, ts, value, part) FROM STDIN (FORMAT BINARY)").format(stage)
+    ) as copy:
+        copy.write(binary_copy_payload(ids, ts, values, parts))
+    cur.execute(
+        sql.SQL(
+            "WITH up AS (INSERT INTO samples (series_id, ts, value) "
+            "SELECT series_id, ts, value FROM {stage} "
+            "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
+            "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
+            "RETURNING series_id, ts, (xmax = 0) AS inserted) "
+            "SELECT st.part, count(*) FILTER (WHERE up.inserted), "
+            "count(*) FILTER (WHERE NOT up.inserted) "
+            "FROM up JOIN {stage} st USING (series_id, ts) GROUP BY st.part"
+        ).format(stage=stage)
+    )
+    inserted = np.zeros(n_parts, dtype=np.int64)
+    updated = np.zeros(n_parts, dtype=np.int64)
+    for part, ins, upd in cur.fetchall():
+        inserted[part], updated[part] = ins, upd
+    return inserted, updated
+
+
 def _write_samples(
     backend: PostgresBackend,
     cur: psycopg.Cursor[Any],
@@ -169,21 +217,26 @@ def _write_samples(
     known: SeriesIds,
     n_parts: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """COPY the rows that cannot exist yet, upsert the others; (written, overwritten,
-    unchanged) per part."""
+    """Write the rows as the parts written one after the other would leave them: the later
+    part's value wins a (series, ts) that several parts hold. (written, overwritten,
+    unchanged) per part.
+
+    Layer 0 (each key's first part) goes in at once: COPY for rows that cannot exist yet,
+    one upsert for the others. Each further layer is one upsert over the one before."""
     assert batch.parts is not None
     ids = known.ids[batch.codes]
-    order = np.lexsort((batch.ts_us, ids))
+    order = np.lexsort((batch.parts, batch.ts_us, ids))
     ids, ts, codes = ids[order], batch.ts_us[order], batch.codes[order]
     values, parts = batch.values[order], batch.parts[order]
+    layer = _layers(ids, ts)
     first, last = known.first_us[codes], known.last_us[codes]
-    may_exist = (last != NO_TS) & (ts >= first) & (ts <= last)
+    may_exist = (layer > 0) | ((last != NO_TS) & (ts >= first) & (ts <= last))
     written = np.zeros(n_parts, dtype=np.int64)
     overwritten = np.zeros(n_parts, dtype=np.int64)
     unchanged = np.zeros(n_parts, dtype=np.int64)
     fresh = ~may_exist
     if fresh.any():
-        # As in write_prepared: a concurrent writer racing us to a row sends all to the upsert.
+        # A concurrent writer racing us to one of these rows sends them all to the upsert.
         try:
             with (
                 backend.conn.transaction(),
@@ -193,45 +246,14 @@ def _write_samples(
             written += np.bincount(parts[fresh], minlength=n_parts)
         except psycopg.errors.UniqueViolation:
             may_exist[:] = True
-            written[:] = 0
-    if may_exist.any():
-        cur.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (series_id bigint, ts timestamptz, "
-                "value float8, part int4) ON COMMIT DELETE ROWS"
-            ).format(sql.Identifier(_PART_STAGE))
-        )
-        cur.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_PART_STAGE)))
-        with cur.copy(
-            sql.SQL("COPY {} (series_id, ts, value, part) FROM STDIN (FORMAT BINARY)").format(
-                sql.Identifier(_PART_STAGE)
-            )
-        ) as copy:
-            copy.write(
-                binary_copy_payload(
-                    ids[may_exist], ts[may_exist], values[may_exist], parts[may_exist]
-                )
-            )
-        cur.execute(
-            sql.SQL(
-                "WITH up AS (INSERT INTO samples (series_id, ts, value) "
-                "SELECT series_id, ts, value FROM {stage} "
-                "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
-                "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
-                "RETURNING series_id, ts, (xmax = 0) AS inserted) "
-                "SELECT st.part, count(*) FILTER (WHERE up.inserted), "
-                "count(*) FILTER (WHERE NOT up.inserted) "
-                "FROM up JOIN {stage} st USING (series_id, ts) GROUP BY st.part"
-            ).format(stage=sql.Identifier(_PART_STAGE))
-        )
-        inserted = np.zeros(n_parts, dtype=np.int64)
-        updated = np.zeros(n_parts, dtype=np.int64)
-        for part, ins, upd in cur.fetchall():
-            inserted[part], updated[part] = ins, upd
-        staged = np.bincount(parts[may_exist], minlength=n_parts)
+    for level in range(int(layer.max(initial=-1)) + 1):
+        rows = may_exist & (layer == level)
+        if not rows.any():
+            continue
+        inserted, updated = _upsert(cur, ids[rows], ts[rows], values[rows], parts[rows], n_parts)
         written += inserted
         overwritten += updated
-        unchanged += staged - inserted - updated
+        unchanged += np.bincount(parts[rows], minlength=n_parts) - inserted - updated
     return written, overwritten, unchanged
 
 
@@ -243,15 +265,21 @@ def write_parts_together(
     sources: Sequence[str],
     max_new_series: int | None,
 ) -> list[WriteCounts]:
-    """Every part of `batch` (distinct batch ids, no (series, ts) shared between parts) in one
-    transaction; a WriteCounts per part, as `write_prepared` of each part in order gives."""
+    """Every part of `batch` in one transaction, in part order; a WriteCounts per part, as
+    writing the parts one after the other gives."""
     n_parts = len(batch_ids)
     assert batch.parts is not None and batch.part_rows_in is not None
     assert batch.part_duplicates is not None
     counts = [WriteCounts() for _ in range(n_parts)]
+    # A part with the content of an earlier part is that part's replay.
+    first_part = {b: i for i, b in reversed(list(enumerate(batch_ids)))}
+    repeat = np.array([first_part[b] != i for i, b in enumerate(batch_ids)], dtype=bool)
     with backend.transaction(), backend.conn.cursor() as cur:
-        opened = _open_ledger_rows(cur, batch_ids, sources)
-        active = np.array([b in opened for b in batch_ids], dtype=bool)
+        unique = [i for i in range(n_parts) if not repeat[i]]
+        opened = _open_ledger_rows(
+            cur, [batch_ids[i] for i in unique], [sources[i] for i in unique]
+        )
+        active = np.array([b in opened for b in batch_ids], dtype=bool) & ~repeat
         for part in np.flatnonzero(~active).tolist():
             counts[part].replay = True
         if not active.any():

@@ -17,10 +17,7 @@ from storage.backend import (
     Backend,
     SeriesIds,
     WriteCounts,
-    batch_spans,
-    hour_ranges,
     series_seen_changes,
-    sorted_rows,
 )
 from storage.frames import PreparedBatch
 from storage.schema import LATEST_VERSION, POSTGRES_TYPES, ROLLUP_TABLES, migrations
@@ -292,72 +289,6 @@ class PostgresBackend(Backend):
         return before, max(before, target)
 
     # -- writes ---------------------------------------------------------------------------
-    def _resolve_series(
-        self, cur: psycopg.Cursor[Any], batch: PreparedBatch, max_new_series: int | None
-    ) -> SeriesIds | int:
-        """Ids and spans of the batch's series, creating the new ones — or, when that would
-        create more than max_new_series, the number of new series (nothing is created)."""
-        lo, hi = batch_spans(batch)
-        cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS series_stage (pos integer, series_key text, "
-            "metric text, labels jsonb, lo bigint, hi bigint) ON COMMIT DELETE ROWS"
-        )
-        with cur.copy("COPY series_stage FROM STDIN") as copy:
-            for pos, s in enumerate(batch.series):
-                copy.write_row((pos, s.key, s.metric, s.labels_json, int(lo[pos]), int(hi[pos])))
-        out = SeriesIds.empty(len(batch.series))
-        found = np.zeros(len(batch.series), dtype=bool)
-
-        def take_existing() -> None:
-            cur.execute(
-                f"SELECT st.pos, s.series_id, {self.ts_out.format(col='s.first_seen')}, "  # noqa: S608
-                f"{self.ts_out.format(col='s.last_seen')} FROM series_stage st "
-                "JOIN series s ON s.series_key = st.series_key"
-            )
-            for pos, sid, first, last in cur.fetchall():
-                if not found[pos] and not out.is_new[pos]:
-                    out.ids[pos] = sid
-                    if first is not None and last is not None:
-                        out.first_us[pos], out.last_us[pos] = first, last
-                    found[pos] = True
-
-        take_existing()
-        missing = int((~found).sum())
-        if max_new_series is not None and missing > max_new_series:
-            return missing
-        if missing:
-            start = self.ts_in.replace("%s", "st.lo")
-            end = self.ts_in.replace("%s", "st.hi")
-            cur.execute(
-                "INSERT INTO series (series_key, metric, labels, first_seen, last_seen) "  # noqa: S608
-                f"SELECT st.series_key, st.metric, st.labels, {start}, {end} "
-                "FROM series_stage st WHERE NOT EXISTS "
-                "(SELECT 1 FROM series s WHERE s.series_key = st.series_key) ORDER BY st.pos "
-                "ON CONFLICT (series_key) DO NOTHING RETURNING series_id, series_key"
-            )
-            position = {s.key: pos for pos, s in enumerate(batch.series)}
-            for sid, key in cur.fetchall():
-                out.ids[position[key]] = sid
-                out.is_new[position[key]] = True
-            if not (found | out.is_new).all():
-                take_existing()  # a concurrent writer created some of them first
-        return out
-
-    def _copy_stage(
-        self, cur: psycopg.Cursor[Any], table: str, ids: np.ndarray, ts: np.ndarray, v: np.ndarray
-    ) -> None:
-        cur.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} "
-                "(series_id bigint, ts timestamptz, value float8) ON COMMIT DELETE ROWS"
-            ).format(sql.Identifier(table))
-        )
-        statement = sql.SQL("COPY {} (series_id, ts, value) FROM STDIN (FORMAT BINARY)").format(
-            sql.Identifier(table)
-        )
-        with cur.copy(statement) as copy:
-            copy.write(binary_copy_payload(ids, ts, v))
-
     def write_ledger(self, values: tuple[Any, ...]) -> None:
         # The row was inserted as 'writing' at the start of the transaction (it is the lock).
         self.execute(
@@ -375,72 +306,9 @@ class PostgresBackend(Backend):
         source: str,
         max_new_series: int | None = None,
     ) -> WriteCounts:
-        counts = WriteCounts()
-        with self.transaction(), self.conn.cursor() as cur:
-            # The ledger row is the lock: a concurrent writer of the same batch waits here,
-            # then sees it committed and reports a replay.
-            cur.execute(
-                "INSERT INTO ingest_batches (batch_id, source, status) VALUES (%s, %s, 'writing') "
-                "ON CONFLICT (batch_id) DO NOTHING",
-                (batch_id, source),
-            )
-            if cur.rowcount == 0:
-                # Committed (or quarantined whole) before; only the latter may be retried.
-                cur.execute(
-                    "UPDATE ingest_batches SET status = 'writing' "
-                    "WHERE batch_id = %s AND status = 'quarantined'",
-                    (batch_id,),
-                )
-                if cur.rowcount == 0:
-                    counts.replay = True
-                    return counts
-            known = self._resolve_series(cur, batch, max_new_series)
-            if self.guarded(
-                known, batch, counts, batch_id=batch_id, source=source, limit=max_new_series
-            ):
-                return counts
-            assert not isinstance(known, int)
-            counts.new_series = known.new_series
-            ids, ts, values, may_exist = sorted_rows(batch, known)
-            fresh = ~may_exist
-            if fresh.any():
-                # Rows outside their series' [first_seen, last_seen] cannot exist yet: COPY
-                # them straight into samples, far cheaper than an upsert. If a concurrent
-                # writer raced us to one of them, fall back to the upsert for all rows.
-                try:
-                    with self.conn.transaction():
-                        with cur.copy(
-                            "COPY samples (series_id, ts, value) FROM STDIN (FORMAT BINARY)"
-                        ) as copy:
-                            copy.write(binary_copy_payload(ids[fresh], ts[fresh], values[fresh]))
-                        counts.written += int(fresh.sum())
-                except psycopg.errors.UniqueViolation:
-                    may_exist[:] = True
-                    counts.written = 0
-            if may_exist.any():
-                self._copy_stage(
-                    cur, "sample_stage", ids[may_exist], ts[may_exist], values[may_exist]
-                )
-                cur.execute(
-                    "WITH up AS (INSERT INTO samples (series_id, ts, value) "
-                    "SELECT series_id, ts, value FROM sample_stage "
-                    "ON CONFLICT (series_id, ts) DO UPDATE SET value = EXCLUDED.value "
-                    "WHERE samples.value IS DISTINCT FROM EXCLUDED.value "
-                    "RETURNING (xmax = 0) AS inserted) "
-                    "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
-                    "FROM up"
-                )
-                inserted, updated = cur.fetchone()  # type: ignore[misc]
-                counts.written += int(inserted)
-                counts.overwritten = int(updated)
-                counts.unchanged = int(may_exist.sum()) - int(inserted) - int(updated)
-            counts.unchanged += batch.in_batch_duplicates
-            self.execute_seen_update(cur, known, batch)
-            self.record_side_rows(
-                batch, batch_id=batch_id, source=source, ranges=hour_ranges(batch.ts_us)
-            )
-            self.write_ledger(self.ledger_values(batch, counts, batch_id=batch_id, source=source))
-        return counts
+        return self.write_parts(
+            batch.as_parts(), batch_ids=[batch_id], sources=[source], max_new_series=max_new_series
+        )[0]
 
     def write_parts(
         self,
@@ -450,16 +318,14 @@ class PostgresBackend(Backend):
         sources: Sequence[str],
         max_new_series: int | None = None,
     ) -> list[WriteCounts]:
-        # The parts' series lookup, COPY and seen update done once (storage.pg_parts); parts
-        # that repeat a batch id or share a (series, ts) are written one after the other.
-        from storage.pg_parts import parts_collide, write_parts_together
+        from storage.pg_parts import write_parts_together
 
-        if batch.parts is None or len(set(batch_ids)) < len(batch_ids) or parts_collide(batch):
-            return super().write_parts(
-                batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
-            )
         return write_parts_together(
-            self, batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
+            self,
+            batch.as_parts(),
+            batch_ids=batch_ids,
+            sources=sources,
+            max_new_series=max_new_series,
         )
 
     def execute_seen_update(

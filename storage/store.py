@@ -168,6 +168,14 @@ class Store:
         """Of these batch ids, the committed ones and their rows in (writing them is a replay)."""
         return self.backend.committed_batches(batch_ids)
 
+    def record_failures(self, failures: Sequence[tuple[str, str, str]]) -> None:
+        """Note in the ledger why these batches (id, source, error) could not be written."""
+        self.backend.record_failures(failures)
+
+    def failed_batches(self) -> list[tuple[str, str, str, int]]:
+        """(batch id, source, last error, failures) of batches whose writes failed."""
+        return self.backend.failed_batches()
+
     def write_sample_parts(
         self,
         frame: pd.DataFrame,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import threading
+import os
 import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
-import psycopg
 from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -29,22 +32,46 @@ from expectations.ingest_batch import (
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame, with_parsed_timestamps
-from storage.landing import Claim, claim_files, move_done, move_quarantined
+from storage.landing import (
+    Claim,
+    attempts,
+    claim_files,
+    count_attempt,
+    move_done,
+    move_quarantined,
+    real_directory,
+)
+from storage.locks import LockLost, ensure_flow_lock
 from storage.readers import UnreadableFile, read_landed_file
 from storage.retention import raw_cutoffs
 from storage.store import Store
 from tasks.quality import rejected_rows, validate_batch
+from tasks.write_order import (
+    TRANSIENT_ERRORS,
+    EarlierGroupFailed,
+    turnstile,
+    with_database_retries,
+)
 
 
 class TransientError(RuntimeError):
     """A failure worth retrying: a 5xx, a timeout, a dropped connection."""
 
 
+class CheckFailed(RuntimeError):
+    """The quality check itself failed on a file's rows (not a row it rejected)."""
+
+
+RETRYABLE: tuple[type[BaseException], ...] = (TransientError, *TRANSIENT_ERRORS)
+# Failures a unit of files can do nothing about: the run stops and the next one retries.
+_NOT_THE_FILES: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, LockLost)
+
+
 def is_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """retry_condition_fn: retry lost connections, 5xx and timeouts — never bad data."""
     try:
         state.result()
-    except (TransientError, psycopg.OperationalError, httpx.TransportError, TimeoutError):
+    except RETRYABLE:
         return True
     except Exception:
         return False
@@ -123,7 +150,8 @@ def _write(
     return not report.guarded_new_series
 
 
-@task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
+# Long enough to ride out a database restart at the start of a run.
+@task(retries=5, retry_delay_seconds=[2, 5, 10, 20, 30], retry_condition_fn=is_transient)
 def prepare_store(settings: Settings) -> None:
     """Create or upgrade the schema once, before the run's tasks open the store side by side
     (on a new database, concurrent first connections race to create the TimescaleDB extension)."""
@@ -133,6 +161,7 @@ def prepare_store(settings: Settings) -> None:
 @task
 def claim_landing(settings: Settings) -> Claim:
     """Claim settled files in the landing directory (and adopt those of dead runs)."""
+    real_directory(settings.quarantine)
     return claim_files(settings.landing, settle_seconds=settings.settle_seconds)
 
 
@@ -140,8 +169,12 @@ def claim_landing(settings: Settings) -> Claim:
 # than the budget goes alone).
 TASK_BYTES = 24_000_000
 TASK_FILES = 64
+# A file up to this size is read once, for its hash and its decoding; a larger one is hashed
+# streaming and its reader reads it again from disk.
+KEEP_BYTES = 64 * 1024 * 1024
+# A file that this many runs died while decoding is quarantined unopened.
+MAX_ATTEMPTS = 3
 _STANDARD_COLUMNS = frozenset(("metric", "labels", "ts", "value"))
-_WRITE_LOCK = threading.Lock()
 
 
 def group_files(paths: list[Path]) -> list[list[Path]]:
@@ -230,24 +263,23 @@ def _too_old(frame: pd.DataFrame, old: np.ndarray) -> list[tuple[dict[str, Any],
 def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> None:
     """Check and write files as one unit: one GX validation, one write transaction with a
     ledger batch per file. Fills each file's outcome and its destination."""
-    good, parts, rejected, markdown = _check_together(settings, files)
+    try:
+        good, parts, rejected, markdown = _check_together(settings, files)
+    except Exception as exc:
+        raise CheckFailed(_first_line(exc)) from exc
     old = _past_their_rule(store, settings, good)
     if old is not None:
         for row, part in zip(_too_old(good, old), parts[old].tolist(), strict=True):
             rejected[part].append(row)
         good, parts = good[~old], parts[~old]
-    # One group writes at a time in this process: the other task thread decodes and checks
-    # meanwhile. Two writes at once only contend (for the same series rows and the same index
-    # pages of samples) and end later than one after the other.
-    with _WRITE_LOCK:
-        reports = store.write_sample_parts(
-            good,
-            parts=parts,
-            batch_ids=[f.digest for f in files],
-            sources=[f.outcome.source for f in files],
-            rejected=rejected,
-            max_new_series=settings.max_new_series_per_batch,
-        )
+    reports = store.write_sample_parts(
+        good,
+        parts=parts,
+        batch_ids=[f.digest for f in files],
+        sources=[f.outcome.source for f in files],
+        rejected=rejected,
+        max_new_series=settings.max_new_series_per_batch,
+    )
     files[0].outcome.quality_markdown = markdown
     for landed, report in zip(files, reports, strict=True):
         o = landed.outcome
@@ -265,72 +297,208 @@ def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> N
             )
 
 
-@task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
-def ingest_files(settings: Settings, paths: list[Path]) -> list[SourceOutcome]:
-    """Landed files as one unit: decoded, checked by GX once, written in one transaction with a
-    ledger batch per file (its content hash); then each moved to done/ or quarantine/."""
-    started = time.perf_counter()
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _hash_file(path: Path) -> tuple[str, bytes | None]:
+    """The file's SHA-256, streamed, and its bytes when it is small enough to keep for decoding.
+    Opened without following a link (a link swapped in after the claim is refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size <= KEEP_BYTES:
+            data = handle.read()
+            return hashlib.sha256(data).hexdigest(), data
+        return hashlib.file_digest(handle, "sha256").hexdigest(), None
+
+
+def _take_up(settings: Settings, paths: list[Path]) -> list[_Landed]:
+    """The group's files with their hashes; files that must not be opened (links) or that
+    runs keep failing on are set aside for quarantine here."""
     files: list[_Landed] = []
     for path in paths:
+        landed = _Landed(path, "", SourceOutcome(f"file:{path.name}", "landing"))
         try:
-            data = path.read_bytes()
+            if path.is_symlink():
+                landed.quarantine = ("symlink", "a symbolic link: not followed, not read")
+            elif attempts(path) >= MAX_ATTEMPTS:
+                landed.quarantine = (
+                    "repeated_failure",
+                    f"{attempts(path)} runs died while decoding this file",
+                )
+            else:
+                landed.digest, landed.decoded = _hash_file(path)
         except FileNotFoundError:
             continue  # moved by an earlier attempt of this task, after its write committed
-        files.append(
-            _Landed(
-                path,
-                hashlib.sha256(data).hexdigest(),
-                SourceOutcome(f"file:{path.name}", "landing"),
-            )
-        )
-        files[-1].decoded = data
+        except OSError as exc:
+            landed.quarantine = ("unreadable_file", _first_line(exc))
+        files.append(landed)
+    return files
+
+
+def _committed(settings: Settings, digests: list[str]) -> dict[str, int]:
     with Store.open(settings=settings) as store:
-        committed = store.committed_batches([f.digest for f in files])
+        return store.committed_batches(digests)
+
+
+def _decode(settings: Settings, landed: _Landed, labels_memo: dict[Any, Any]) -> None:
+    """Decode one file; whatever goes wrong with it quarantines this file alone."""
+    data, landed.decoded = landed.decoded, None
+    begun = time.perf_counter()
+    try:
+        decoded = read_landed_file(
+            landed.path,
+            precision=settings.line_protocol_precision,
+            data=data,
+            labels_memo=labels_memo,
+        )
+        if len(decoded.frame):
+            check_required_columns(decoded.frame.columns)
+    except UnreadableFile as exc:
+        landed.quarantine = (exc.reason, str(exc))
+        return
+    except BatchUnusable as exc:
+        landed.quarantine = ("unusable_batch", str(exc))
+        return
+    except Exception as exc:  # a poison file must not stop the files behind it
+        landed.quarantine = ("undecodable", _first_line(exc))
+        return
+    finally:
+        landed.seconds += time.perf_counter() - begun
+    landed.decoded = decoded
+    landed.outcome.skipped_fields = decoded.skipped_fields
+    if not len(decoded.frame) and not decoded.rejected:
+        skipped = f" ({decoded.skipped_fields} non-numeric fields skipped)"
+        landed.quarantine = (
+            "no_samples",
+            "the file holds no samples" + (skipped if decoded.skipped_fields else ""),
+        )
+
+
+def _write_in_order(
+    settings: Settings, units: list[list[_Landed]], *, order_key: str | None, turn: int
+) -> None:
+    """Write the units when this group's turn comes, riding out database restarts. A unit of
+    several files that fails for a reason of its own is written file by file, and a file that
+    fails alone is quarantined (`write_failed`): the files behind it still land."""
+    gate = turnstile(order_key)
+    written = False
+    try:
+        if not gate.wait(turn):
+            raise EarlierGroupFailed(
+                "an earlier group of this run was not written; these files wait in "
+                "processing/ for the next run, to keep the landing order"
+            )
+        logger = get_run_logger()
+
+        def retrying(exc: BaseException, delay: float) -> None:
+            logger.warning("database unavailable (%s); retrying in %.0fs", _first_line(exc), delay)
+
+        for unit in units:
+            _write_unit(settings, unit, retrying)
+        written = True
+    finally:
+        gate.finish(turn, written)
+
+
+def _write_unit(
+    settings: Settings, unit: list[_Landed], retrying: Callable[[BaseException, float], None]
+) -> None:
+    def attempt(files: list[_Landed]) -> None:
+        ensure_flow_lock(settings, "ingest")
+        with Store.open(settings=settings) as store:
+            _write_together(settings, store, files)
+
+    try:
+        with_database_retries(lambda: attempt(unit), on_retry=retrying)
+        return
+    except _NOT_THE_FILES:
+        raise
+    except Exception as exc:
+        if len(unit) == 1:
+            _set_aside(settings, unit[0], exc)
+            return
+    for landed in unit:  # find the file that fails, write the others in order
+        alone = [landed]
+        try:
+            with_database_retries(functools.partial(attempt, alone), on_retry=retrying)
+        except _NOT_THE_FILES:
+            raise
+        except Exception as exc:
+            _set_aside(settings, landed, exc)
+
+
+def _set_aside(settings: Settings, landed: _Landed, exc: BaseException) -> None:
+    """A file whose write fails for a reason of its own: quarantined, the error in the ledger."""
+    error = str(exc) if isinstance(exc, CheckFailed) else _first_line(exc)
+    get_run_logger().error("%s could not be written: %s", landed.path.name, error)
+    landed.quarantine = ("undecodable" if isinstance(exc, CheckFailed) else "write_failed", error)
+    landed.outcome.rows_in = 0
+    with contextlib.suppress(*TRANSIENT_ERRORS), Store.open(settings=settings) as store:
+        store.record_failures([(landed.digest, landed.outcome.source, error)])
+
+
+@task
+def ingest_files(
+    settings: Settings, paths: list[Path], order_key: str | None = None, turn: int = 0
+) -> list[SourceOutcome]:
+    """Landed files as one unit: decoded, checked by GX once, written in one transaction with a
+    ledger batch per file (its content hash) when the group's turn comes (`order_key`, `turn`:
+    the run's landing order); then each moved to done/ or quarantine/.
+
+    Not retried as a whole: the write retries itself while the database is away, and a task
+    retried later could no longer keep its turn."""
+    started = time.perf_counter()
+    files: list[_Landed] = []
+    try:
+        files = _take_up(settings, paths)
+        committed = with_database_retries(
+            functools.partial(_committed, settings, [f.digest for f in files if f.digest])
+        )
         labels_memo: dict[Any, Any] = {}
         together: list[_Landed] = []
         alone: list[_Landed] = []
         for landed in files:
-            data, landed.decoded = landed.decoded, None
+            if landed.quarantine is not None:
+                continue
             if landed.digest in committed:  # a replay: nothing to read or check
+                landed.decoded = None
                 landed.outcome.replay = True
                 landed.outcome.rows_in = committed[landed.digest]
                 continue
-            begun = time.perf_counter()
-            try:
-                decoded = read_landed_file(
-                    landed.path,
-                    precision=settings.line_protocol_precision,
-                    data=data,
-                    labels_memo=labels_memo,
-                )
-                if len(decoded.frame):
-                    check_required_columns(decoded.frame.columns)
-            except (UnreadableFile, BatchUnusable) as exc:
-                reason = "unusable_batch" if isinstance(exc, BatchUnusable) else "unreadable_file"
-                landed.quarantine = (reason, str(exc))
-                landed.outcome.file_quarantined = reason
+            # A run that dies while it decodes a file counts against that file.
+            count_attempt([landed.path])
+            _decode(settings, landed, labels_memo)
+            count_attempt([landed.path], -1)
+            if landed.quarantine is not None:
                 continue
-            finally:
-                landed.seconds += time.perf_counter() - begun
-            landed.decoded = decoded
-            landed.outcome.skipped_fields = decoded.skipped_fields
-            if not len(decoded.frame) and not decoded.rejected:
-                continue  # nothing in it: done, with no ledger row (as write_samples does)
-            if set(decoded.frame.columns) == _STANDARD_COLUMNS or not len(decoded.frame):
+            if set(landed.decoded.frame.columns) == _STANDARD_COLUMNS or not len(
+                landed.decoded.frame
+            ):
                 together.append(landed)
             else:
                 alone.append(landed)  # other columns travel with their rows to quarantine
-        begun = time.perf_counter()
-        if together:
-            _write_together(settings, store, together)
-        for landed in alone:
-            _write_together(settings, store, [landed])
-        shared = time.perf_counter() - begun
+    except BaseException:
+        turnstile(order_key).finish(turn, False)
+        raise
+    begun = time.perf_counter()
+    # Units in landing order: files with other columns are written alone, in their place.
+    shareable = {id(f) for f in together}
+    isolated = {id(f) for f in alone}
+    units: list[list[_Landed]] = []
+    for landed in files:
+        if id(landed) in shareable and units and id(units[-1][0]) in shareable:
+            units[-1].append(landed)
+        elif id(landed) in shareable or id(landed) in isolated:
+            units.append([landed])
+    _write_in_order(settings, units, order_key=order_key, turn=turn)
+    shared = time.perf_counter() - begun
     rows = sum(f.outcome.rows_in for f in together + alone) or 1
     for landed in together + alone:
         landed.seconds += shared * landed.outcome.rows_in / rows
     for landed in files:
-        tag = landed.digest[:12]
+        tag = (landed.digest or uuid.uuid4().hex)[:12]
         if landed.quarantine is not None:
             reason, detail = landed.quarantine
             landed.outcome.file_quarantined = reason

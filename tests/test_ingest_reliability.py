@@ -23,6 +23,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -726,3 +727,152 @@ def test_two_runs_at_once_end_like_one(
     reported = sorted(row["source"] for rows in results if rows is not None for row in rows)
     assert reported == sorted(f"file:{name}" for name in source.good + source.bad), shares
     print(f"{databases.backend}: the two runs ingested {shares} sources (None: skipped)")
+
+
+# -- 4. files with overlaps landing while runs are killed and PostgreSQL restarts ---------------
+
+FAULT_FILES = 36
+FAULT_TRIALS = 8
+FAULT_SERIES = 12
+FAULT_TIMES = 20
+
+
+def _fault_files(seed: int) -> list[tuple[str, bytes, dict[tuple[str, int], float]]]:
+    """(name, bytes, samples) in landing order: every file overlaps others (few series, few
+    times), some correct earlier values, some are exact copies of earlier files (replays)."""
+    rng = random.Random(seed)
+    start_s = int(time.time()) - 86_400
+    files: list[tuple[str, bytes, dict[tuple[str, int], float]]] = []
+    for n in range(FAULT_FILES):
+        if files and rng.random() < 0.15:
+            _, data, samples = rng.choice(files)
+            files.append((f"copy-{n:03d}.ndjson", data, samples))
+            continue
+        samples = {}
+        for _ in range(rng.randint(20, 80)):
+            host = f"h{rng.randrange(FAULT_SERIES)}"
+            ts_s = start_s + 60 * rng.randrange(FAULT_TIMES)
+            samples[(host, ts_s)] = float(rng.randint(0, 9))
+        lines = [
+            json.dumps({"metric": "fault_m", "labels": {"host": h}, "ts": t, "value": v})
+            for (h, t), v in samples.items()
+        ]
+        files.append((f"file-{n:03d}.ndjson", ("\n".join(lines) + "\n").encode(), samples))
+    return files
+
+
+def _fault_expected(files: list[tuple[str, bytes, dict[tuple[str, int], float]]]) -> dict:
+    """The oracle: files applied one by one in landing order, a repeated content a replay."""
+    state: dict[tuple[str, int], float] = {}
+    seen: set[bytes] = set()
+    for _, data, samples in files:
+        if data not in seen:
+            seen.add(data)
+            state.update(samples)
+    return state
+
+
+def _fault_stored(url: str) -> dict[tuple[str, int], float]:
+    start = datetime.now(UTC) - timedelta(days=2)
+    with Store.open(url, timescaledb="auto") as store:
+        frame = store.query("fault_m", None, start, datetime.now(UTC))
+    return {
+        (labels["host"], int(ts.timestamp())): float(value)
+        for labels, ts, value in zip(frame["labels"], frame["ts"], frame["value"], strict=True)
+    }
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavour", ["sqlite", "postgres", "timescaledb"])
+def test_overlapping_files_survive_kills_and_database_restarts(
+    pg_cluster: PgCluster,
+    flow_runs: FlowRuns,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flavour: str,
+) -> None:
+    """Files land while runs are SIGKILLed and a durable PostgreSQL is stopped with
+    `-m immediate` and restarted: at the end every sample is there once with the value of the
+    last file (in landing order) that holds it, and nothing is left in processing/. (SQLite:
+    the kills alone.)"""
+    if flavour == "timescaledb" and not pg_cluster.preload_timescaledb:
+        if os.environ.get("METRICMILL_REQUIRE_TIMESCALEDB", "").lower() in {"1", "true", "yes"}:
+            pytest.fail("TimescaleDB is not installed for this PostgreSQL", pytrace=False)
+        pytest.skip("TimescaleDB is not installed for this PostgreSQL")
+    monkeypatch.setenv("METRICMILL_TIMESCALEDB", "require" if flavour == "timescaledb" else "off")
+    seed = _seed()
+    rng = random.Random(seed)
+    cluster = PgCluster(
+        tmp_path / "fault-pg",
+        bindir=pg_cluster.bindir,
+        preload_timescaledb=flavour == "timescaledb",
+        durable=True,
+    )
+    if flavour != "sqlite":
+        cluster.start()
+    try:
+        if flavour == "sqlite":
+            url = f"sqlite:///{tmp_path / 'fault.db'}"
+        else:
+            cluster.create_database("fault")
+            url = cluster.url("fault")
+        Store.open(url, timescaledb="auto").close()
+        files = _fault_files(seed)
+        home = tmp_path / "home"
+        landing = home / "landing"
+        landing.mkdir(parents=True)
+        clock = time.time_ns() - 10**12
+        landed = 0
+        kills = restarts = 0
+
+        def land(count: int) -> None:
+            nonlocal landed, clock
+            for name, data, _ in files[landed : landed + count]:
+                path = landing / name
+                path.write_bytes(data)
+                clock += 10**6
+                os.utime(path, ns=(clock, clock))
+            landed = min(landed + count, len(files))
+
+        for _ in range(FAULT_TRIALS):
+            land(rng.randint(3, 7))
+            pid, log = flow_runs.start(home, url)
+            fault = rng.choice(["kill", "restart", "restart", "none"])
+            if flavour == "sqlite" and fault == "restart":
+                fault = "kill"
+            code = flow_runs.wait(pid, rng.uniform(0.5, 4.0))
+            if code is None and fault == "kill":
+                flow_runs.kill(pid)
+                kills += 1
+                continue
+            if code is None and fault == "restart":
+                cluster.stop(mode="immediate")
+                land(rng.randint(1, 3))  # files keep landing while the database is away
+                time.sleep(rng.uniform(0.5, 3.0))
+                cluster.start()
+                restarts += 1
+            if code is None:
+                code = flow_runs.wait(pid, RUN_TIMEOUT)
+            # A run that rode out the restart, or that was never disturbed, ends well.
+            assert code == 0, f"seed {seed}: run exited with {code}:\n{tail(log)}"
+        land(len(files))
+        flow_runs.run(home, url)
+
+        stored = _fault_stored(url)
+        expected = _fault_expected(files)
+        wrong = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+        extra = set(stored) - set(expected)
+        report = (
+            f"{flavour}, seed {seed}: {len(files)} files "
+            f"({sum(n.startswith('copy') for n, _, _ in files)} copies), "
+            f"{len(expected)} distinct samples, {kills} kills, {restarts} restarts"
+        )
+        assert not wrong and not extra, f"{report}: wrong {list(wrong.items())[:5]}, extra {extra}"
+        done = {p.name for p in (landing / "done").iterdir()}
+        assert done == {name for name, _, _ in files}, report
+        processing = landing / "processing"
+        left = [p for p in processing.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        assert left == [], report
+        print(report)
+    finally:
+        cluster.close()

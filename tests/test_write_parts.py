@@ -180,3 +180,74 @@ def test_the_cardinality_guard_quarantines_only_the_part_over_the_limit(store: S
     # raised limit: the guarded part lands on its own later
     landed = write(store, over, ids=["n1"], limit=10)
     assert (landed[0].written, landed[0].new_series) == (3, 3)
+
+
+def test_overlapping_parts_store_each_value_under_its_own_series(store: Store) -> None:
+    # part 0 = {a=1, b=2}, part 1 = {b=20, c=30}, all at T0: b is overwritten by part 1
+    reports = write(
+        store,
+        [sample("k", 0, 1.0, host="a"), sample("k", 0, 2.0, host="b")],
+        [sample("k", 0, 20.0, host="b"), sample("k", 0, 30.0, host="c")],
+        ids=["p0", "p1"],
+    )
+
+    assert stored(store, "k") == [("a", T0, 1.0), ("b", T0, 20.0), ("c", T0, 30.0)]
+    assert [(r.written, r.overwritten, r.new_series) for r in reports] == [(2, 0, 2), (1, 1, 1)]
+    assert ledger(store, "p1") == ("file:p1", "committed", 2, 1, 1, 0, 0, 1)
+
+
+def test_a_part_overwriting_one_series_of_an_earlier_part(store: Store) -> None:
+    # parts [0, 0, 1]: part 1 only overwrites b
+    reports = write(
+        store,
+        [sample("k", 0, 1.0, host="a"), sample("k", 0, 2.0, host="b")],
+        [sample("k", 0, 20.0, host="b")],
+        ids=["q0", "q1"],
+    )
+
+    assert stored(store, "k") == [("a", T0, 1.0), ("b", T0, 20.0)]
+    assert [(r.written, r.overwritten, r.unchanged) for r in reports] == [(2, 0, 0), (0, 1, 0)]
+
+
+def test_many_layers_of_overwrites_end_with_the_last_part(store: Store) -> None:
+    parts = [[sample("k", 0, float(n), host="a"), sample("k", n, 1.0, host="b")] for n in range(6)]
+    reports = write(store, *parts, ids=[f"m{n}" for n in range(6)])
+
+    assert stored(store, "k")[0] == ("a", T0, 5.0)
+    assert [r.overwritten for r in reports] == [0, 1, 1, 1, 1, 1]
+    assert sum(r.written for r in reports) == 1 + 6
+
+
+def test_a_part_repeating_an_earlier_parts_content_is_its_replay(store: Store) -> None:
+    first = [sample("k", 0, 1.0, host="a")]
+    reports = write(store, first, [sample("k", 0, 2.0, host="a")], first, ids=["r0", "r1", "r0"])
+
+    assert [r.replay for r in reports] == [False, False, True]
+    assert stored(store, "k") == [("a", T0, 2.0)]
+    assert count(store, "ingest_batches") == 2
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_overlapping_parts_match_writing_them_one_by_one(store: Store, seed: int) -> None:
+    """Oracle: a dict applied part by part. Random parts over few series and times, so most
+    keys are shared; some values repeat the stored one (unchanged), some series are new."""
+    rng = np.random.default_rng(seed)
+    expected: dict[tuple[str, datetime], float] = {}
+    for round_ in range(3):
+        parts = []
+        for _ in range(int(rng.integers(1, 6))):
+            keys = {
+                (str(h), int(t)) for h, t in rng.integers(0, 5, size=(int(rng.integers(1, 12)), 2))
+            }
+            parts.append([sample("z", t * 60, float(rng.integers(0, 3)), host=h) for h, t in keys])
+        ids = [f"s{seed}-{round_}-{n}" for n in range(len(parts))]
+        reports = write(store, *parts, ids=ids)
+        for part, report in zip(parts, reports, strict=True):
+            assert not report.replay
+            changed = 0
+            for row in part:
+                key = (row["labels"]["host"], row["ts"])
+                changed += key in expected and expected[key] != row["value"]
+                expected[key] = row["value"]
+            assert report.overwritten == changed
+        assert stored(store, "z") == sorted((h, ts, v) for (h, ts), v in expected.items())

@@ -229,8 +229,12 @@ class PgCluster:
         *,
         bindir: Path | None = None,
         preload_timescaledb: bool = False,
+        durable: bool = False,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
+        # durable: fsync, synchronous_commit and full-page writes on, as a production server
+        # runs: a crash test on a cluster that may drop acknowledged commits proves nothing.
+        self.durable = durable
         found = bindir if bindir is not None else find_pg_bindir()
         if found is None:
             raise RuntimeError(f"PostgreSQL server binaries not found (set {BINDIR_ENV})")
@@ -494,9 +498,9 @@ class PgCluster:
             "listen_addresses": HOST,
             "port": str(self.port),
             "unix_socket_directories": str(self.socket_dir),
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
+            "fsync": "on" if self.durable else "off",
+            "synchronous_commit": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
             "max_connections": "200",
             "shared_buffers": "256MB",
         }

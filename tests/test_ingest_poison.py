@@ -1,0 +1,152 @@
+"""One bad file never stops the others: the ingest flow quarantines that file with a reason and
+lands the rest of its group; links are never followed; runs that died on a file are counted;
+`status` and `doctor` show what sits in processing/ and why."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import tasks.ingest
+from flows.ingest import ingest
+from metricmill.cli import app
+from metricmill.settings import load_settings
+from storage.landing import claim_files, count_attempt
+from storage.store import Store
+from tests.settings_env import isolate_settings
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+NOW = datetime.now(UTC).replace(second=0, microsecond=0)
+
+
+def good_file(path: Path, host: str, value: float = 1.0) -> Path:
+    ts = (NOW - timedelta(minutes=5)).isoformat()
+    record = {"metric": "poison_m", "labels": {"host": host}, "ts": ts, "value": value}
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    isolate_settings(monkeypatch, settle_seconds=0)
+    home = tmp_path / "home"
+    (home / "landing").mkdir(parents=True)
+    return home
+
+
+def hosts(home: Path) -> list[str]:
+    with Store.open(settings=load_settings(home=home)) as store:
+        frame = store.query("poison_m", None, NOW - timedelta(hours=1), NOW + timedelta(hours=1))
+    return sorted(labels["host"] for labels in frame["labels"])
+
+
+def reason_of(home: Path, name: str) -> str:
+    return (home / "quarantine" / f"{name}.reason").read_text(encoding="utf-8").split("\n")[0]
+
+
+def run(home: Path) -> None:
+    state = ingest(home=str(home), scrape=False, return_state=True)
+    assert state.is_completed(), state
+
+
+def test_a_poison_file_is_quarantined_and_its_group_lands(home: Path) -> None:
+    landing = home / "landing"
+    good_file(landing / "a.ndjson", "a")
+    nested = "[" * 5000 + "]" * 5000
+    (landing / "deep.ndjson").write_text(
+        '{"metric": "n", "labels": {"a": ' + nested + '}, "ts": 1, "value": 1}\n'
+    )
+    (landing / "empty-objects.ndjson").write_text("{}\n{}\n")
+    good_file(landing / "b.ndjson", "b")
+
+    run(home)  # all four files in one group
+
+    assert hosts(home) == ["a", "b"]
+    assert reason_of(home, "deep.ndjson") in {"undecodable", "too_deep", "unreadable_file"}
+    assert reason_of(home, "empty-objects.ndjson") in {"no_samples", "unreadable_file"}
+    assert sorted(p.name for p in (landing / "done").iterdir()) == ["a.ndjson", "b.ndjson"]
+    assert not [p for p in (landing / "processing").rglob("*") if not p.name.startswith(".")]
+
+
+def test_no_samples_at_all_is_quarantined_not_done(home: Path) -> None:
+    landing = home / "landing"
+    (landing / "strings.lp").write_text('cpu,host=a state="idle" 1700000000000000000\n')
+
+    run(home)
+
+    assert reason_of(home, "strings.lp") == "no_samples"
+    assert not (landing / "done").exists() or not any((landing / "done").iterdir())
+
+
+def test_a_symlink_is_quarantined_without_being_read(home: Path, tmp_path: Path) -> None:
+    outside = good_file(tmp_path / "outside.ndjson", "secret")
+    before = outside.stat()
+    (home / "landing" / "link.ndjson").symlink_to(outside)
+    good_file(home / "landing" / "c.ndjson", "c")
+
+    run(home)
+
+    assert hosts(home) == ["c"]
+    assert reason_of(home, "link.ndjson") == "symlink"
+    assert (home / "quarantine" / "link.ndjson").is_symlink()  # the link moved, not its target
+    assert outside.read_text(encoding="utf-8").count("secret") == 1
+    assert outside.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_done_directory_that_is_a_link_stops_the_run_before_any_file_moves(
+    home: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (home / "landing" / "done").symlink_to(elsewhere)
+    good_file(home / "landing" / "d.ndjson", "d")
+
+    state = ingest(home=str(home), scrape=False, return_state=True)
+
+    assert state.is_failed()
+    assert "must be a real directory" in str(state.message)
+    assert list(elsewhere.iterdir()) == []
+    assert (home / "landing" / "d.ndjson").exists()
+
+
+def test_a_file_runs_keep_dying_on_is_quarantined_after_three(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    landing = home / "landing"
+    good_file(landing / "killer.ndjson", "k")
+    good_file(landing / "e.ndjson", "e")
+    claim = claim_files(landing, settle_seconds=0)
+    killer = next(p for p in claim.files if p.name == "killer.ndjson")
+    for _ in range(tasks.ingest.MAX_ATTEMPTS):  # as three runs killed while decoding it leave it
+        count_attempt([killer])
+    claim.release()  # the claim of a dead run, for the next run to adopt
+
+    run(home)
+
+    assert reason_of(home, "killer.ndjson") == "repeated_failure"
+    assert hosts(home) == ["e"]
+
+
+def cli(home: Path, *args: str) -> Result:
+    return CliRunner().invoke(app, ["--home", str(home), *args], terminal_width=200)
+
+
+def test_status_and_doctor_flag_files_left_in_processing(home: Path) -> None:
+    landing = home / "landing"
+    good_file(landing / "stuck.ndjson", "s")
+    claim = claim_files(landing, settle_seconds=0)
+    count_attempt(claim.files)
+    claim.release()  # as a run killed while decoding it leaves it
+
+    doctor = cli(home, "doctor")
+    status = cli(home, "status")
+
+    assert doctor.exit_code == 1, doctor.output
+    assert "landing backlog" in doctor.output and "FAIL" in doctor.output
+    assert "1 files left in" in " ".join(doctor.output.split())
+    assert "stuck in processing" in status.output, status.output
