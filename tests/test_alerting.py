@@ -231,7 +231,7 @@ def test_lifecycle_persists_one_open_alert_updates_it_and_resolves_it(
     assert alert["fingerprint"] == f"anomaly:{a}" and alert["status"] == "firing"
     assert (alert["severity"], alert["score"], alert["value"]) == ("critical", 0.9, 9.0)
     assert alert["started_at"] == T0 + MIN and alert["updated_at"] == T0 + 6 * MIN
-    assert alert["detail"] == {"metric": "cpu", "labels": {"host": "a"}}
+    assert alert["detail"] == {"metric": "cpu", "labels": {"host": "a"}, "kind": "point"}
 
     with Store.open(db_target.url, timescaledb=db_target.timescaledb) as store:  # type: ignore[arg-type]
         db.set_status(
