@@ -82,6 +82,21 @@ def _shape_features(
     return np.nan_to_num(out, copy=False, nan=0.0, posinf=1e6, neginf=-1e6)
 
 
+def _reach(table: BaselineTable, side: str) -> np.ndarray:
+    """Per series of the table: how many scales from expected its effective threshold on one
+    side lies (at least the default rule's threshold)."""
+    from tasks.baseline import CALIBRATION_COLUMNS
+
+    def column(name: str) -> np.ndarray:
+        return table.calibration[CALIBRATION_COLUMNS.index(name)]
+
+    threshold = np.fmax(column(f"threshold_{side}"), _THRESHOLD_FLOOR)
+    return (
+        column(f"tail_{side}_u")
+        + (cal.level_of(threshold) - 1.0) * column(f"tail_{side}_beta") * cal.LN10
+    )
+
+
 def score_points(
     points: pd.DataFrame,
     table: BaselineTable,
@@ -153,7 +168,11 @@ def score_points(
     thr_both = calib["threshold_both"][out_rows]
     thr_up = calib["threshold_up"][out_rows]
     thr_down = calib["threshold_down"][out_rows]
-    score = cal.score_of(total[out_rows])
+    stat_score = cal.score_of(stat_level[out_rows])
+    score = stat_score.copy()
+    if len(gated) and models:  # only rows the model lifted differ from the statistics alone
+        lifted = np.flatnonzero(np.isin(out_rows, gated))
+        score[lifted] = cal.score_of(total[out_rows[lifted]])
     o_outage = outage[out_rows]
     sign = np.sign(o_res)
     high = score >= np.fmax(thr_both, _THRESHOLD_FLOOR)
@@ -161,15 +180,10 @@ def score_points(
     kind = np.where(
         o_outage, cal.KIND_OUTAGE, np.where(shifted, cal.KIND_SHIFT, cal.KIND_POINT)
     ).astype(np.float64)
-    # The band: where the series' effective thresholds (at least the default rule's) lie.
-    reach_up = (
-        up_u[out_rows]
-        + (cal.level_of(np.fmax(thr_up, _THRESHOLD_FLOOR)) - 1.0) * up_beta[out_rows] * cal.LN10
-    )
-    reach_down = (
-        down_u[out_rows]
-        + (cal.level_of(np.fmax(thr_down, _THRESHOLD_FLOOR)) - 1.0) * down_beta[out_rows] * cal.LN10
-    )
+    # The band: where the series' effective thresholds (at least the default rule's) lie;
+    # computed once per series of the table, then spread over the rows.
+    reach_up = _reach(table, "up").take(where[0][out_rows]) if len(out_rows) else np.empty(0)
+    reach_down = _reach(table, "down").take(where[0][out_rows]) if len(out_rows) else np.empty(0)
     scores = pd.DataFrame(
         {
             "series_id": sid[out_rows],
@@ -178,7 +192,7 @@ def score_points(
             "expected": o_expected,
             "lower": o_expected - reach_down * o_scale,
             "upper": o_expected + reach_up * o_scale,
-            "stat_score": cal.score_of(stat_level[out_rows]),
+            "stat_score": stat_score,
             "model_score": model[out_rows],
             "score": score,
             "baseline_level": level[out_rows],
