@@ -171,7 +171,9 @@ def score_points(
     stat_score = cal.score_of(stat_level[out_rows])
     score = stat_score.copy()
     if len(gated) and models:  # only rows the model lifted differ from the statistics alone
-        lifted = np.flatnonzero(np.isin(out_rows, gated))
+        is_gated = np.zeros(len(points), dtype=bool)
+        is_gated[gated] = True
+        lifted = np.flatnonzero(is_gated[out_rows])
         score[lifted] = cal.score_of(total[out_rows[lifted]])
     o_outage = outage[out_rows]
     sign = np.sign(o_res)
