@@ -1,8 +1,9 @@
 """Rollup benchmark: the rollup path against one hand-written statement, and rollup-served queries.
 
-    uv run python benchmarks/rollup.py [--scale 1.0] [--repeat 2] [--pg-url URL]
+    uv run python benchmarks/rollup.py [--scale 1.0] [--repeat 2] [--pg-url URL] [--timescaledb]
 
-On a throwaway PostgreSQL (plain, no TimescaleDB):
+On a throwaway PostgreSQL (plain, no TimescaleDB; with ``--timescaledb`` one that preloads it,
+the store on hypertables):
 
 * 10,000 series x 1,000 points (10 s apart: 10,000,000 raw samples, generated in SQL) are rolled
   up by ``Store.rollup()`` — claiming the pending range, DELETE + INSERT ... SELECT per level, in
@@ -12,6 +13,11 @@ On a throwaway PostgreSQL (plain, no TimescaleDB):
   the PostgreSQL dialect uses, so the ratio is the cost of the run's machinery). The run's 1m
   time includes its bookkeeping (claim, pending-row delete, commit). Both start from empty
   rollup tables; which goes first alternates between repeats (the first warms the caches).
+* ``--timescaledb``: a third peer, ``CALL refresh_continuous_aggregate(...)`` over the whole span
+  of a 1m continuous aggregate on the same ``samples`` hypertable computing the same columns
+  (``first()``/``last()`` for first/last), created empty before each repeat; its rows must equal
+  ``rollup_1m``'s. ``rollup_1m_vs_cagg``: the run's 1m time over the refresh's. The ratios that
+  exist on both backends get a ``_timescaledb`` suffix there.
 * ``rollup_upper_vs_1m``: the 5m, 1h and 1d levels' time together over the 1m level's time.
 * ``query_rollup_speedup``: a 30-day query at a 1h step (avg) over 100 series with one point a
   minute (4.3M raw samples), served from the rollups against the same query forced to raw
@@ -83,6 +89,29 @@ FROM (SELECT series_id, date_bin(interval '1 minute', ts, timestamptz 'epoch') A
                    ORDER BY ts ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x
 GROUP BY series_id, bucket
 """
+_CAGG = """
+CREATE MATERIALIZED VIEW cagg_1m WITH (timescaledb.continuous, timescaledb.materialized_only = true)
+AS SELECT series_id, time_bucket(interval '1 minute', ts) AS bucket, count(*) AS count,
+          sum(value) AS sum, sum(value * value) AS sum_sq, min(value) AS min, max(value) AS max,
+          first(value, ts) AS first, min(ts) AS first_ts, last(value, ts) AS last,
+          max(ts) AS last_ts
+   FROM samples GROUP BY series_id, time_bucket(interval '1 minute', ts)
+WITH NO DATA
+"""
+_REFRESH = """
+CALL refresh_continuous_aggregate('cagg_1m', %(start)s::timestamptz,
+     %(start)s::timestamptz + %(points)s * %(step)s * interval '1 second' + interval '1 minute',
+     options => %(options)s::jsonb)
+"""
+# A manual refresh materialises 10 buckets per transaction by default (TimescaleDB 2.28's
+# DEFAULT_BUCKETS_PER_BATCH); 0 makes it one atomic pass, as one rollup transaction is.
+_REFRESH_OPTIONS = {"cagg": "{}", "cagg_atomic": '{"buckets_per_batch": 0}'}
+_SAME_AS_CAGG = """
+SELECT (SELECT count(*) FROM rollup_1m), (SELECT count(*) FROM cagg_1m),
+       (SELECT count(*) FROM (SELECT * FROM rollup_1m EXCEPT
+        SELECT series_id, bucket, count, sum, sum_sq, min, max, first, first_ts, last, last_ts
+        FROM cagg_1m) d)
+"""
 _EMPTY = "TRUNCATE rollup_1m, rollup_5m, rollup_1h, rollup_1d, ref_1m, rollup_pending"
 
 
@@ -92,6 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--points", type=int, default=1000, help="points per series (rollup)")
     parser.add_argument("--pg-url", default=None, help="use this server instead of a throwaway")
+    parser.add_argument(
+        "--timescaledb",
+        action="store_true",
+        help="on TimescaleDB hypertables, with a continuous aggregate's refresh as a peer",
+    )
     return parser.parse_args(argv)
 
 
@@ -104,50 +138,83 @@ def seed(conn: psycopg.Connection, *, metric: str, series: int, points: int, ste
     return series * points
 
 
-def open_store(url: str, home: Path) -> Store:
-    return Store.open(settings=load_settings(database_url=url, home=home, timescaledb="off"))
+def open_store(url: str, home: Path, *, timescaledb: bool = False) -> Store:
+    mode = "require" if timescaledb else "off"
+    return Store.open(settings=load_settings(database_url=url, home=home, timescaledb=mode))
 
 
 def bench_rollup(
-    url: str, home: Path, *, series: int, points: int, repeat: int
+    url: str, home: Path, *, series: int, points: int, repeat: int, timescaledb: bool = False
 ) -> dict[str, float]:
-    with psycopg.connect(url, autocommit=True) as conn, open_store(url, home) as store:
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        open_store(url, home, timescaledb=timescaledb) as store,
+    ):
         rows = seed(conn, metric="bench_rollup", series=series, points=points, step=STEP_SECONDS)
         conn.execute("CREATE TABLE ref_1m (LIKE rollup_1m INCLUDING ALL)")
         log(f"seeded {rows:,} samples over {series:,} series")
-        mine_1m, upper, reference = [], [], []
+        span = {"start": START, "points": points, "step": STEP_SECONDS}
+        sides = ["mine", "reference", *(_REFRESH_OPTIONS if timescaledb else [])]
+        times: dict[str, list[float]] = {side: [] for side in (*sides, "upper")}
         for number in range(repeat):
             conn.execute(_EMPTY)
             conn.execute(_SEED_PENDING, {"metric": "bench_rollup"})
-            # Alternate who goes first: the first reader of the samples warms the caches.
-            for side in ("mine", "reference") if number % 2 == 0 else ("reference", "mine"):
+            # Rotate who goes first: the first reader of the samples warms the caches.
+            for side in sides[number % len(sides) :] + sides[: number % len(sides)]:
+                if side in _REFRESH_OPTIONS:  # each refresh starts from an empty aggregate
+                    conn.execute("DROP MATERIALIZED VIEW IF EXISTS cagg_1m")
+                    conn.execute(_CAGG)
                 conn.execute("CHECKPOINT")
                 if side == "mine":
                     report = store.rollup()
                     levels = report.levels
                     overhead = report.seconds - sum(w.seconds for w in levels.values())
-                    mine_1m.append(levels["1m"].seconds + overhead)
-                    upper.append(sum(levels[lv].seconds for lv in ("5m", "1h", "1d")))
-                else:
+                    times["mine"].append(levels["1m"].seconds + overhead)
+                    times["upper"].append(sum(levels[lv].seconds for lv in ("5m", "1h", "1d")))
+                elif side == "reference":
                     started = time.perf_counter()
                     with conn.transaction():
                         conn.execute(_REFERENCE)
-                    reference.append(time.perf_counter() - started)
+                    times["reference"].append(time.perf_counter() - started)
+                else:  # a refresh runs its own transactions (not inside a transaction block)
+                    started = time.perf_counter()
+                    conn.execute(_REFRESH, {**span, "options": _REFRESH_OPTIONS[side]})
+                    times[side].append(time.perf_counter() - started)
+                    _check_same_as_cagg(conn)
             same = conn.execute(
                 "SELECT count(*) FROM (SELECT * FROM rollup_1m EXCEPT SELECT * FROM ref_1m) d"
             ).fetchone()
             assert same is not None and same[0] == 0, "the two 1m tables differ"
+            if timescaledb:
+                _check_same_as_cagg(conn)
+            peers = ", ".join(f"{side} {times[side][-1]:.2f}s" for side in sides[1:])
             log(
-                f"  repeat {number + 1}: rollup 1m {mine_1m[-1]:.2f}s "
-                f"(chunks {report.chunks}, rows {levels['1m'].rows:,}), upper {upper[-1]:.2f}s, "
-                f"hand-written 1m {reference[-1]:.2f}s"
+                f"  repeat {number + 1}: rollup 1m {times['mine'][-1]:.2f}s "
+                f"(chunks {report.chunks}, rows {levels['1m'].rows:,}), "
+                f"upper {times['upper'][-1]:.2f}s, {peers}"
             )
-    return {"mine_1m": median(mine_1m), "upper": median(upper), "reference": median(reference)}
+    return {side: median(values) for side, values in times.items()}
 
 
-def bench_query(url: str, home: Path, *, series: int, repeat: int) -> dict[str, float]:
+def _check_same_as_cagg(conn: psycopg.Connection) -> None:
+    """The aggregate holds exactly rollup_1m's rows (once both have run in this repeat)."""
+    rolled = conn.execute("SELECT count(*) FROM rollup_1m").fetchone()
+    if rolled is None or rolled[0] == 0:
+        return  # the rollup runs later in this repeat; the check after it covers this pair
+    counted = conn.execute(_SAME_AS_CAGG).fetchone()
+    assert counted is not None and counted[0] == counted[1] and counted[2] == 0, (
+        f"rollup_1m and the continuous aggregate differ: {counted}"
+    )
+
+
+def bench_query(
+    url: str, home: Path, *, series: int, repeat: int, timescaledb: bool = False
+) -> dict[str, float]:
     points = QUERY_DAYS * 24 * 60
-    with psycopg.connect(url, autocommit=True) as conn, open_store(url, home) as store:
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        open_store(url, home, timescaledb=timescaledb) as store,
+    ):
         rows = seed(conn, metric="bench_query", series=series, points=points, step=60)
         log(f"seeded {rows:,} samples over {series} series ({QUERY_DAYS} days, 1 a minute)")
         started = time.perf_counter()
@@ -188,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     query_series = max(1, round(100 * args.scale))
     with (
         tempfile.TemporaryDirectory(prefix="metricmill-bench-rollup-") as tmp,
-        throwaway_pg(args.pg_url) as server,
+        throwaway_pg(args.pg_url, preload_timescaledb=args.timescaledb) as server,
     ):
         home = Path(tmp)
         print_machine({"postgresql server": server.version()})
         print(
+            f"backend: {'TimescaleDB (hypertables)' if args.timescaledb else 'plain PostgreSQL'}; "
             f"workload: rollup {rollup_series:,} series x {args.points:,} points "
             f"({STEP_SECONDS}s apart); query {query_series} series x {QUERY_DAYS} days at 1/min; "
             f"{args.repeat} repeat(s)",
@@ -200,19 +268,37 @@ def main(argv: list[str] | None = None) -> int:
         )
         with server.fresh_database("bench_rollup") as url:
             rolled = bench_rollup(
-                url, home, series=rollup_series, points=args.points, repeat=args.repeat
+                url,
+                home,
+                series=rollup_series,
+                points=args.points,
+                repeat=args.repeat,
+                timescaledb=args.timescaledb,
             )
         with server.fresh_database("bench_query") as url:
-            queried = bench_query(url, home, series=query_series, repeat=max(3, args.repeat))
+            queried = bench_query(
+                url,
+                home,
+                series=query_series,
+                repeat=max(3, args.repeat),
+                timescaledb=args.timescaledb,
+            )
+    cagg = []
+    if args.timescaledb:
+        cagg = [
+            ["refresh_continuous_aggregate, 1m (batches of 10 buckets)", f"{rolled['cagg']:.3f}"],
+            ["same, one atomic pass (buckets_per_batch 0)", f"{rolled['cagg_atomic']:.3f}"],
+        ]
     print(
         format_table(
             ["measure", "seconds (median)"],
             [
-                ["Store.rollup(): 1m level (with run bookkeeping)", f"{rolled['mine_1m']:.3f}"],
+                ["Store.rollup(): 1m level (with run bookkeeping)", f"{rolled['mine']:.3f}"],
                 [
                     "hand-written INSERT ... SELECT date_bin ... GROUP BY",
                     f"{rolled['reference']:.3f}",
                 ],
+                *cagg,
                 ["Store.rollup(): 5m + 1h + 1d levels", f"{rolled['upper']:.3f}"],
                 ["30-day 1h-step query from rollups", f"{queried['rollup']:.4f}"],
                 ["30-day 1h-step query from raw samples", f"{queried['raw']:.4f}"],
@@ -220,10 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         ),
         flush=True,
     )
-    print(ratio_line("rollup_1m_vs_sql", rolled["mine_1m"] / rolled["reference"]))
-    print(ratio_line("rollup_upper_vs_1m", rolled["upper"] / rolled["mine_1m"]))
-    print(ratio_line("query_rollup_speedup", queried["raw"] / queried["rollup"]), flush=True)
-    run_archive_benchmark()
+    suffix = "_timescaledb" if args.timescaledb else ""
+    if args.timescaledb:
+        faster = min(rolled["cagg"], rolled["cagg_atomic"])  # the aggregate's better way
+        print(ratio_line("rollup_1m_vs_cagg", rolled["mine"] / faster))
+    print(ratio_line(f"rollup_1m_vs_sql{suffix}", rolled["mine"] / rolled["reference"]))
+    print(ratio_line(f"rollup_upper_vs_1m{suffix}", rolled["upper"] / rolled["mine"]))
+    print(
+        ratio_line(f"query_rollup_speedup{suffix}", queried["raw"] / queried["rollup"]),
+        flush=True,
+    )
+    if not args.timescaledb:
+        run_archive_benchmark()
     return 0
 
 

@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic.json_schema import SkipJsonSchema
 
 from flows.guard import exclusive
+from metricmill.secrets import redact
 from metricmill.settings import load_settings
 from tasks.ingest import (
     SourceOutcome,
@@ -89,8 +90,8 @@ def ingest(
             try:
                 outcomes.append(future.result())
             except Exception as exc:
-                failed = SourceOutcome(source=f"scrape:{url}", kind="scrape")
-                errors[failed.source] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                failed = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")
+                errors[failed.source] = redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
                 logger.error("scrape of %s failed: %s", url, errors[failed.source])
                 outcomes.append(failed)
     rows = [{**o.row(), "error": errors.get(o.source, "")} for o in outcomes]

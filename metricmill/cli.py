@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from metricmill.errors import MetricmillError, QueryError
+from metricmill.secrets import PASSWORD_ENV, redact, split_password
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.types import WriteReport
@@ -75,13 +77,40 @@ class ExportFormat(StrEnum):
 
 
 # -- plumbing ---------------------------------------------------------------------------------
+# Characters a terminal may act on rather than show: C0 controls and DEL, C1 controls (0x9b is
+# a CSI on some terminals), and the bidirectional overrides and isolates that reorder text.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE_KEEP_NEWLINES = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """Text as it may reach a terminal: every name the CLI prints (file, metric, label, rule)
+    goes through here, its control characters spelled as escapes (ESC is shown as \\u001b).
+    The escapes are JSON's, so JSON output stays valid JSON."""
+    pattern = _UNPRINTABLE_KEEP_NEWLINES if keep_newlines else _UNPRINTABLE
+    return pattern.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """typer.echo for lines that hold names: control characters escaped."""
+    typer.echo(printable(text, keep_newlines=True), err=err)
+
+
 def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
         text = f"{where}{exc.strerror}"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return printable(redact(" ".join(text.split())))
+
+
+def check_range(option: str, value: float, low: float, high: float) -> None:
+    """One `error:` line naming the option when a number is outside [low, high] or not finite."""
+    if not (low <= value <= high):  # also False for NaN
+        raise MetricmillError(f"{option}: must be between {low:,} and {high:,}, not {value}")
 
 
 def fail(exc: BaseException) -> NoReturn:
@@ -126,7 +155,7 @@ def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
 
 def row(grid: Table, *cells: Any) -> None:
     # Text, not str: label values such as "[x]" must not be read as rich markup.
-    grid.add_row(*(Text(str(c)) for c in cells))
+    grid.add_row(*(Text(printable(str(c), keep_newlines=True)) for c in cells))
 
 
 def combined_selector(target: str, extra: str | None) -> Selector:
@@ -193,7 +222,8 @@ def ingest(
                 results.append((str(path), report))
             except (MetricmillError, OSError) as exc:
                 failed += 1
-                typer.echo(f"error: {path}: {one_line(exc).removeprefix(f'{path}: ')}", err=True)
+                shown = printable(str(path))
+                echo(f"error: {shown}: {one_line(exc).removeprefix(f'{shown}: ')}", err=True)
     if results:
         print_ingest(results)
     if failed:
@@ -229,12 +259,14 @@ def query(
         typer.Option(help="avg, min, max, sum, count, last, stddev, rate, increase (with --step)"),
     ] = None,
     format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
-    limit: Annotated[int | None, typer.Option(min=1, help="First N rows only")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N rows only")] = None,
     level: Annotated[
         str | None, typer.Option(help="Force a resolution: raw, 1m, 5m, 1h, 1d (default: best)")
     ] = None,
 ) -> None:
     """Samples in [start, end), raw or aggregated per step (read from rollups where they fit)."""
+    if limit is not None:
+        check_range("--limit", limit, 1, 10**12)
     with open_store(ctx) as store:
         frame = store.query(
             None, combined_selector(target, selector), start, end, step, agg, level=level
@@ -254,7 +286,7 @@ def print_points(frame: pd.DataFrame, fmt: OutputFormat) -> None:
     if fmt is OutputFormat.json:
         for metric, labels, ts, value in points:
             record = {"metric": metric, "labels": labels, "ts": ts.isoformat(), "value": value}
-            typer.echo(json.dumps(record, ensure_ascii=False))
+            echo(json.dumps(record, ensure_ascii=False))
         return
     if fmt is OutputFormat.csv:
         buffer = io.StringIO()
@@ -263,7 +295,7 @@ def print_points(frame: pd.DataFrame, fmt: OutputFormat) -> None:
         for metric, labels, ts, value in points:
             text = json.dumps(labels, sort_keys=True, ensure_ascii=False)
             writer.writerow([metric, text, ts.isoformat(), repr(float(value))])
-        typer.echo(buffer.getvalue(), nl=False)
+        typer.echo(printable(buffer.getvalue(), keep_newlines=True), nl=False)
         return
     if frame.empty:
         typer.echo("no samples in this window")
@@ -429,8 +461,13 @@ def find_quarantined_file(settings: Settings, name: str) -> QuarantinedFile | No
     return read_quarantined_file(path) if path.is_file() else None
 
 
+# Ids are 64-bit integers in every backend: a larger number names nothing.
+MAX_ID = 2**63 - 1
+
+
 def quarantine_entry_or_fail(store: Store, target: str) -> dict[str, Any]:
-    entry = store.quarantine_entry(int(target)) if target.isdecimal() else None
+    wanted = int(target) if target.isascii() and target.isdecimal() else None
+    entry = store.quarantine_entry(wanted) if wanted is not None and wanted <= MAX_ID else None
     if entry is None:
         raise MetricmillError(
             f"no quarantined file or entry {target!r}: see `metricmill quarantine list --all`"
@@ -453,10 +490,11 @@ def quarantine_list(
     all_: Annotated[
         bool, typer.Option("--all", help="Also rows already replayed (default: pending only).")
     ] = False,
-    limit: Annotated[int, typer.Option(min=1, help="Newest N table entries.")] = 100,
+    limit: Annotated[int, typer.Option(help="Newest N table entries.")] = 100,
 ) -> None:
     """Quarantined rows and batches (newest first) and the files in the quarantine directory."""
     settings = settings_from(ctx)
+    check_range("--limit", limit, 1, 1_000_000)
     with Store.open(settings=settings) as store:
         entries = store.quarantine(limit=limit, pending_only=not all_)
     rows = table(
@@ -489,13 +527,13 @@ def quarantine_show(
     settings = settings_from(ctx)
     found = find_quarantined_file(settings, target)
     if found is not None:
-        typer.echo(f"file:   {found.path}")
-        typer.echo(f"reason: {found.reason}")
-        typer.echo(f"detail: {found.detail or '-'}")
+        echo(f"file:   {printable(str(found.path))}")
+        echo(f"reason: {printable(found.reason)}")
+        echo(f"detail: {printable(found.detail) or '-'}")
         return
     with Store.open(settings=settings) as store:
         entry = quarantine_entry_or_fail(store, target)
-    typer.echo(json.dumps(entry, indent=2, ensure_ascii=False, default=_json_default))
+    echo(json.dumps(entry, indent=2, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
@@ -529,18 +567,38 @@ def run_ingest_flow(settings: Settings, options: GlobalOptions, **kwargs: Any) -
     """The ingest flow's summary rows by source; a failed run is a one-line error."""
     from flows.ingest import ingest as ingest_flow  # Prefect is slow to import: only when used
 
-    # The database URL only as the user gave it: flow parameters are stored by Prefect.
-    state = ingest_flow(
-        scrape=False,
-        home=str(settings.home),
-        database_url=options.database,
-        return_state=True,
-        **kwargs,
-    )
+    # The database URL only as the user gave it, less its password: flow parameters are stored
+    # by Prefect. The password reaches the run through the environment.
+    url, password = split_password(options.database) if options.database else (None, None)
+    with password_in_environment(password):
+        state = ingest_flow(
+            scrape=False,
+            home=str(settings.home),
+            database_url=url,
+            return_state=True,
+            **kwargs,
+        )
     rows = state.result() if state.is_completed() else None
     if not isinstance(rows, list):  # failed, or Skipped: another ingest run was in progress
         raise MetricmillError(f"ingest flow run ended {state.name}: {state.message}")
     return {r["source"]: r for r in rows}
+
+
+@contextmanager
+def password_in_environment(password: str | None) -> Iterator[None]:
+    """METRICMILL_DATABASE_PASSWORD set for an in-process flow run, then restored."""
+    if password is None:
+        yield
+        return
+    previous = os.environ.get(PASSWORD_ENV)
+    os.environ[PASSWORD_ENV] = password
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PASSWORD_ENV, None)
+        else:
+            os.environ[PASSWORD_ENV] = previous
 
 
 def describe_outcome(summary: dict[str, Any]) -> str:
@@ -567,12 +625,12 @@ def replay_file(settings: Settings, options: GlobalOptions, item: QuarantinedFil
     settled = time.time() - settings.settle_seconds - 1
     if landed.stat().st_mtime > settled:
         os.utime(landed, (settled, settled))
-    typer.echo(f"moved {name} back to {settings.landing}")
+    echo(f"moved {printable(name)} back to {settings.landing}")
     summary = run_ingest_flow(settings, options, landing=True).get(f"file:{name}")
     if summary is None:
-        typer.echo(f"{name}: not picked up by this run; it waits in {settings.landing}")
+        echo(f"{printable(name)}: not picked up by this run; it waits in {settings.landing}")
         return
-    typer.echo(f"{name}: {describe_outcome(summary)}")
+    echo(f"{printable(name)}: {describe_outcome(summary)}")
     if summary.get("file_quarantined"):
         return
     with Store.open(settings=settings) as store:  # the guard's entry for this file is done with
@@ -633,3 +691,8 @@ from metricmill.cli_alerts import alerts_app, notify_app  # noqa: E402
 
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(notify_app, name="notify")
+
+# -- the push receiver (its module imports this one, hence last) -------------------------------
+from metricmill.cli_receive import receive_app  # noqa: E402
+
+app.add_typer(receive_app)

@@ -13,7 +13,17 @@ import numpy as np
 import pandas as pd
 import typer
 
-from metricmill.cli import format_labels, open_store, out, row, settings_from, table
+from metricmill.cli import (
+    MAX_ID,
+    check_range,
+    echo,
+    format_labels,
+    open_store,
+    out,
+    row,
+    settings_from,
+    table,
+)
 from metricmill.errors import MetricmillError
 from metricmill.selectors import parse_selector
 from metricmill.timeutil import parse_duration
@@ -53,7 +63,7 @@ def _series(detail: dict[str, Any]) -> str:
 
 
 def _alert_or_fail(store: Store, alert_id: int) -> dict[str, Any]:
-    alert = db.get_alert(store.backend, alert_id)
+    alert = db.get_alert(store.backend, alert_id) if 0 <= alert_id <= MAX_ID else None
     if alert is None:
         raise AlertCommandError(f"no alert {alert_id}: see `metricmill alerts list --status all`")
     return alert
@@ -70,6 +80,7 @@ def alerts_list(
     """Alerts, newest first (open ones by default)."""
     if status not in _STATUSES:
         raise AlertCommandError(f"unknown status {status!r}: use one of {', '.join(_STATUSES)}")
+    check_range("--limit", limit, 1, 1_000_000)
     with open_store(ctx) as store:
         frame = db.list_alerts(
             store.backend, status=None if status == "all" else status, limit=limit
@@ -121,7 +132,7 @@ def alerts_show(ctx: typer.Context, alert_id: int) -> None:
         ),
     ]
     for line in lines:
-        typer.echo(line)
+        echo(line)
     grid = table("channel", "event", "attempts", "outcome", "error", "at", title="notifications")
     for note in sent.to_dict("records"):
         row(
@@ -190,7 +201,7 @@ def alerts_silence(
         silence_id = db.add_silence(
             store.backend, matcher=matcher.strip(), starts_us=start, ends_us=end, comment=comment
         )
-    typer.echo(f"silence {silence_id}: {matcher.strip()} until {_when(end)}")
+    echo(f"silence {silence_id}: {matcher.strip()} until {_when(end)}")
 
 
 @alerts_app.command("silences")
@@ -291,14 +302,14 @@ def rules_add(
     ] = None,
 ) -> None:
     """Add or replace a rule (a rule named `anomaly` replaces the settings' default)."""
-    if not 0 < threshold <= critical <= 1:
+    if not 0 < threshold <= critical <= 1:  # also refuses NaN
         raise AlertCommandError("need 0 < --threshold <= --critical <= 1")
-    if min_deviation < 0 or min_level < 0:
-        raise AlertCommandError("--min-deviation and --min-level must not be negative")
+    check_range("--min-deviation", min_deviation, 0, 1e300)  # finite, not negative
+    check_range("--min-level", min_level, 0, 1e300)
     if direction not in ("up", "down", "both"):
         raise AlertCommandError("--direction must be up, down or both")
-    if budget is not None and budget <= 0:
-        raise AlertCommandError("--budget must be above 0 alerts per week")
+    if budget is not None:
+        check_range("--budget", budget, 1e-6, 1e6)  # alerts per week: finite, above 0
     rule = {
         "name": name,
         "metric_pattern": metric,
@@ -314,7 +325,7 @@ def rules_add(
     }
     with open_store(ctx) as store:
         db.upsert_rule(store.backend, rule)
-    typer.echo(f"rule {name}: metrics {metric}, warn >= {threshold:g}, critical >= {critical:g}")
+    echo(f"rule {name}: metrics {metric}, warn >= {threshold:g}, critical >= {critical:g}")
 
 
 @rules_app.command("remove")
@@ -323,7 +334,7 @@ def rules_remove(ctx: typer.Context, name: str) -> None:
     with open_store(ctx) as store:
         if not db.delete_rule(store.backend, name):
             raise AlertCommandError(f"no stored rule {name!r}: see `metricmill alerts rules list`")
-    typer.echo(f"rule {name} removed")
+    echo(f"rule {name} removed")
 
 
 @notify_app.command("test")

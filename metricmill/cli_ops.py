@@ -165,6 +165,9 @@ def status(ctx: typer.Context) -> None:
         row(pipeline, "stuck in processing", stuck)
         if errors:
             row(pipeline, "last write errors", errors)
+    from metricmill.cli_receive import receiver_status
+
+    row(pipeline, "push receiver backlog", receiver_status(settings))
     console.print(pipeline)
     print_stats(info)
 
@@ -236,7 +239,9 @@ def stuck_files(settings: Settings) -> tuple[str, str]:
 def check_landing(settings: Settings) -> list[Check]:
     from storage.landing import LandingError, real_directory
 
-    checks = []
+    checks: list[Check] = []
+    if not settings.landing.is_dir():
+        return checks  # the directory check above says what is wrong with it
     for sub in ("processing", "done"):
         try:
             real_directory(settings.landing / sub)

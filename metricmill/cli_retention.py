@@ -10,12 +10,13 @@ from typing import Annotated
 
 import typer
 
-from metricmill.cli import open_store, out, row, settings_from, table
+from metricmill.cli import MAX_ID, check_range, echo, open_store, out, row, settings_from, table
 from metricmill.errors import MetricmillError
 from metricmill.timeutil import parse_time
 from storage.archive import export_to_parquet, manifest, verify_archive
 from storage.retention import (
     LEVELS,
+    MAX_RETENTION_DAYS,
     RetentionReport,
     RetentionRuleError,
     add_rule,
@@ -87,13 +88,16 @@ def retention_add(
     legal_hold: Annotated[bool, typer.Option(help="Keep matching series, every level")] = False,
 ) -> None:
     """Add a retention rule or a legal hold."""
+    if days is not None:
+        check_range("--days", days, 1, MAX_RETENTION_DAYS)
+    check_range("--priority", priority, -(10**9), 10**9)
     with open_store(ctx) as store:
         rule = add_rule(
             store.backend, pattern, days, parse_labels(label), priority,
             level=level, archive=archive, legal_hold=legal_hold,
         )  # fmt: skip
     kind = "legal hold" if rule.legal_hold else f"rule ({rule.level}, {rule.retention_days} days)"
-    typer.echo(f"added {kind} {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
+    echo(f"added {kind} {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
 
 
 @retention_app.command("remove")
@@ -101,9 +105,10 @@ def retention_remove(
     ctx: typer.Context, rule_id: Annotated[int, typer.Argument(help="Rule id from `list`")]
 ) -> None:
     """Remove a rule (removing a legal hold lets its series age out again)."""
+    check_range("rule id", rule_id, 1, MAX_ID)
     with open_store(ctx) as store:
         rule = remove_rule(store.backend, rule_id)
-    typer.echo(f"removed rule {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
+    echo(f"removed rule {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
 
 
 def print_report(report: RetentionReport) -> None:
@@ -209,7 +214,7 @@ def archive_verify(ctx: typer.Context) -> None:
         problems = verify_archive(store.backend, store.settings.archive)
         count = len(manifest(store.backend))
     for path, problem in problems:
-        typer.echo(f"{path}: {problem}", err=True)
+        echo(f"{path}: {problem}", err=True)
     typer.echo(f"{count} files in the manifest, {len(problems)} problems")
     if problems:
         raise typer.Exit(1)

@@ -1,11 +1,20 @@
-"""PromQL-style label selectors: `metric{host="a", env!="dev", job=~"api.*", dc!~"eu-.*"}`."""
+"""PromQL-style label selectors: `metric{host="a", env!="dev", job=~"api.*", dc!~"eu-.*"}`.
+
+Regex matchers run on RE2 (google-re2), the engine and syntax Prometheus uses: linear time in
+the length of the value whatever the pattern (no catastrophic backtracking, so a silence or an
+alert rule cannot stall a detect run), fully anchored and with `.` matching newlines, as
+Prometheus compiles them (`^(?s:PATTERN)$`). Backreferences and lookarounds are not RE2 syntax
+and are refused as invalid.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import re2
 
 from metricmill.errors import SelectorError
 
@@ -20,6 +29,20 @@ _MATCHER = re.compile(
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # an invalid pattern is the user's error line, not a C++ log
+
+
+def compile_label_regex(pattern: str) -> Any:
+    """A label matcher's pattern on RE2, fully anchored as Prometheus anchors it."""
+    try:
+        re2.compile(pattern, _RE2_OPTIONS)  # alone first: `a)|(b` must not escape the anchors
+        return re2.compile(f"^(?s:{pattern})$", _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise SelectorError(f"invalid regular expression {pattern!r}: {detail}") from None
+
+
 def _unquote(text: str) -> str:
     body = text[1:-1]
     return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), body)
@@ -32,16 +55,13 @@ class Matcher:
     name: str
     op: Op
     value: str
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _regex: Any = field(default=None, compare=False, repr=False)  # a compiled RE2 pattern
 
     @classmethod
     def make(cls, name: str, op: Op, value: str) -> Matcher:
         regex = None
         if op in ("=~", "!~"):
-            try:
-                regex = re.compile(value, re.DOTALL)
-            except re.error as exc:
-                raise SelectorError(f"invalid regular expression {value!r}: {exc}") from None
+            regex = compile_label_regex(value)
         return cls(name, op, value, regex)
 
     def matches(self, labels: Mapping[str, str]) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
+import pydantic_settings
 from pydantic import SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -17,6 +20,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from metricmill.errors import SettingsError
+from metricmill.secrets import (
+    install_log_redaction,
+    quote_password,
+    redact,
+    remember,
+    split_password,
+)
+
+install_log_redaction()  # settings are where passwords enter: from here on, logs hide them
 
 MEMORY_URL = "sqlite:///:memory:"
 _SQLITE_SCHEMES = {"sqlite", "sqlite+pysqlite"}
@@ -24,17 +36,8 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
-    if url == MEMORY_URL:
-        return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        # Not parseable as a URL: hide everything between '://' and '@', if present.
-        head, sep, tail = url.partition("://")
-        if sep and "@" in tail:
-            return f"{head}://***@{tail.rsplit('@', 1)[1]}"
-        return url
+    """The URL with any password replaced by ***, safe to print or log (see `redact`)."""
+    return url if url == MEMORY_URL else redact(url)
 
 
 def normalise_database_url(url: str) -> str:
@@ -43,7 +46,7 @@ def normalise_database_url(url: str) -> str:
     if url in {"memory", "memory://", ":memory:", "sqlite://", "sqlite:///:memory:"}:
         return MEMORY_URL
     try:
-        parsed = make_url(url)
+        parsed = make_url(quote_password(url))
     except (ArgumentError, ValueError) as exc:
         raise ValueError(f"not a database URL: {mask_url(url)!r}") from exc
     scheme = parsed.drivername
@@ -63,10 +66,15 @@ def normalise_database_url(url: str) -> str:
 class Settings(BaseSettings):
     """Everything metricmill can be told, with the defaults a single machine needs."""
 
-    model_config = SettingsConfigDict(env_prefix="METRICMILL_", extra="forbid")
+    # allow_inf_nan=False: every float setting is finite (SETTLE_SECONDS=nan would never settle)
+    model_config = SettingsConfigDict(env_prefix="METRICMILL_", extra="forbid", allow_inf_nan=False)
 
     home: Path = Path("~/.metricmill")
     database_url: str = ""
+    # The database password, kept out of the URL wherever the URL is stored (flow parameters):
+    # from METRICMILL_DATABASE_PASSWORD, or a Prefect Secret block named here.
+    database_password: SecretStr | None = None
+    database_password_block: str | None = None
     landing_dir: Path | None = None
     archive_dir: Path | None = None
     quarantine_dir: Path | None = None
@@ -81,8 +89,45 @@ class Settings(BaseSettings):
     max_label_name_length: int = 128
     max_label_value_length: int = 2048
     line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
+    # bounds on one landed file, checked while it streams in (storage.limits)
+    max_file_bytes: int = 1 << 30  # decompressed
+    max_line_bytes: int = 1 << 20
+    max_nesting_depth: int = 32
+    max_row_labels: int = 1000
+    max_bad_lines: int = 10_000
     scrape_targets: list[str] = []
     scrape_timeout_seconds: float = 10.0
+    # push receiver (`metricmill receive`): where it listens, what it accepts, when it pushes back
+    receive_host: str = "127.0.0.1"
+    receive_port: int = 9201
+    receive_max_request_bytes: int = 32 * 1024 * 1024
+    receive_max_backlog_bytes: int = 1024 * 1024 * 1024
+    receive_retry_after_seconds: int = 30
+    receive_concurrency: int = 4
+    receive_max_connections: int = 64
+    receive_token: SecretStr | None = None
+    receive_token_block: str | None = None
+
+    @field_validator(
+        "receive_max_request_bytes",
+        "receive_max_backlog_bytes",
+        "receive_retry_after_seconds",
+        "receive_concurrency",
+        "receive_max_connections",
+    )
+    @classmethod
+    def _receive_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("receive_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be a TCP port (0-65535; 0 picks a free one)")
+        return value
+
     # retention and archival (raw samples keep `retention_days`; 0 for a level = keep forever)
     retention_1m_days: int = 90
     retention_5m_days: int = 365
@@ -274,6 +319,43 @@ class Settings(BaseSettings):
             setattr(self, name, path.resolve())
         return self
 
+    @model_validator(mode="after")
+    def _password(self) -> Settings:
+        """A server URL without a password gets the one from the environment or the block."""
+        if not self.database_url.startswith("postgresql://"):
+            return self
+        url, in_url = split_password(self.database_url)
+        password = in_url
+        if password is None and self.database_password is not None:
+            password = self.database_password.get_secret_value()
+        if password is None and self.database_password_block:
+            password = _secret_block(self.database_password_block)
+        if password is not None:
+            remember(password)
+            user, _, rest = url.partition("://")[2].partition("@")
+            if rest:
+                self.database_url = f"postgresql://{user}:{quote(password, safe='')}@{rest}"
+        return self
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> Settings:
+        """Sane upper bounds: a value past them is a typo, and would overflow a date or a
+        buffer somewhere far from the setting that caused it."""
+        for names, high in _UPPER_BOUNDS:
+            for name in names:
+                if getattr(self, name) > high:
+                    raise ValueError(f"METRICMILL_{name.upper()}: must be at most {high:,}")
+        for name in ("max_file_bytes", "max_line_bytes", "max_nesting_depth", "max_row_labels",
+                     "max_bad_lines"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"METRICMILL_{name.upper()}: must be at least 1")
+        return self
+
+    def __repr_args__(self) -> Any:
+        """repr() and str() show the URL masked (a settings object may end up in a log)."""
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name == "database_url" else value)
+
     @property
     def masked_database_url(self) -> str:
         return mask_url(self.database_url)
@@ -305,6 +387,45 @@ class Settings(BaseSettings):
         return self.export_dir
 
 
+def _secret_block(name: str) -> str:
+    """The value of a Prefect Secret block (Prefect is imported only when one is named)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        block: Any = Secret.load(name, _sync=True)  # type: ignore[call-arg]
+        value = block.get()
+    except Exception as exc:  # missing block, unreachable API: a setting that cannot be used
+        raise ValueError(f"cannot load the Prefect Secret block {name!r}: {exc}") from None
+    return str(value)
+
+
+_DAY_FIELDS = (
+    "retention_days", "retention_1m_days", "retention_5m_days", "retention_1h_days",
+    "retention_1d_days", "compress_after_days", "baseline_window_days",
+)  # fmt: skip
+_SECOND_FIELDS = (
+    "settle_seconds", "max_future_skew_seconds", "scrape_timeout_seconds",
+    "anonymize_coarsen_seconds", "alert_for_seconds", "alert_keep_firing_for_seconds",
+    "alert_repeat_interval_seconds", "notify_timeout_seconds", "notify_backoff_seconds",
+)  # fmt: skip
+# (fields, the largest value each may take)
+_UPPER_BOUNDS: tuple[tuple[tuple[str, ...], int], ...] = (
+    (_DAY_FIELDS, 36_500),  # a century: further back than any sample can be
+    (_SECOND_FIELDS, 366 * 86_400),
+    (("detect_lookback_minutes",), 366 * 24 * 60),
+    (("max_file_bytes",), 1 << 40),
+    (("max_line_bytes",), 1 << 30),
+    # JSON nested deeper than this would recurse past Python's limit in the json module
+    (("max_nesting_depth",), 256),
+    (("max_row_labels", "max_labels"), 100_000),
+    (("max_bad_lines",), 100_000_000),
+    (("max_new_series_per_batch", "rollup_check_max_rows", "detector_max_fit_rows"), 10**9),
+    (("max_label_name_length", "max_label_value_length"), 1 << 20),
+    (("rollup_chunk_hours",), 24 * 366),
+    (("baseline_chunk_series", "detect_shards", "notify_retries"), 1_000_000),
+)
+
+
 def config_file_path(home: str | Path | None = None) -> Path | None:
     """METRICMILL_CONFIG if set (it must exist), else HOME/metricmill.toml when present."""
     explicit = os.environ.get("METRICMILL_CONFIG")
@@ -325,8 +446,19 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"]) or "settings"
-            env_name = f"METRICMILL_{field.upper()}"
+            field = ".".join(str(part) for part in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
             # err["msg"] never contains the input value; URLs are masked by the validator.
-            problems.append(f"{env_name}: {err['msg'].removeprefix('Value error, ')}")
+            problems.append(f"METRICMILL_{field.upper()}: {message}" if field else message)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+    except pydantic_settings.SettingsError as exc:
+        # A list or dict setting that is not JSON: pydantic-settings names the field in quotes.
+        text = str(exc)
+        field = text.split('"')[1] if text.count('"') >= 2 else "?"
+        raise SettingsError(
+            f"invalid settings: METRICMILL_{field.upper()}: not valid JSON "
+            '(a list is written ["a", "b"], a mapping {"key": "value"})'
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        where = config_file_path(overrides.get("home"))
+        raise SettingsError(f"invalid settings: {where}: not TOML: {exc}") from None

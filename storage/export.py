@@ -27,8 +27,11 @@ def confined_path(export_dir: Path, requested: str | Path) -> Path:
         )
     if ".." in candidate.parts:
         raise ExportPathError(f"export path {text!r} contains '..': it must stay in {export_dir}")
-    root = export_dir.resolve()
-    target = (root / candidate).resolve()  # follows symlinks anywhere along the path
+    try:
+        root = export_dir.resolve()
+        target = (root / candidate).resolve()  # follows symlinks anywhere along the path
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop
+        raise ExportPathError(f"export path {text!r} cannot be resolved: {exc}") from None
     if target != root and root not in target.parents:
         raise ExportPathError(f"export path {text!r} leads outside {export_dir} through a symlink")
     if target == root or target.is_dir():

@@ -4,18 +4,29 @@ Sample lines are ``name[{label="value",...}] value [timestamp_ms]``; blanks and 
 the tokens (and surround braces, commas and ``=`` inside the label set; a trailing comma is
 allowed). Label values unescape ``\\\\``, ``\\"`` and ``\\n``; any other escape, an invalid
 metric or label name, a duplicate label name, an unparseable value or extra tokens reject the
-line with ``malformed_line``. Values are floats, ``NaN``, ``+Inf`` and ``-Inf`` included (kept
-as floats: the storage layer rejects non-finite values with its own reason). The optional
+line with ``malformed_line``, as does a ``__name__`` label (the name is the one before the
+braces). Values are floats; ``+Inf`` and ``-Inf`` are kept as floats (the storage layer rejects
+non-finite values with its own reason), while a ``NaN`` sample (a summary with no observations,
+very common) is skipped and counted in ``skipped_nan``, as line protocol skips string fields.
+The optional
 timestamp is integer milliseconds (non-integer: ``invalid_timestamp``; beyond what
 datetime64[us] can hold: ``timestamp_out_of_range``); without one the sample is stamped
 ``scrape_time``.
 
 ``# TYPE name type`` lines fill ``families`` (counter, gauge, histogram, summary, untyped); a
-malformed TYPE line, an unknown type or a second TYPE line giving a different type for the same
-family is rejected with ``malformed_line`` (the first type is kept). ``# HELP`` and all other
+malformed TYPE line, an unknown type, a second TYPE line giving a different type for the same
+family, or a TYPE line after samples of its family is rejected with ``malformed_line`` (the
+first type is kept; a late one is not recorded). ``# HELP`` and all other
 comments are ignored, as are blank lines; CRLF line endings and a leading UTF-8 BOM are accepted.
 Histogram and summary series already appear flat in the text (``_bucket`` with ``le``, ``_sum``,
-``_count``; ``{quantile=...}``) and are kept as written; ``le="+Inf"`` stays a string label.
+``_count``; ``{quantile=...}``) and are kept as written; ``le="+Inf"`` stays a string label. In
+a typed histogram, a ``_bucket`` sample needs an ``le`` that is a float, and bucket and
+``_count`` values must not be negative; in a typed summary, a quantile sample needs a
+``quantile`` that is a float, and ``_count`` must not be negative. Otherwise the line is
+``malformed_line``, as Prometheus refuses such a scrape.
+
+Input may be bytes (what a scrape answered): each line must be UTF-8, and one that is not is
+rejected with ``invalid_unicode`` rather than stored with replacement characters.
 
 As in Prometheus, a label with an empty value is the same as no label, so empty-valued labels
 are dropped. ``extra_labels`` (target labels such as ``instance`` and ``job``) are then added to
@@ -35,6 +46,7 @@ from metricmill.types import Reason, datetime_to_us
 from storage.frames import LineRejected, sample_frame
 
 MALFORMED_LINE = Reason.MALFORMED_LINE
+INVALID_UNICODE = Reason.INVALID_UNICODE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
 TIMESTAMP_OUT_OF_RANGE = Reason.TIMESTAMP_OUT_OF_RANGE
 
@@ -62,6 +74,7 @@ class ExpositionResult:
     frame: pd.DataFrame
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     families: dict[str, str] = field(default_factory=dict)
+    skipped_nan: int = 0
 
 
 def _unescape_match(match: re.Match[str]) -> str:
@@ -129,19 +142,68 @@ def _parse_value(token: str) -> float:
         raise LineRejected(MALFORMED_LINE) from None
 
 
+_FAMILY_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _check_family(
+    name: str, labels: dict[str, str], value: float, families: dict[str, str]
+) -> None:
+    """The histogram and summary rules for a sample of a typed family (see the module doc)."""
+    family, suffix = name, ""
+    if name not in families:
+        for ending in _FAMILY_SUFFIXES:
+            if name.endswith(ending) and name[: -len(ending)] in families:
+                family, suffix = name[: -len(ending)], ending
+                break
+        else:
+            return
+    kind = families[family]
+    if kind == "histogram":
+        if suffix == "_bucket":
+            bound = labels.get("le")
+            if bound is None or not _is_float(bound) or value < 0:
+                raise LineRejected(MALFORMED_LINE)
+        elif suffix == "_count" and value < 0:
+            raise LineRejected(MALFORMED_LINE)
+    elif kind == "summary":
+        if not suffix:
+            quantile = labels.get("quantile")
+            if quantile is None or not _is_float(quantile):
+                raise LineRejected(MALFORMED_LINE)
+        elif suffix == "_count" and value < 0:
+            raise LineRejected(MALFORMED_LINE)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        _parse_value(text)
+    except LineRejected:
+        return False
+    return True
+
+
+def _text_lines(source: str | bytes) -> list[str | bytes]:
+    """The lines of the page; bytes lines stay bytes until each is decoded on its own."""
+    if isinstance(source, bytes):
+        if source.startswith(b"\xef\xbb\xbf"):
+            source = source[3:]
+        return list(source.split(b"\n"))
+    if source.startswith("\ufeff"):
+        source = source[1:]
+    return list(source.split("\n"))
+
+
 def parse_exposition(
-    text: str, *, scrape_time: datetime, extra_labels: dict[str, str] | None = None
+    text: str | bytes, *, scrape_time: datetime, extra_labels: dict[str, str] | None = None
 ) -> ExpositionResult:
     """Parse exposition text; bad lines come back in ``rejected`` with a reason code.
 
     Rejected entries are ``({"line": <text without line ending>, "line_no": <1-based>}, reason)``
-    with reason ``malformed_line``, ``invalid_timestamp`` or ``timestamp_out_of_range``.
-    ``scrape_time`` may be naive (taken as UTC).
+    with reason ``malformed_line``, ``invalid_unicode``, ``invalid_timestamp`` or
+    ``timestamp_out_of_range``. ``scrape_time`` may be naive (taken as UTC).
     """
     scrape_us = datetime_to_us(scrape_time)
     extra = {k: v for k, v in (extra_labels or {}).items() if v != ""}
-    if text.startswith("\ufeff"):
-        text = text[1:]
 
     metrics: list[str] = []
     labels: list[dict[str, str]] = []
@@ -149,8 +211,19 @@ def parse_exposition(
     values: list[float] = []
     rejected: list[tuple[dict[str, Any], str]] = []
     families: dict[str, str] = {}
+    sampled: set[str] = set()  # names of the samples seen so far
+    skipped_nan = 0
 
-    for line_no, raw in enumerate(text.split("\n"), 1):
+    for line_no, source in enumerate(_text_lines(text), 1):
+        if isinstance(source, bytes):
+            try:
+                raw = source.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = source.decode("utf-8", "backslashreplace").removesuffix("\r")
+                rejected.append(({"line": shown, "line_no": line_no}, INVALID_UNICODE))
+                continue
+        else:
+            raw = source
         line = raw[:-1] if raw[-1:] == "\r" else raw
         body = line.strip(" \t")
         if not body:
@@ -165,12 +238,25 @@ def parse_exposition(
                         or words[2] not in METRIC_TYPES
                     ):
                         raise LineRejected(MALFORMED_LINE)
-                    if families.setdefault(words[1], words[2]) != words[2]:
+                    family = words[1]
+                    if family not in families and (
+                        family in sampled or any(family + e in sampled for e in _FAMILY_SUFFIXES)
+                    ):
+                        raise LineRejected(MALFORMED_LINE)  # a TYPE line after its samples
+                    if families.setdefault(family, words[2]) != words[2]:
                         raise LineRejected(MALFORMED_LINE)  # conflicting second TYPE line
                 continue
 
             name, sample_labels, value_token, ts_token = _parse_sample(body)
+            if "__name__" in sample_labels:
+                raise LineRejected(MALFORMED_LINE)
             value = _parse_value(value_token)
+            sampled.add(name)
+            if value != value:  # NaN
+                skipped_nan += 1
+                continue
+            if families:
+                _check_family(name, sample_labels, value, families)
             if ts_token is None:
                 ts = scrape_us
             elif _TIMESTAMP.fullmatch(ts_token):
@@ -196,4 +282,5 @@ def parse_exposition(
         frame=sample_frame(metrics, labels, stamps, values),
         rejected=rejected,
         families=families,
+        skipped_nan=skipped_nan,
     )

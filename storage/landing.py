@@ -118,11 +118,15 @@ _BOOKKEEPING = frozenset((".lock", _ATTEMPTS))
 
 
 def _remove_if_empty(directory: Path) -> None:
-    """Remove a claim directory holding nothing but its bookkeeping; tolerate a racing remover."""
+    """Remove a claim directory holding nothing but its bookkeeping (dot files: a landed file
+    starting with a dot is never claimed); tolerate a racing remover."""
     try:
-        if any(p.name not in _BOOKKEEPING for p in directory.iterdir()):
+        entries = list(directory.iterdir())
+        if any(not p.name.startswith(".") for p in entries):
             return
-        (directory / _ATTEMPTS).unlink(missing_ok=True)
+        for entry in entries:
+            if entry.name != ".lock":
+                entry.unlink(missing_ok=True)
         (directory / ".lock").unlink(missing_ok=True)
         directory.rmdir()
     except (FileNotFoundError, OSError):

@@ -5,8 +5,14 @@ Grammar: ``measurement[,tag=value...] field=value[,field=value...] [timestamp]``
 * Each numeric field becomes one sample: metric ``<measurement>_<field>``, or just
   ``<measurement>`` when the field key is exactly ``value``. Tags become labels.
 * Escapes: in the measurement ``\\,`` and ``\\ ``; in tag keys, tag values and field keys ``\\,``,
-  ``\\=`` and ``\\ ``. As in InfluxDB's documentation, ``\\\\`` is one literal backslash
-  everywhere, and a backslash before any other character is kept as a literal backslash.
+  ``\\=`` and ``\\ ``. As InfluxDB parses it, a backslash before any other character (a second
+  backslash included) is kept as a literal backslash: ``\\\\`` stays two backslashes, and
+  ``\\\\ east`` is a backslash then an escaped space (``\\ east``).
+* Measurement, tag keys, tag values and field keys must be printable: a control character
+  (C0, DEL, C1; tab and vertical tab included) rejects the line, as InfluxDB does.
+* A double-quoted string field may hold a newline: the point runs on to its closing quote (a
+  quote in the measurement or tags is literal and opens nothing). A string never closed makes
+  its own line malformed, and the lines after it are read as usual.
 * Field values: floats (``1``, ``-3``, ``1.5``, ``.5``, ``1e3``), integers (``12i``), unsigned
   integers (``7u``) become float64 samples (integers beyond 2**53 lose precision). Booleans
   (``t``/``true``/...) and double-quoted strings are skipped and counted in ``skipped_fields``.
@@ -17,7 +23,8 @@ Grammar: ``measurement[,tag=value...] field=value[,field=value...] [timestamp]``
   the line as a whole; no partial lines are kept).
 * Timestamps are integers in ``precision`` (ns, us, ms or s), converted to microseconds with
   integer arithmetic (floor, so sub-microsecond digits are dropped). A missing timestamp means
-  ``now``. Out-of-range instants (before 1970, from 2262 on) are passed through for the storage
+  ``now``, truncated to ``precision`` (as InfluxDB stamps such points). Out-of-range instants
+  (before 1970, from 2262 on) are passed through for the storage
   layer to reject; only instants that datetime64[us] cannot represent at all are rejected here
   (``timestamp_out_of_range``). A non-integer timestamp is ``invalid_timestamp``.
 * Blank lines and comment lines (first non-blank character ``#``) are ignored; CRLF line endings
@@ -30,7 +37,7 @@ each label set once); treat the dicts as read-only.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +46,7 @@ import pandas as pd
 
 from metricmill.types import Reason, datetime_to_us
 from storage.frames import LineRejected, sample_frame
+from storage.limits import FileReason, UnreadableFile
 
 MALFORMED_LINE = Reason.MALFORMED_LINE
 INVALID_TIMESTAMP = Reason.INVALID_TIMESTAMP
@@ -66,8 +74,10 @@ _INF = float("inf")
 
 # (characters a backslash escapes, next stop-or-backslash finder) per element
 _Element = tuple[str, Callable[[str, int], re.Match[str] | None]]
-_MEASUREMENT: _Element = (", \\", re.compile(r"[, \\]").search)
-_KEY: _Element = (",= \\", re.compile(r"[,= \\]").search)
+_MEASUREMENT: _Element = (", ", re.compile(r"[, \\]").search)
+_KEY: _Element = (",= ", re.compile(r"[,= \\]").search)
+# Not printable (Go's unicode.IsPrint is false): C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]").search
 _STRING_SPECIAL = re.compile(r'["\\]').search
 _VALUE_END = re.compile(r"[, ]").search
 
@@ -172,6 +182,70 @@ def _parse_slow(
     return measurement, tags, fields, line[i:end]
 
 
+def _field_set_start(line: str) -> int:
+    """Where the field set begins: after the first unescaped space past the measurement."""
+    n = len(line)
+    i = 0
+    while i < n and line[i] in " \t":
+        i += 1
+    while i < n and line[i] != " ":  # measurement and tags: a backslash escapes one character
+        i += 2 if line[i] == "\\" else 1
+    return i
+
+
+def _inside_string(text: str, start: int, in_string: bool) -> bool:
+    """Whether a double-quoted string is open at the end of text[start:]."""
+    n = len(text)
+    i = start
+    while i < n:
+        char = text[i]
+        if in_string and char == "\\":
+            i += 2
+            continue
+        if char == '"':
+            in_string = not in_string
+        i += 1
+    return in_string
+
+
+# A string field may run over newlines for this many characters at most.
+_MAX_STRING_SPAN = 1 << 20
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(first line number, line) for each point, a newline inside a string field kept."""
+    physical = text.split("\n")
+    if '"' not in text:
+        yield from enumerate(physical, 1)
+        return
+    number, total = 0, len(physical)
+    while number < total:
+        first = number
+        line = physical[number]
+        number += 1
+        if '"' in line and _inside_string(line, _field_set_start(line), False):
+            pieces, ahead, span = [line], number, len(line)
+            while ahead < total and span <= _MAX_STRING_SPAN:
+                following = physical[ahead]
+                pieces.append(following)
+                ahead += 1
+                span += len(following) + 1
+                if not _inside_string(following, 0, True):
+                    line, number = "\n".join(pieces), ahead
+                    break
+            # never closed: this line alone is malformed, and the next ones are read as lines
+        yield first + 1, line
+
+
+def _check_printable(measurement: str, tags: dict[str, str], keys: list[str]) -> None:
+    if (
+        _CONTROL(measurement)
+        or any(_CONTROL(k) or _CONTROL(v) for k, v in tags.items())
+        or any(_CONTROL(k) for k in keys)
+    ):
+        raise LineRejected(MALFORMED_LINE)
+
+
 def _parse_head(head: str) -> tuple[str, dict[str, str]] | None:
     """Measurement and tags of an escape-free series head (``cpu,host=a``); None if not plain."""
     items = head.split(",")
@@ -207,17 +281,23 @@ def _field_number(token: str) -> float | None:
 
 
 def parse_line_protocol(
-    text: str, *, precision: str = "ns", now: datetime | None = None
+    text: str,
+    *,
+    precision: str = "ns",
+    now: datetime | None = None,
+    max_bad_lines: int | None = None,
 ) -> LineProtocolResult:
     """Parse line protocol text; bad lines come back in ``rejected`` with a reason code.
 
     Rejected entries are ``({"line": <text without line ending>, "line_no": <1-based>}, reason)``
-    with reason ``malformed_line``, ``invalid_timestamp`` or ``timestamp_out_of_range``.
+    with reason ``malformed_line``, ``invalid_timestamp`` or ``timestamp_out_of_range``. More
+    than ``max_bad_lines`` of them raise UnreadableFile (``too_many_bad_lines``).
     """
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, not {precision!r}")
     multiplier, divisor = _PRECISIONS[precision]
     now_us = datetime_to_us(now if now is not None else datetime.now(UTC))
+    now_us -= now_us % multiplier  # "now" at the precision's resolution
     if text.startswith("\ufeff"):
         text = text[1:]
 
@@ -237,7 +317,7 @@ def parse_line_protocol(
         values.append,
     )
 
-    for line_no, raw in enumerate(text.split("\n"), 1):
+    for line_no, raw in _logical_lines(text):
         line = raw[:-1] if raw[-1:] == "\r" else raw
         mark = len(values)
         try:
@@ -246,7 +326,13 @@ def parse_line_protocol(
             parts = line.split(" ")
             n_parts = len(parts)
             series = None
-            if 1 < n_parts < 4 and parts[1] and "\\" not in line and '"' not in line:
+            if (
+                1 < n_parts < 4
+                and parts[1]
+                and "\\" not in line
+                and '"' not in line
+                and not _CONTROL(line)
+            ):
                 head = parts[0]
                 series = head_cache.get(head)
                 if series is None and head not in head_cache:
@@ -268,6 +354,7 @@ def parse_line_protocol(
                 if not body or body[0] == "#":
                     continue
                 measurement, tags, fields, ts_token = _parse_slow(body)
+                _check_printable(measurement, tags, [key for key, _, _ in fields])
                 names = metric_names.setdefault(measurement, {})
 
             line_strings = line_booleans = 0
@@ -322,6 +409,11 @@ def parse_line_protocol(
             if len(values) > mark:  # the line is rejected as a whole
                 del metrics[mark:], labels[mark:], stamps[mark:], values[mark:]
             rejected.append(({"line": line, "line_no": line_no}, error.reason))
+            if max_bad_lines is not None and len(rejected) > max_bad_lines:
+                raise UnreadableFile(
+                    f"more than {max_bad_lines} lines cannot be read (METRICMILL_MAX_BAD_LINES)",
+                    reason=FileReason.TOO_MANY_BAD_LINES,
+                ) from None
             continue
         n_strings += line_strings
         n_booleans += line_booleans

@@ -121,20 +121,20 @@ def _create_series(
         return
     lo, hi = batch_spans(batch)
     cur.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS series_new_stage (series_key text, metric text, "
-        "labels jsonb, lo bigint, hi bigint) ON COMMIT DELETE ROWS"
+        "CREATE TEMP TABLE IF NOT EXISTS series_new_stage (pos integer, series_key text, "
+        "metric text, labels jsonb, lo bigint, hi bigint) ON COMMIT DELETE ROWS"
     )
     cur.execute("TRUNCATE series_new_stage")
     with cur.copy("COPY series_new_stage FROM STDIN") as copy:
         for pos in missing.tolist():
             s = batch.series[pos]
-            copy.write_row((s.key, s.metric, s.labels_json, int(lo[pos]), int(hi[pos])))
+            copy.write_row((pos, s.key, s.metric, s.labels_json, int(lo[pos]), int(hi[pos])))
     start = backend.ts_in.replace("%s", "st.lo")
     end = backend.ts_in.replace("%s", "st.hi")
     cur.execute(
         "INSERT INTO series (series_key, metric, labels, first_seen, last_seen) "  # noqa: S608
         f"SELECT st.series_key, st.metric, st.labels, {start}, {end} FROM series_new_stage st "
-        "ORDER BY st.series_key ON CONFLICT (series_key) DO NOTHING "
+        "ORDER BY st.pos ON CONFLICT (series_key) DO NOTHING "
         "RETURNING series_id, series_key"
     )
     position = {batch.series[pos].key: pos for pos in missing.tolist()}

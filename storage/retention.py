@@ -111,6 +111,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         raise RetentionRuleError(f"bad glob {pattern!r}: {exc}") from None
 
 
+MAX_RETENTION_DAYS = 36_500
+
+
 def validate_rule(
     metric_pattern: str,
     retention_days: int | None,
@@ -134,6 +137,10 @@ def validate_rule(
         raise RetentionRuleError(f"retention_days must be a whole number, not {retention_days!r}")
     elif retention_days <= 0:
         raise RetentionRuleError(f"retention_days must be positive, not {retention_days}")
+    elif retention_days > MAX_RETENTION_DAYS:
+        raise RetentionRuleError(
+            f"retention_days must be at most {MAX_RETENTION_DAYS} (a century), not {retention_days}"
+        )
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise RetentionRuleError(f"priority must be a whole number, not {priority!r}")
     clean: dict[str, str] = {}
@@ -227,6 +234,8 @@ def load_series(backend: Backend) -> pd.DataFrame:
 
 def match_mask(series: pd.DataFrame, labels: pd.DataFrame, rule: RetentionRule) -> np.ndarray:
     """Which series a rule matches: one vectorised regex over metric names, label equalities."""
+    if series.empty:  # no series yet: its empty metric column has no string type to match
+        return np.zeros(0, dtype=bool)
     regex = glob_regex(rule.metric_pattern)
     mask = series["metric"].str.fullmatch(regex).to_numpy(dtype=bool, copy=True)
     for key, value in rule.labels.items():
@@ -320,7 +329,8 @@ def plan(backend: Backend, settings: Settings, now: datetime | None = None) -> P
                     level=level,
                     rule=owned,
                     days=days,
-                    cutoff_us=today_us - days * DAY_US,
+                    # nothing is older than 1970: a rule of a million days keeps everything
+                    cutoff_us=max(today_us - days * DAY_US, 0),
                     archive=level == "raw" and (owned is None or owned.archive),
                     ids=ids[members & ~held],
                     held_ids=ids[members & held],

@@ -64,9 +64,12 @@ class Dialect:
         self.backend = backend
         self.ts_in = backend.ts_in
         self.ts_out = backend.ts_out
-        # A bound as a one-off subquery: computed once, where a plain PostgreSQL ts_in (a
-        # stable, not immutable, expression) is recomputed for every row a scan filters.
+        # A span's edge (its parameter from bounds()), as a one-off subquery: computed once.
         self.bound = f"(SELECT {backend.ts_in})"
+
+    def bounds(self, start_us: int, end_us: int) -> tuple[Any, Any]:
+        """The parameters of a span's two `bound`s."""
+        return start_us, end_us
 
     def bucket(self, column: str, width_us: int) -> str:
         return f"({column} - {column} % {int(width_us)})"
@@ -183,6 +186,18 @@ class PostgresDialect(Dialect):
     greatest, least = "greatest", "least"
     splits_singles = False  # one pass with window functions (stats_select)
 
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        # Bounds bound as timestamptz values are constants when the statement is planned:
+        # the planner sees how many rows the span holds (and TimescaleDB which chunks), so
+        # it reads the span in primary-key order and groups or sorts it series by series in
+        # memory, where an expression of the parameter (ts_in) left it guessing, and it
+        # sorted the whole span on disk.
+        self.bound = "%s::timestamptz"
+
+    def bounds(self, start_us: int, end_us: int) -> tuple[Any, Any]:
+        return _timestamp(start_us), _timestamp(end_us)
+
     def bucket(self, column: str, width_us: int) -> str:
         return f"date_bin(interval '{int(width_us)} microseconds', {column}, timestamptz 'epoch')"
 
@@ -259,6 +274,12 @@ class PostgresDialect(Dialect):
 
     def lock(self) -> None:
         self.backend.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK,))
+        # With the span's size known, a level's estimated cost (its edge lookups counted once
+        # per group) passes jit_inline_above_cost: compiling then took longer than the work.
+        self.backend.execute("SET LOCAL jit = off")
+        # A statement run a few times is prepared (psycopg), and a prepared statement may get
+        # a generic plan, blind to the bounds again: plan each run with its own bounds.
+        self.backend.execute("SET LOCAL plan_cache_mode = force_custom_plan")
 
     def claim_suffix(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
@@ -271,7 +292,7 @@ class PostgresDialect(Dialect):
 
 class TimescaleDialect(PostgresDialect):
     def loop_select(self, source: str, width_us: int, series_filter: str, span: Span) -> str | None:
-        return None  # first()/last() in one hashed pass (stats_select), compressed chunks too
+        return None  # first()/last() in one pass (stats_select), compressed chunks too
 
     def bucket(self, column: str, width_us: int) -> str:
         return (
@@ -330,6 +351,17 @@ class _Source:
             f"min({a}.min) AS mn, max({a}.max) AS mx, min({a}.first_ts) AS fts, "
             f"max({a}.last_ts) AS lts"
         )
+
+
+_DATETIME_US = (
+    datetime_to_us(datetime(1, 1, 2, tzinfo=UTC)),
+    datetime_to_us(datetime(9999, 12, 30, tzinfo=UTC)),
+)
+
+
+def _timestamp(us: int) -> datetime:
+    """µs since the epoch as a datetime, clamped to datetime's range (no data lies beyond)."""
+    return us_to_datetime(min(max(int(us), _DATETIME_US[0]), _DATETIME_US[1]))
 
 
 def dialect_for(backend: Backend) -> Dialect:
@@ -481,7 +513,8 @@ def _recompute(
     table = ROLLUP_TABLES[level]
     start, end = span
     series = _series_spanning(d) if probe else "IS NOT NULL"
-    params = (start, end, start, end) if probe else (start, end)
+    bounds = d.bounds(start, end)
+    params = (start, end, *bounds) if probe else bounds
     d.execute_count(
         f"DELETE FROM {table} WHERE series_id {series} "  # noqa: S608
         f"AND bucket >= {d.bound} AND bucket < {d.bound}",
@@ -715,12 +748,14 @@ def step_stats(
             f"FROM {ROLLUP_TABLES[source]} WHERE series_id {ids_in} "
             f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in}"
         )
+        bounds: tuple[Any, Any] = (start_us, end_us)
     else:
         inner = d.stats_select(source, step_us, ids_in)
+        bounds = d.bounds(start_us, end_us)
     arrays = backend.read_columns(
         f"SELECT {{columns}} FROM ({inner}) q",  # noqa: S608
         kinds,
-        (backend.id_list(ids), start_us, end_us),
+        (backend.id_list(ids), *bounds),
     )
     return _stats_frame_from(arrays)
 

@@ -29,6 +29,7 @@ from expectations.ingest_batch import (
     QualityReason,
     check_required_columns,
 )
+from metricmill.secrets import redact
 from metricmill.settings import Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame, with_parsed_timestamps
@@ -42,7 +43,7 @@ from storage.landing import (
     real_directory,
 )
 from storage.locks import LockLost, ensure_flow_lock
-from storage.readers import UnreadableFile, read_landed_file
+from storage.readers import ReadLimits, UnreadableFile, read_landed_file
 from storage.retention import raw_cutoffs
 from storage.store import Store
 from tasks.quality import rejected_rows, validate_batch
@@ -352,6 +353,7 @@ def _decode(settings: Settings, landed: _Landed, labels_memo: dict[Any, Any]) ->
             precision=settings.line_protocol_precision,
             data=data,
             labels_memo=labels_memo,
+            limits=ReadLimits.from_settings(settings),
         )
         if len(decoded.frame):
             check_required_columns(decoded.frame.columns)
@@ -535,7 +537,7 @@ def ingest_records(
 def scrape_target(settings: Settings, url: str) -> SourceOutcome:
     """One Prometheus exposition scrape, stamped at scrape time unless the text has timestamps."""
     started = time.perf_counter()
-    outcome = SourceOutcome(source=f"scrape:{url}", kind="scrape")
+    outcome = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")  # summary: no password
     scrape_time = datetime.now(UTC)
     response = httpx.get(url, timeout=settings.scrape_timeout_seconds)
     if response.status_code >= 500:
@@ -543,10 +545,11 @@ def scrape_target(settings: Settings, url: str) -> SourceOutcome:
     response.raise_for_status()
     target = httpx.URL(url)
     parsed = parse_exposition(
-        response.text,
+        response.content,  # bytes: a line that is not UTF-8 is rejected, not stored as U+FFFD
         scrape_time=scrape_time,
         extra_labels={"instance": f"{target.host}:{target.port}", "job": "scrape"},
     )
+    outcome.skipped_fields = parsed.skipped_nan  # NaN samples: skipped and counted
     _write(settings, parsed.frame, outcome, batch_id=None, pre_rejected=parsed.rejected)
     outcome.seconds = time.perf_counter() - started
     return outcome

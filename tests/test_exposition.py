@@ -34,7 +34,8 @@ def samples(result: ExpositionResult, metric: str) -> list[tuple[dict[str, str],
 
 def test_recorded_page_parses_cleanly(result: ExpositionResult) -> None:
     assert result.rejected == []
-    assert len(result.frame) == 59
+    assert len(result.frame) == 58  # 59 samples, less the NaN quantile (skipped and counted)
+    assert result.skipped_nan == 1
     assert list(result.frame.columns) == ["metric", "labels", "ts", "value"]
     assert str(result.frame["ts"].dtype) == "datetime64[us, UTC]"
     assert result.frame["value"].dtype == "float64"
@@ -84,11 +85,12 @@ def test_histogram_is_flat(result: ExpositionResult) -> None:
     assert samples(result, f"{name}_count") == [({"job_name": "nightly", **TARGET}, 14.0)]
 
 
-def test_summary_is_flat_and_nan_is_kept(result: ExpositionResult) -> None:
+def test_summary_is_flat_and_its_nan_quantile_is_skipped(result: ExpositionResult) -> None:
+    # `go_gc_duration_seconds{quantile="1"} NaN` (no observation yet) is not a sample.
     quantiles = samples(result, "go_gc_duration_seconds")
-    assert [labels["quantile"] for labels, _ in quantiles] == ["0", "0.25", "0.5", "0.75", "1"]
+    assert [labels["quantile"] for labels, _ in quantiles] == ["0", "0.25", "0.5", "0.75"]
     assert quantiles[2][1] == 4.0135e-05
-    assert math.isnan(quantiles[4][1])
+    assert not any(math.isnan(value) for _, value in quantiles)
     assert samples(result, "go_gc_duration_seconds_sum") == [(TARGET, 0.084612361)]
     assert samples(result, "go_gc_duration_seconds_count") == [(TARGET, 1689.0)]
 
@@ -159,7 +161,7 @@ def test_malformed_lines_are_rejected_and_the_rest_parse(page: str) -> None:
     assert result.rejected == [
         ({"line": line, "line_no": first + i}, reason) for i, (line, reason) in enumerate(bad)
     ]
-    assert len(result.frame) == 60
+    assert len(result.frame) == 59
     assert samples(result, "node_after_the_bad_ones") == [(TARGET, 7.0)]
     assert result.families["node_load1"] == "gauge"
     assert "node_y" not in result.families and "node_z" not in result.families
@@ -203,5 +205,5 @@ def test_naive_scrape_time_is_utc() -> None:
 def test_storage_layer_rejects_non_finite_values(result: ExpositionResult) -> None:
     batch = prepare(result.frame)
     reasons = [reason for _, reason in batch.rejected]
-    assert reasons == ["non_finite_value", "non_finite_value"]  # the NaN quantile and +Inf gauge
+    assert reasons == ["non_finite_value"]  # the +Inf gauge (the NaN quantile is skipped)
     assert len(batch.values) == 57

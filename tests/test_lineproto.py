@@ -80,23 +80,33 @@ def test_escapes_round_trip_to_exact_strings() -> None:
 
 
 def test_backslashes() -> None:
-    # A double backslash is one backslash; a backslash before anything else stays literal;
-    # "=" needs no escape in a measurement, so "\=" there is kept as written.
+    # As InfluxDB parses them: a backslash escapes only the characters that need it (",", " ",
+    # and "=" outside the measurement); before anything else, a second backslash included, it
+    # is a literal backslash. Two backslashes and a space are a backslash and an escaped space.
     text = "\n".join(
         [
             r"paths,dir=C:\Windows\System32 value=1 1",
-            r"paths,dir=ends\\,x=y value=2 2",
-            r"meas\=x value=3 3",
+            r"cpu,regions=\\ east value=2 2",
+            r"cpu,regions=east\\  value=3 3",
+            r"meas\=x value=4 4",
+            r"cpu,reg\\=ion=east value=5 5",
+            r"cpu,regions=\\,\,\=east value=6 6",
+            r"cpu,regions=eas\t value=7 7",
         ]
     )
     result = parse(text, precision="s")
     assert result.rejected == []
     assert result.frame["labels"].tolist() == [
         {"dir": "C:\\Windows\\System32"},
-        {"dir": "ends\\", "x": "y"},
+        {"regions": "\\ east"},
+        {"regions": "east\\ "},
         {},
+        {"reg\\=ion": "east"},
+        {"regions": "\\,,=east"},
+        {"regions": "eas\\t"},
     ]
-    assert result.frame["metric"].tolist() == ["paths", "paths", "meas\\=x"]
+    assert result.frame["metric"].tolist()[3] == "meas\\=x"
+    assert result.frame["value"].tolist() == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_unescaped_space_in_tag_value_rejects_only_that_line() -> None:

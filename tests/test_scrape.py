@@ -142,8 +142,10 @@ def recorded() -> Reply:
 
 
 def recorded_sample_count() -> int:
+    """Sample lines of the recorded text, less its NaN one (a scrape skips and counts it)."""
     lines = RECORDED.read_text().splitlines()
-    return sum(1 for line in lines if line.strip() and not line.startswith("#"))
+    samples = [line for line in lines if line.strip() and not line.startswith("#")]
+    return sum(1 for line in samples if not line.endswith(" NaN"))
 
 
 # -- running the flow and reading back -----------------------------------------------------------
@@ -265,15 +267,16 @@ def test_recorded_exposition_lands_flat_with_target_labels(
     assert row["kind"] == "scrape"
     assert row["error"] == ""
     assert row["rows_in"] == total
-    assert row["written"] == total - 2
-    assert row["quarantined"] == "non_finite_value: 2"
-    assert row["new_series"] == total - 2
+    assert row["skipped_fields"] == 1  # the NaN quantile: skipped and counted
+    assert row["written"] == total - 1
+    assert row["quarantined"] == "non_finite_value: 1"
+    assert row["new_series"] == total - 1
 
     with open_store(tmp_path, db_target) as store:
         samples = stored_samples(store)
         rejects = quarantined(store)
 
-    assert sum(len(points) for points in samples.values()) == total - 2
+    assert sum(len(points) for points in samples.values()) == total - 1
     assert all(len(points) == 1 for points in samples.values())
     # Target labels on every sample; the stamped sample keeps its time, the rest share one
     # scrape time taken during the run.
@@ -326,7 +329,7 @@ def test_recorded_exposition_lands_flat_with_target_labels(
     assert one_value(samples, f"{hist}_sum", job_name="nightly") == 7421.5
     assert one_value(samples, f"{hist}_count", job_name="nightly") == 14
 
-    # A summary: quantile series, _sum and _count; the NaN quantile is quarantined.
+    # A summary: quantile series, _sum and _count; the NaN quantile is skipped.
     assert by_label(samples, "go_gc_duration_seconds", "quantile") == {
         "0": 2.3781e-05,
         "0.25": 3.1104e-05,
@@ -346,17 +349,12 @@ def test_recorded_exposition_lands_flat_with_target_labels(
     units = {dict(k)["name"] for k in family(samples, "node_systemd_unit_state")}
     assert units == {"dev-disk-by\\x2duuid-3f2a.swap"}
 
-    # The two non-finite samples are quarantined with their reason, from this scrape.
-    assert sorted(e["reason"] for e in rejects) == ["non_finite_value", "non_finite_value"]
+    # The infinite sample is quarantined with its reason, from this scrape; the NaN quantile
+    # is not a sample at all.
+    assert sorted(e["reason"] for e in rejects) == ["non_finite_value"]
     assert {e["source"] for e in rejects} == {f"scrape:{server.url}"}
     bad = {e["row"]["metric"]: e["row"] for e in rejects}
-    assert sorted(bad) == ["go_gc_duration_seconds", "node_hwmon_temp_crit_celsius"]
-    assert bad["go_gc_duration_seconds"]["labels"] == {
-        "quantile": "1",
-        "instance": server.instance,
-        "job": "scrape",
-    }
-    assert bad["go_gc_duration_seconds"]["value"] == "nan"
+    assert sorted(bad) == ["node_hwmon_temp_crit_celsius"]
     assert bad["node_hwmon_temp_crit_celsius"]["value"] == "inf"
 
 
@@ -377,19 +375,18 @@ def test_5xx_is_retried_and_lands_exactly_once(
     assert row["error"] == ""
     assert row["rows_in"] == total
     # Default retention (30 days): the recorded 2024 timestamp is too old now.
-    assert row["written"] == total - 3
-    assert row["quarantined"] == "non_finite_value: 2, timestamp_too_old: 1"
+    assert row["written"] == total - 2
+    assert row["quarantined"] == "non_finite_value: 1, timestamp_too_old: 1"
 
     with open_store(tmp_path) as store:
         samples = stored_samples(store)
         rejects = quarantined(store)
         series_count = len(store.series())
-    assert sum(len(points) for points in samples.values()) == total - 3
+    assert sum(len(points) for points in samples.values()) == total - 2
     assert all(len(points) == 1 for points in samples.values())
-    assert series_count == total - 3
+    assert series_count == total - 2
     assert len({e["batch_id"] for e in rejects}) == 1  # one batch, written once
     assert sorted(e["reason"] for e in rejects) == [
-        "non_finite_value",
         "non_finite_value",
         "timestamp_too_old",
     ]
@@ -413,7 +410,7 @@ def test_4xx_is_not_retried_and_does_not_fail_the_run(
 
     landed = run.rows[f"scrape:{healthy.url}"]
     assert landed["error"] == ""
-    assert landed["written"] == recorded_sample_count() - 3
+    assert landed["written"] == recorded_sample_count() - 2  # +Inf and the 2024 stamp
 
     with open_store(tmp_path) as store:
         samples = stored_samples(store)
