@@ -26,8 +26,6 @@ RULE_FIELDS = (
     "min_abs_deviation",
     "min_baseline_level",
     "repeat_interval_seconds",
-    "direction",
-    "alert_budget_per_week",
 )
 ALERT_COLUMNS = (
     "alert_id",
@@ -135,8 +133,7 @@ def list_rules(backend: Backend) -> list[dict[str, Any]]:
 
 
 def upsert_rule(backend: Backend, rule: dict[str, Any]) -> None:
-    values = [rule.get(f) for f in RULE_FIELDS]
-    values[RULE_FIELDS.index("direction")] = rule.get("direction") or "both"
+    values = [rule[f] for f in RULE_FIELDS]
     updates = ", ".join(f"{f} = excluded.{f}" for f in RULE_FIELDS[1:])
     with backend.transaction():
         backend.execute(

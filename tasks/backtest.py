@@ -16,37 +16,26 @@ import pandas as pd
 from tasks.alert_engine import AlertRule, alert_flags
 from tasks.baseline import DAY_US, BaselineTable, LearnParams, fit_models, learn_baselines
 from tasks.detect import CONTEXT_US, empty_scores, score_points
-from tasks.detectors import FittedModel
 
 BUCKET_US = 300_000_000
-MODEL_REFIT_DAYS = 7
 
 
 def buckets_of(points: pd.DataFrame, bucket_us: int = BUCKET_US) -> pd.DataFrame:
-    """Rollup-style buckets (series_id, ts_us, count, sum, sum_sq, min, max) of raw points."""
+    """Rollup-style buckets (series_id, ts_us, count, sum, sum_sq) of raw points."""
     sid = points["series_id"].to_numpy(np.int64)
     bucket = points["ts_us"].to_numpy(np.int64) // bucket_us * bucket_us
     value = points["value"].to_numpy(np.float64)
-    order = np.lexsort((bucket, sid))
-    sid, bucket, value = sid[order], bucket[order], value[order]
-    starts = np.flatnonzero(np.r_[True, (sid[1:] != sid[:-1]) | (bucket[1:] != bucket[:-1])])
-    if not len(value):
-        starts = np.empty(0, dtype=np.int64)
-    counts = np.diff(np.r_[starts, len(value)]).astype(np.float64)
-    if not len(value):
-        empty = {c: np.empty(0) for c in ("count", "sum", "sum_sq", "min", "max")}
-        return pd.DataFrame(
-            {"series_id": np.empty(0, np.int64), "ts_us": np.empty(0, np.int64), **empty}
-        )
+    keys = np.column_stack([sid, bucket])
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    size = len(uniq)
     return pd.DataFrame(
         {
-            "series_id": sid[starts],
-            "ts_us": bucket[starts],
-            "count": counts,
-            "sum": np.add.reduceat(value, starts),
-            "sum_sq": np.add.reduceat(value * value, starts),
-            "min": np.minimum.reduceat(value, starts),
-            "max": np.maximum.reduceat(value, starts),
+            "series_id": uniq[:, 0],
+            "ts_us": uniq[:, 1],
+            "count": np.bincount(inverse, minlength=size).astype(np.float64),
+            "sum": np.bincount(inverse, weights=value, minlength=size),
+            "sum_sq": np.bincount(inverse, weights=value * value, minlength=size),
         }
     )
 
@@ -59,79 +48,40 @@ def replay(
     metric: str = "backtest",
     max_fit_rows: int = 5_000,
     params: LearnParams | None = None,
-    model_refit_days: int = MODEL_REFIT_DAYS,
-    confirmed: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Scores (the detect flow's columns) for every point of `points` (series_id, ts_us, value),
-    in the order of `points` sorted by (series_id, ts_us) (duplicated timestamps keep their
-    order). Points before a series has its first baseline get score 0 and no expected value.
+    """Scores (the detect flow's columns) for every point of `points` (series_id, ts_us, value).
 
-    Baselines are refitted every midnight from the days before it; the PyOD models every
-    `model_refit_days` midnights (also only from earlier days), as they only refine points that
-    are already unusual and their fit dominates the replay's time. `confirmed` (bool per row of
-    `points`, e.g. a file's labels) marks confirmed incidents: a refit leaves the buckets holding
-    them out, as the nightly flow leaves out alerts confirmed as incidents; a refit only ever
-    sees rows before its midnight, so only incidents already seen are left out.
+    Points before a series has its first baseline get score 0 and no expected value.
     """
-    if confirmed is not None:
-        points = points.assign(_confirmed=np.asarray(confirmed, dtype=bool))
     points = points.sort_values(["series_id", "ts_us"], kind="stable").reset_index(drop=True)
     if points.empty:
         return empty_scores()
     ts = points["ts_us"].to_numpy(np.int64)
     buckets = buckets_of(points)
-    if confirmed is not None:
-        marked = buckets_of(points[points["_confirmed"]])[["series_id", "ts_us"]]
-        inside = buckets.merge(marked.assign(_x=True), on=["series_id", "ts_us"], how="left")
-        buckets = buckets[inside["_x"].isna().to_numpy()].reset_index(drop=True)
-        points = points.drop(columns="_confirmed")
     b_ts = buckets["ts_us"].to_numpy(np.int64)
     metric_of = pd.Series(metric, index=np.unique(points["series_id"].to_numpy(np.int64)))
     patterns = detectors or {"*": "ecod"}
     first_day = int(ts.min()) // DAY_US + 1
     last_day = int(ts.max()) // DAY_US
-    parts: list[tuple[np.ndarray, pd.DataFrame]] = []
-    models: dict[str, FittedModel] = {}
-    fitted_on: int | None = None
-    single = _single(buckets)
+    parts: list[pd.DataFrame] = []
     for day in range(first_day, last_day + 1):  # one refit per day, as the nightly flow
         t0 = day * DAY_US
-        if single:
-            lo, hi = np.searchsorted(b_ts, [t0 - window_days * DAY_US, t0])
-            train = buckets.iloc[lo:hi]
-        else:
-            train = buckets[(b_ts >= t0 - window_days * DAY_US) & (b_ts < t0)]
+        train = buckets[(b_ts >= t0 - window_days * DAY_US) & (b_ts < t0)]
         learned = learn_baselines(train, bucket_us=BUCKET_US, params=params)
         if learned.baselines.empty:
             continue
-        if fitted_on is None or day - fitted_on >= model_refit_days:
-            models = fit_models(
-                train, learned.baselines, metric_of, patterns, max_rows=max_fit_rows
-            )
-            fitted_on = day
-        rows = np.flatnonzero((ts >= t0 - CONTEXT_US) & (ts < t0 + DAY_US))
-        chunk = points.iloc[rows].assign(fresh=ts[rows] >= t0)
+        models = fit_models(train, learned.baselines, metric_of, patterns, max_rows=max_fit_rows)
+        window = (ts >= t0 - CONTEXT_US) & (ts < t0 + DAY_US)
+        chunk = points.loc[window].assign(fresh=ts[window] >= t0)
         scored = score_points(chunk, BaselineTable.from_frame(learned.baselines), models, metric_of)
-        parts.append((rows[scored.rows], scored.scores))  # back to rows of `points`
-    out = points[["series_id", "ts_us", "value"]].copy()
-    columns = [c for c in empty_scores().columns if c not in ("series_id", "ts_us", "value")]
-    for column in columns:
-        out[column] = np.nan
-    if parts:
-        rows = np.concatenate([p[0] for p in parts])
-        for column in columns:
-            values = out[column].to_numpy(np.float64).copy()
-            values[rows] = np.concatenate([p[1][column].to_numpy(np.float64) for p in parts])
-            out[column] = values
+        parts.append(scored.scores)
+    scored_all = pd.concat(parts, ignore_index=True) if parts else empty_scores()
+    merged = points[["series_id", "ts_us", "value"]].merge(
+        scored_all.drop(columns="value"), on=["series_id", "ts_us"], how="left"
+    )
     for column in ("stat_score", "score"):
-        out[column] = out[column].fillna(0.0)
-    return out
-
-
-def _single(buckets: pd.DataFrame) -> bool:
-    """One series (buckets sorted by time): training windows are slices."""
-    sid = buckets["series_id"].to_numpy()
-    return bool(len(sid) == 0 or sid[0] == sid[-1])
+        merged[column] = merged[column].fillna(0.0)
+    return merged
 
 
 @dataclass
