@@ -2,10 +2,11 @@
 agile level, and outages. Pure numpy, vectorised across series (no loop per series).
 
 - **Residual.** r = (value - expected) / scale, then minus the series' *agile offset*: the
-  median of three 40-minute means of the 5-minute block residuals in the two hours before the
-  point's block. A spike moves one of the three means and none of the median; a sustained level
-  shift moves two of them within 80 minutes, after which the series is compared with its new
-  level (one alert, not a storm until the nightly fit).
+  median of three 40-minute levels (each the median of its 5-minute block mean residuals) in
+  the two hours before the point's block. A spike or a short incident straddling two
+  sub-windows moves none of the median; a sustained level shift moves two of them within about
+  65 minutes, after which the series is compared with its new level (one alert, not a storm
+  until the nightly fit).
 - **Tail.** Per series and side (up, down), residuals above their 90% quantile u are fitted
   with an exponential excess (a generalised Pareto tail of shape 0) of robust scale
   beta = median excess / ln 2: p(z) = 0.1 * exp(-(z - u) / beta). L = -log10 p is linear in z,
@@ -69,11 +70,38 @@ def tail_level(z: np.ndarray, u: np.ndarray, beta: np.ndarray) -> np.ndarray:
     return np.fmax(out, 0.0)  # NaN -> 0
 
 
+def _sub_window_medians(mean: np.ndarray) -> np.ndarray:
+    """(n_series, width + 1): column i holds the median of the finite values of `mean` in
+    columns [i - SUB_BLOCKS, i), NaN where there are none (and for i < SUB_BLOCKS). Worked
+    through in chunks of series, so the sorted windows stay small."""
+    n_series, width = mean.shape
+    out = np.full((n_series, width + 1), np.nan)
+    if width < SUB_BLOCKS:
+        return out
+    chunk = max(1, 4_000_000 // (width * SUB_BLOCKS))
+    for lo in range(0, n_series, chunk):  # a loop per chunk of series, not per series
+        part = np.lib.stride_tricks.sliding_window_view(mean[lo : lo + chunk], SUB_BLOCKS, axis=1)
+        ordered = np.sort(part, axis=2)  # NaN sort last
+        count = np.isfinite(ordered).sum(axis=2)
+        below = np.maximum(count - 1, 0) // 2
+        above = count // 2
+        a = np.take_along_axis(ordered, below[..., None], axis=2)[..., 0]
+        b = np.take_along_axis(ordered, above[..., None], axis=2)[..., 0]  # above < SUB_BLOCKS
+        out[lo : lo + chunk, SUB_BLOCKS:] = np.where(count > 0, 0.5 * (a + b), np.nan)
+    return out
+
+
 def agile_offset(
     code: np.ndarray, ts: np.ndarray, r: np.ndarray, n_series: int, use: np.ndarray | None = None
 ) -> np.ndarray:
-    """Per row: the median of the three 40-minute means of block residuals in the two hours
+    """Per row: the median of three 40-minute levels of block residuals in the two hours
     before the row's 5-minute block (0 where a sub-window has no data). Rows sorted by code.
+
+    A sub-window's level is the median of its (up to eight) 5-minute block means, not their
+    mean: an incident shorter than half a sub-window that straddles the boundary of two of them
+    would otherwise raise both means, move the median of three, and make the normal points
+    after it look far off the other way (a second, false alert 40 and 80 minutes later). With
+    medians, a shift must fill most of two sub-windows before the offset follows it.
 
     Computed once per (series, block) cell of a dense grid, then looked up per row."""
     n = len(r)
@@ -89,23 +117,14 @@ def agile_offset(
     s = np.bincount(cell, weights=np.where(ok, r, 0.0), minlength=size)
     c = np.bincount(cell, weights=ok.astype(np.float64), minlength=size)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(c > 0, s / np.where(c > 0, c, 1.0), 0.0).reshape(n_series, width)
-    has = (c > 0).astype(np.float64).reshape(n_series, width)
-    # Cumulative sums along each series' blocks; column j + 1 holds blocks < j + 1 - pad.
-    cm = np.zeros((n_series, width + 1))
-    ch = np.zeros((n_series, width + 1))
-    np.cumsum(mean, axis=1, out=cm[:, 1:])
-    np.cumsum(has, axis=1, out=ch[:, 1:])
+        mean = np.where(c > 0, s / np.where(c > 0, c, 1.0), np.nan).reshape(n_series, width)
+    # Column i: the median of the block means in blocks [i - SUB_BLOCKS, i) (NaN for none).
+    sub = _sub_window_medians(mean)
 
     def window(k: int) -> np.ndarray:
         # For the cell in column j (pad <= j < width), sub-window k covers blocks
-        # [j - (k + 1) * SUB_BLOCKS, j - k * SUB_BLOCKS): two column slices, no gathers.
-        hi = slice(pad - k * SUB_BLOCKS, width - k * SUB_BLOCKS)
-        lo = slice(pad - (k + 1) * SUB_BLOCKS, width - (k + 1) * SUB_BLOCKS)
-        total = cm[:, hi] - cm[:, lo]
-        count = ch[:, hi] - ch[:, lo]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.where(count > 0, count, 1.0), np.nan)
+        # [j - (k + 1) * SUB_BLOCKS, j - k * SUB_BLOCKS): one column slice, no gathers.
+        return sub[:, pad - k * SUB_BLOCKS : width - k * SUB_BLOCKS]
 
     a, b, d = window(0), window(1), window(2)
     med = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), d))

@@ -3,8 +3,9 @@
 The score rule (documented in the README, "Anomaly detection"; tasks/calibration.py):
 
 - r = (value - expected) / scale, with expected and scale from the series' baseline slot, less
-  the series' agile offset (the median of three 40-minute means of its residuals in the two
-  hours before the point), so a sustained level shift alerts once and is then the new normal;
+  the series' agile offset (the median of three 40-minute medians of its 5-minute block mean
+  residuals in the two hours before the point), so a sustained level shift alerts once and is
+  then the new normal, while a short incident never becomes the level;
 - L = -log10 p, p the tail probability of r on its side (up or down) under the exponential tail
   fitted to the series' own training residuals; linear in r, so it never saturates;
 - where L >= MODEL_GATE and the metric has a PyOD model, the model's own tail probability of
