@@ -240,8 +240,11 @@ def _holder_alive(path: Path) -> bool:
         pid = int(path.read_text(encoding="ascii").strip() or 0)
     except (OSError, ValueError):
         return False
-    if pid <= 0:
-        return False
+    return pid > 0 and pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours to signal or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

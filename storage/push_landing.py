@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from storage.locks import pid_alive
+
 TEMP_PREFIX = ".receive-"
 _FINAL_PREFIX = "push-"
 # Years 1 to 9999 render as ISO 8601; instants beyond are outside storage's range anyway.
@@ -149,22 +151,12 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temp_files(landing: Path) -> int:
     """Delete temp files of receivers that died mid-write (never acknowledged); their count."""
     removed = 0
     for path in landing.glob(f"{TEMP_PREFIX}*.tmp"):
         pid_text = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
