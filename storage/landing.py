@@ -65,11 +65,6 @@ class Claim:
     busy: bool = False
     _locks: list[IO[bytes]] = field(default_factory=list)
 
-    @property
-    def directory(self) -> Path:
-        """This run's own claim directory (new files are renamed into it)."""
-        return self.directories[-1]
-
     def release(self) -> None:
         """Drop the claim; files still in it (a failed step) are adopted by the next run."""
         for directory in self.directories:
