@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from metricmill.errors import MetricmillError
-from metricmill.settings import Settings
+from metricmill.settings import Settings, secret_setting
 from storage.otlp import decode_otlp
 from storage.push_decode import BadPush, decode_line_protocol, decode_remote_write
 from storage.push_landing import BacklogGauge, PushBatch, land_batch, remove_stale_temp_files
@@ -65,22 +65,13 @@ class _Refused(Exception):
 
 def load_token(settings: Settings) -> str | None:
     """The bearer token: METRICMILL_RECEIVE_TOKEN, else the Prefect Secret block it names."""
-    if settings.receive_token is not None and settings.receive_token.get_secret_value():
-        return settings.receive_token.get_secret_value()
-    if not settings.receive_token_block:
-        return None
-    from prefect.blocks.system import Secret  # only when a block is configured
-
     try:
-        secret = Secret.load(settings.receive_token_block)
-    except (ValueError, RuntimeError) as exc:
-        raise MetricmillError(
-            f"cannot load Secret block {settings.receive_token_block!r}: {exc}"
-        ) from None
-    value = secret.get()  # type: ignore[union-attr]
-    if not value:
+        token = secret_setting(settings.receive_token, settings.receive_token_block)
+    except ValueError as exc:
+        raise MetricmillError(str(exc)) from None
+    if token is None and settings.receive_token_block:
         raise MetricmillError(f"Secret block {settings.receive_token_block!r} is empty")
-    return str(value)
+    return token
 
 
 @dataclass

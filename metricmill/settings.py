@@ -322,10 +322,8 @@ class Settings(BaseSettings):
             return self
         url, in_url = split_password(self.database_url)
         password = in_url
-        if password is None and self.database_password is not None:
-            password = self.database_password.get_secret_value()
-        if password is None and self.database_password_block:
-            password = _secret_block(self.database_password_block)
+        if password is None:
+            password = secret_setting(self.database_password, self.database_password_block)
         if password is not None:
             remember(password)
             user, _, rest = url.partition("://")[2].partition("@")
@@ -384,7 +382,8 @@ class Settings(BaseSettings):
 
 
 def _secret_block(name: str) -> str:
-    """The value of a Prefect Secret block (Prefect is imported only when one is named)."""
+    """The value of a Prefect Secret block, "" when it holds none (Prefect is imported only
+    when a block is named). ValueError when it cannot be loaded."""
     from prefect.blocks.system import Secret
 
     try:
@@ -392,7 +391,15 @@ def _secret_block(name: str) -> str:
         value = block.get()
     except Exception as exc:  # missing block, unreachable API: a setting that cannot be used
         raise ValueError(f"cannot load the Prefect Secret block {name!r}: {exc}") from None
-    return str(value)
+    return "" if value is None else str(value)
+
+
+def secret_setting(value: SecretStr | None, block: str | None) -> str | None:
+    """A secret setting's value, else that of the Prefect Secret block the setting beside it
+    names; None when neither gives one. ValueError when the block cannot be loaded."""
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    return (_secret_block(block) or None) if block else None
 
 
 _DAY_FIELDS = (

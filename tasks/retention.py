@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from metricmill.settings import Settings
+from metricmill.settings import Settings, secret_setting
 from storage.archive import Anonymizer, ArchiveError
 from storage.retention import RetentionReport, apply, preview
 from storage.schema import ROLLUP_TABLES
@@ -23,20 +23,11 @@ SUMMARY_COLUMNS = (
 
 def anonymization_key(settings: Settings) -> bytes | None:
     """The HMAC key: METRICMILL_ANONYMIZE_KEY, else the Prefect Secret block it names."""
-    if settings.anonymize_key is not None and settings.anonymize_key.get_secret_value():
-        return settings.anonymize_key.get_secret_value().encode("utf-8")
-    if not settings.anonymize_key_block:
-        return None
-    from prefect.blocks.system import Secret  # only when a block is configured
-
     try:
-        secret = Secret.load(settings.anonymize_key_block)
-    except (ValueError, RuntimeError) as exc:
-        raise ArchiveError(
-            f"cannot load Secret block {settings.anonymize_key_block!r}: {exc}"
-        ) from None
-    value = secret.get()  # type: ignore[union-attr]
-    return str(value).encode("utf-8") if value else None
+        key = secret_setting(settings.anonymize_key, settings.anonymize_key_block)
+    except ValueError as exc:
+        raise ArchiveError(str(exc)) from None
+    return key.encode("utf-8") if key else None
 
 
 def anonymizer_for(settings: Settings) -> Anonymizer:
