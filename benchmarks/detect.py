@@ -13,6 +13,18 @@ Run: uv run python benchmarks/detect.py [--series N] [--baseline-series N] [--ev
    threshold 0.7, for 0 s, keep-firing-for 15 min; scored after 22 days of warm-up so weekly
    series have their week -> `RECALL <kind> <v>`, `DELAY_S <kind> <median s>` and
    `FALSE_ALERTS_PER_SERIES_WEEK <v>`.
+4. real data: every `<domain>/<name>.csv` under --real-dir (../shared/data/cloud-monitoring,
+   labelled production series) through the backtest's replay with the default rule (threshold
+   0.7, for 5 min, keep firing 15 min, budget 0.5 a week); a rule's direction is `up` where the
+   file's metadata says increases were labelled ("unusual increases", "elevated"), else both.
+   An incident (a run of Label=1) is found when an alert *starts* between its first point and
+   3 steps after its last; other alert starts are false alerts. Incidents that start before a
+   file's first scored row (its first day only trains) are counted apart (REAL_INCIDENTS_IN_
+   WARMUP), not as misses. Labelled incidents the rule alerted on are left out of later refits
+   (as an operator confirms an alert as an incident); missed ones stay in the training data.
+   Per file and in total: incidents, found, false alerts, false alerts per series-week,
+   precision, recall, F1, median delay -> `RATIO real_false_alerts_per_series_week`,
+   `RATIO real_recall`, `RATIO real_f1`.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import log
+from benchmarks._common import format_table, log, ratio_line
 from metricmill.synthetic import ANOMALY_KINDS, labelled_set, seasonal_series
+from storage.detection import BacktestInputError, read_backtest_csv
 from tasks.alert_engine import AlertRule
-from tasks.backtest import alerts_for, evaluate_alerts, replay
+from tasks.backtest import alerts_for, evaluate_alerts, label_windows, replay
 from tasks.baseline import DAY_US, BaselineTable, fit_models, learn_baselines
 from tasks.detect import score_points
 from tasks.detectors import FittedModel
@@ -148,13 +162,182 @@ def bench_evaluation(n_series: int) -> None:
     print(f"FALSE_ALERTS_PER_SERIES_WEEK {result.false_per_series_week:.3f}")
 
 
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cloud-monitoring"
+
+
+def labelled_direction(csv: Path) -> str:
+    """`up` where the file's metadata says increases were what the experts labelled."""
+    meta = csv.with_name(csv.name + "-metadata.json")
+    try:
+        import json
+
+        notes = " ".join(json.loads(meta.read_text(encoding="utf-8")).get("notes", [])).lower()
+    except (OSError, ValueError):
+        return "both"
+    return "up" if ("increase" in notes or "elevated" in notes) else "both"
+
+
+def real_file(csv: Path, rule: AlertRule) -> dict[str, float]:
+    """One file's counts: incidents, found, alerts, false alerts, series-weeks, delays."""
+    rows = read_backtest_csv(csv)
+    started = time.perf_counter()
+    scores = replay(
+        rows.assign(series_id=1)[["series_id", "ts_us", "value"]],
+        confirmed=rows["label"].to_numpy() > 0 if "label" in rows else None,
+        confirm_with=rule,
+    )
+    seconds = time.perf_counter() - started
+    alert = alerts_for(scores, rule).astype(bool)
+    ts = scores["ts_us"].to_numpy(np.int64)
+    step = int(np.median(np.diff(ts))) if len(ts) > 1 else 1
+    onset_ts = ts[alert & ~np.r_[False, alert[:-1]]]
+    labels = rows.assign(series_id=1) if "label" in rows else rows.assign(series_id=1, label=0)
+    windows = label_windows(labels, step)
+    scored = np.isfinite(scores["expected"].to_numpy())
+    # Incidents that start before the first scored row (the first day only trains) cannot be
+    # found by any detector that learns from history: counted apart, not as misses.
+    first_scored = ts[scored][0] if scored.any() else np.iinfo(np.int64).max
+    warmup = int((windows["start_us"].to_numpy(np.int64) < first_scored).sum())
+    windows = windows[windows["start_us"].to_numpy(np.int64) >= first_scored]
+    start = windows["start_us"].to_numpy(np.int64)
+    end = windows["end_us"].to_numpy(np.int64) - step + 3 * step  # last point + 3 steps
+    first = np.searchsorted(onset_ts, start, side="left")
+    padded = np.r_[onset_ts, np.iinfo(np.int64).max]  # "no alert after" past the last onset
+    found = padded[first] <= end
+    delays = (padded[first[found]] - start[found]) / 1e6
+    inside = np.zeros(len(onset_ts), dtype=bool)
+    for lo, hi in zip(start, end, strict=True):  # a loop over a file's incidents
+        inside |= (onset_ts >= lo) & (onset_ts <= hi)
+    weeks = (ts[-1] - ts[scored][0]) / (7 * DAY_US) if scored.any() else 0.0
+    return {
+        "warmup": warmup,
+        "incidents": len(windows),
+        "found": int(found.sum()),
+        "alerts": len(onset_ts),
+        "false": int((~inside).sum()),
+        "weeks": weeks,
+        "delays": delays.tolist(),
+        "seconds": seconds,
+        "rows": len(rows),
+    }
+
+
+def _prf(found: int, incidents: int, alerts: int, false: int) -> tuple[float, float, float]:
+    recall = found / incidents if incidents else float("nan")
+    precision = (alerts - false) / alerts if alerts else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def bench_real(directory: Path) -> None:
+    files = sorted(directory.glob("*/*.csv"))
+    if not files:
+        log(f"real data: no CSV files under {directory}; skipped")
+        return
+    base = AlertRule(threshold=0.7, for_seconds=300, keep_firing_for_seconds=900)
+    table_rows = []
+    total = {"warmup": 0, "incidents": 0, "found": 0, "alerts": 0, "false": 0, "weeks": 0.0}
+    delays: list[float] = []
+    for csv in files:  # a loop over files: each is one series' replay
+        try:
+            result = real_file(csv, replace(base, direction=labelled_direction(csv)))
+        except BacktestInputError as exc:
+            print(f"REAL_SKIPPED {csv.name}: {exc}")
+            continue
+        for key in total:
+            total[key] += result[key]
+        delays += result["delays"]
+        precision, recall, f1 = _prf(
+            result["found"], result["incidents"], result["alerts"], result["false"]
+        )
+        table_rows.append(
+            (
+                f"{csv.parent.name}/{csv.name}",
+                result["rows"],
+                result["incidents"],
+                result["found"],
+                result["false"],
+                f"{result['false'] / result['weeks']:.2f}" if result["weeks"] else "n/a",
+                f"{precision:.2f}",
+                f"{recall:.2f}",
+                f"{f1:.2f}",
+                f"{np.median(result['delays']):.0f}" if result["delays"] else "n/a",
+                f"{result['seconds']:.1f}",
+            )
+        )
+    print(
+        format_table(
+            (
+                "file",
+                "rows",
+                "incidents",
+                "found",
+                "false",
+                "false/wk",
+                "precision",
+                "recall",
+                "F1",
+                "delay s",
+                "replay s",
+            ),
+            table_rows,
+        )
+    )
+    precision, recall, f1 = _prf(
+        int(total["found"]), int(total["incidents"]), int(total["alerts"]), int(total["false"])
+    )
+    per_week = total["false"] / total["weeks"] if total["weeks"] else float("nan")
+    print(f"REAL_FILES {len(table_rows)}")
+    print(f"REAL_INCIDENTS_IN_WARMUP {int(total['warmup'])}")
+    print(f"REAL_INCIDENTS {int(total['incidents'])}")
+    print(f"REAL_FOUND {int(total['found'])}")
+    print(f"REAL_FALSE_ALERTS {int(total['false'])}")
+    print(f"REAL_SERIES_WEEKS {total['weeks']:.1f}")
+    print(f"REAL_PRECISION {precision:.3f}")
+    print(f"REAL_MEDIAN_DELAY_S {np.median(delays) if delays else float('nan'):.0f}")
+    print(ratio_line("real_false_alerts_per_series_week", per_week))
+    print(ratio_line("real_recall", recall))
+    print(ratio_line("real_f1", f1))
+
+
+def bench_backtest_speed() -> None:
+    """The backtest's replay of one 22,000-row, 77-day series (a point every ~5 minutes)."""
+    days = 77
+    data = labelled_set(1, days=days, clean_days=days - 7, seed=9, kinds=("spike",))
+    frame = data.frame[["series_id", "ts_us", "value"]]
+    keep = np.sort(np.random.default_rng(0).choice(len(frame), 22_000, replace=False))
+    frame = frame.iloc[keep]
+    started = time.perf_counter()
+    replay(frame)
+    print(f"BACKTEST_ROWS {len(frame)}")
+    print(f"BACKTEST_SECONDS {time.perf_counter() - started:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=10_000)
     parser.add_argument("--baseline-series", type=int, default=10_000)
     parser.add_argument("--eval-series", type=int, default=100)
+    parser.add_argument("--real-dir", type=Path, default=REAL_DIR)
+    parser.add_argument("--only", choices=("eval", "real", "detect", "baseline", "backtest"))
     args = parser.parse_args()
+    if args.only == "real":
+        bench_real(args.real_dir)
+        return
+    if args.only == "baseline":
+        bench_baseline(args.baseline_series)
+        return
+    if args.only == "backtest":
+        bench_backtest_speed()
+        return
+    if args.only == "detect":
+        bench_detect(args.series)
+        return
     bench_evaluation(args.eval_series)
+    if args.only == "eval":
+        return
+    bench_real(args.real_dir)
+    bench_backtest_speed()
     bench_detect(args.series)
     bench_baseline(args.baseline_series)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
@@ -58,6 +59,10 @@ def summary_markdown(outcome: BaselineOutcome) -> str:
         f"buckets left out as confirmed incidents: {outcome.excluded_rows}; "
         f"{outcome.seconds_per_1000:.2f} s per 1000 series.",
         "",
+        "## Alert budget",
+        "",
+        *_threshold_lines(outcome),
+        "",
         "## Skipped (no baseline: these series do not alert yet)",
         "",
     ]
@@ -75,6 +80,22 @@ def summary_markdown(outcome: BaselineOutcome) -> str:
     else:
         lines.append("None fitted (no metric had enough history).")
     return "\n".join(lines)
+
+
+def _threshold_lines(outcome: BaselineOutcome) -> list[str]:
+    """How the budget set the series' effective thresholds (score units, direction both)."""
+    if not outcome.thresholds:
+        return ["No series learned, no thresholds set."]
+    q = np.quantile(np.asarray(outcome.thresholds), [0.0, 0.5, 0.9, 1.0])
+    return [
+        f"Budget: {outcome.budget:g} alerts per series and week. Each series' effective "
+        "threshold is the score its own window exceeded that often (the rule's threshold "
+        "applies where it is higher).",
+        "",
+        "| min | median | 90% | max |",
+        "|---|---|---|---|",
+        f"| {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {q[3]:.3f} |",
+    ]
 
 
 if __name__ == "__main__":

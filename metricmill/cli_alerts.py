@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import numpy as np
 import pandas as pd
 import typer
 
@@ -220,16 +221,43 @@ def alerts_silences(
 @rules_app.command("list")
 def rules_list(ctx: typer.Context) -> None:
     """Every rule in effect: the settings' default and those added here."""
+    from storage import detection
+    from tasks.alert_engine import effective_threshold
     from tasks.alerting import load_rules
 
     settings = settings_from(ctx)
     with open_store(ctx) as store:
         rules = load_rules(settings, store.backend)
         stored = {r["name"] for r in db.list_rules(store.backend)}
+        learned = detection.read_baselines(store).drop_duplicates("series_id")
+        metrics = detection.series_metrics(store).set_index("series_id")["metric"]
+    learned = learned.assign(metric=learned["series_id"].map(metrics).fillna(""))
     grid = table(
-        "name", "metrics", "warn", "crit", "for", "keep", "min dev", "min level", "repeat", "from"
+        "name",
+        "metrics",
+        "warn",
+        "crit",
+        "for",
+        "keep",
+        "min dev",
+        "min level",
+        "repeat",
+        "dir",
+        "budget/wk",
+        "effective (median / max)",
+        "from",
     )
     for r in rules:
+        mine = learned[[r.matches(str(m)) for m in learned["metric"]]]
+        effective = effective_threshold(r, mine) if len(mine) else np.empty(0)
+        shown = (
+            f"{np.median(effective):.3f} / {np.max(effective):.3f} ({len(effective)} series)"
+            if len(effective)
+            else "no baselines yet"
+        )
+        budget = r.alert_budget_per_week
+        if budget is None:
+            budget = settings.alert_budget_per_week
         row(
             grid,
             r.name,
@@ -241,6 +269,9 @@ def rules_list(ctx: typer.Context) -> None:
             f"{r.min_abs_deviation:g}",
             f"{r.min_baseline_level:g}",
             f"{r.repeat_interval_seconds:g}s",
+            r.direction,
+            f"{budget:g}",
+            shown,
             "cli" if r.name in stored else "settings",
         )
     out().print(grid)
@@ -262,12 +293,23 @@ def rules_add(
     min_deviation: Annotated[float, typer.Option(help="Min |value - expected|.")] = 0.0,
     min_level: Annotated[float, typer.Option(help="Min baseline level to alert at all.")] = 0.0,
     repeat: Annotated[str, typer.Option(help="Re-send a firing alert after this.")] = "4h",
+    direction: Annotated[
+        str, typer.Option(help="up, down or both: which side of expected may alert.")
+    ] = "both",
+    budget: Annotated[
+        float | None,
+        typer.Option(help="Alerts per series and week (default: the baselines' budget)."),
+    ] = None,
 ) -> None:
     """Add or replace a rule (a rule named `anomaly` replaces the settings' default)."""
     if not 0 < threshold <= critical <= 1:  # also refuses NaN
         raise AlertCommandError("need 0 < --threshold <= --critical <= 1")
     check_range("--min-deviation", min_deviation, 0, 1e300)  # finite, not negative
     check_range("--min-level", min_level, 0, 1e300)
+    if direction not in ("up", "down", "both"):
+        raise AlertCommandError("--direction must be up, down or both")
+    if budget is not None:
+        check_range("--budget", budget, 1e-6, 1e6)  # alerts per week: finite, above 0
     rule = {
         "name": name,
         "metric_pattern": metric,
@@ -278,6 +320,8 @@ def rules_add(
         "min_abs_deviation": min_deviation,
         "min_baseline_level": min_level,
         "repeat_interval_seconds": _seconds(repeat),
+        "direction": direction,
+        "alert_budget_per_week": budget,
     }
     with open_store(ctx) as store:
         db.upsert_rule(store.backend, rule)

@@ -1,9 +1,11 @@
 """`metricmill backtest FILE.csv --output SCORES.csv`: replay one series through detection.
 
 Registered in metricmill/cli.py with `app.add_typer(backtest_app)` (a top-level command).
-The replay refits baselines and models every UTC midnight from the rows before it, as the
-nightly flow would, and scores each day's rows; alerts come from the same rule engine as the
-detect flow, with the rule from settings unless options override it.
+The replay refits baselines every UTC midnight (detector models weekly) from the rows before
+it, as the nightly flow would, and scores each day's rows; a labelled incident the rule alerted
+on before a refit is left out of it (alert and incident rows), as the nightly flow leaves out
+alerts an operator confirmed as incidents (missed incidents stay in); alerts come from
+the same rule engine as the detect flow, with the rule from settings unless options override it.
 """
 
 from __future__ import annotations
@@ -45,11 +47,19 @@ def backtest(
     detector: Annotated[
         str | None, typer.Option(help="ecod, iforest, copod or hbos (default: settings).")
     ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Alerts per week the refits set thresholds for."),
+    ] = None,
+    direction: Annotated[
+        str | None, typer.Option(help="up, down or both: which side may alert (default both).")
+    ] = None,
 ) -> None:
     """Replay a series walk-forward and write every row with anomaly_score and alert."""
     from storage.detection import read_backtest_csv, write_scores_csv
     from tasks.alerting import default_rule
     from tasks.backtest import alerts_for, evaluate_alerts, label_windows, replay
+    from tasks.baseline import LearnParams
     from tasks.detectors import DETECTORS, detector_for
 
     settings = settings_from(ctx)
@@ -66,6 +76,10 @@ def backtest(
     name = (detector or detector_for("backtest", settings.detectors)).strip().lower()
     if name not in DETECTORS:
         raise typer.BadParameter(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
+    if direction is not None and direction not in ("up", "down", "both"):
+        raise typer.BadParameter("--direction must be up, down or both")
+    if direction is not None:
+        rule = dataclasses.replace(rule, direction=direction)
     rows = read_backtest_csv(file)
     points = rows.assign(series_id=1)[["series_id", "ts_us", "value"]]
     scores = replay(
@@ -73,6 +87,9 @@ def backtest(
         window_days=window_days or settings.baseline_window_days,
         detectors={"*": name},
         max_fit_rows=settings.detector_max_fit_rows,
+        params=LearnParams(alert_budget_per_week=budget or settings.alert_budget_per_week),
+        confirmed=rows["label"].to_numpy() > 0 if "label" in rows else None,
+        confirm_with=rule,
     )
     alert = alerts_for(scores, rule)
     result = rows.assign(
@@ -88,6 +105,13 @@ def backtest(
         columns.append("label")
     write_scores_csv(result[columns], output)
     console = out()
+    notes = [
+        f"{rows.attrs.get('duplicates', 0)} duplicated timestamps (all rows kept, in file order)",
+        f"{rows.attrs.get('gaps', 0)} empty values (gaps)",
+    ]
+    if rows.attrs.get("unsorted"):
+        notes.append("rows sorted by time")
+    console.print(f"read {rows.attrs.get('rows', len(rows))} rows: " + "; ".join(notes))
     scored = int(np.isfinite(scores["expected"].to_numpy()).sum())
     console.print(
         f"{len(rows)} rows, {scored} scored (the first day only trains), "

@@ -221,6 +221,9 @@ class Settings(BaseSettings):
     alert_min_abs_deviation: float = 0.0
     alert_min_baseline_level: float = 0.0
     alert_repeat_interval_seconds: float = 14400.0
+    # alerts a rule may raise per series and week: each baseline fit sets every series'
+    # effective threshold from its own window so the rule would have fired at most this often
+    alert_budget_per_week: float = 0.5
     notification_blocks: list[str] = []
     notify_email_to: list[str] = []
     notify_email_from: str | None = None
@@ -234,6 +237,7 @@ class Settings(BaseSettings):
         "alert_min_abs_deviation",
         "alert_min_baseline_level",
         "alert_repeat_interval_seconds",
+        "alert_budget_per_week",
         "notify_timeout_seconds",
         "notify_retries",
         "notify_backoff_seconds",

@@ -26,6 +26,8 @@ RULE_FIELDS = (
     "min_abs_deviation",
     "min_baseline_level",
     "repeat_interval_seconds",
+    "direction",
+    "alert_budget_per_week",
 )
 ALERT_COLUMNS = (
     "alert_id",
@@ -133,7 +135,8 @@ def list_rules(backend: Backend) -> list[dict[str, Any]]:
 
 
 def upsert_rule(backend: Backend, rule: dict[str, Any]) -> None:
-    values = [rule[f] for f in RULE_FIELDS]
+    values = [rule.get(f) for f in RULE_FIELDS]
+    values[RULE_FIELDS.index("direction")] = rule.get("direction") or "both"
     updates = ", ".join(f"{f} = excluded.{f}" for f in RULE_FIELDS[1:])
     with backend.transaction():
         backend.execute(

@@ -36,6 +36,19 @@ BASELINE_COLUMNS = [
     "window_end",
     "scale",
     "level",
+    "tail_up_u",
+    "tail_up_beta",
+    "tail_down_u",
+    "tail_down_beta",
+    "run_up_u",
+    "run_up_beta",
+    "run_down_u",
+    "run_down_beta",
+    "outage_floor",
+    "alert_budget",
+    "threshold_both",
+    "threshold_up",
+    "threshold_down",
 ]
 _BASELINE_TS = {"window_start", "window_end"}
 _PG_ARRAY_TYPES = {
@@ -70,7 +83,8 @@ def history(
     level: str = "5m",
     series_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Buckets of a rollup level in [start, end): series_id, ts_us, count, sum, sum_sq."""
+    """Buckets of a rollup level in [start, end): series_id, ts_us, count, sum, sum_sq, min, max
+    (the extremes calibrate the tails of raw points, not only of bucket averages)."""
     table = ROLLUP_TABLES[level]  # a constant name, never user text
     b = store.backend
     clause, params = _ids_clause(store, "series_id", series_ids)
@@ -83,6 +97,8 @@ def history(
             ("count", "count", "float"),
             ("sum", "sum", "float"),
             ("sum_sq", "sum_sq", "float"),
+            ("min", "min", "float"),
+            ("max", "max", "float"),
         ],
         [start_us, end_us, *params],
     )
@@ -361,12 +377,18 @@ class BacktestInputError(MetricmillError):
 def read_backtest_csv(path: Path) -> pd.DataFrame:
     """`timestamp,value[,label]` rows of one series as ts_us, value[, label], sorted by time.
 
-    Timestamps are ISO 8601 (naive ones are UTC) or Unix epoch seconds.
+    Files are taken as they come: rows may be unsorted (sorted here, stably), a timestamp may
+    appear more than once (every row is kept, in file order), and an empty value is a gap (the
+    row is dropped). `frame.attrs` counts them: rows, duplicates, gaps, unsorted. Timestamps are
+    ISO 8601 (naive ones are UTC) or Unix epoch seconds; anything else unreadable is an error
+    naming its line.
     """
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise BacktestInputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BacktestInputError(f"{path}: is a directory, not a CSV file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise BacktestInputError(
             f"{path}: not a readable CSV ({str(exc).splitlines()[0]})"
@@ -392,8 +414,10 @@ def read_backtest_csv(path: Path) -> pd.DataFrame:
         ts_us[ok] = (
             parsed[ok].dt.tz_convert("UTC").astype("datetime64[us, UTC]").astype("int64")
         ).to_numpy()
-    values = pd.to_numeric(raw["value"].str.strip(), errors="coerce").to_numpy(np.float64)
-    bad = bad | ~np.isfinite(values)
+    text = raw["value"].str.strip()
+    gap = (text == "").to_numpy() | text.str.lower().isin(["nan", "null", "none", "na"]).to_numpy()
+    values = pd.to_numeric(text.where(~gap, "nan"), errors="coerce").to_numpy(np.float64)
+    bad = bad | (~gap & ~np.isfinite(values))
     if bad.any():
         line = int(np.flatnonzero(bad)[0]) + 2  # header is line 1
         raise BacktestInputError(
@@ -407,12 +431,18 @@ def read_backtest_csv(path: Path) -> pd.DataFrame:
             line = int(np.flatnonzero(labels.isna().to_numpy())[0]) + 2
             raise BacktestInputError(f"{path}: line {line} has a label that is not 0 or 1")
         frame["label"] = (labels.to_numpy() > 0).astype(np.int8)
-    frame = frame.sort_values("ts_us", kind="stable")
-    if frame["ts_us"].duplicated().any():
-        dup = int(frame.loc[frame["ts_us"].duplicated(), "ts_us"].iloc[0])
-        when = pd.Timestamp(dup, unit="us", tz="UTC").isoformat()
-        raise BacktestInputError(f"{path}: timestamp {when} appears more than once")
-    return frame.reset_index(drop=True)
+    frame = frame[~gap]
+    if frame.empty:
+        raise BacktestInputError(f"{path}: no row has a value")
+    unsorted = bool((np.diff(frame["ts_us"].to_numpy()) < 0).any())
+    frame = frame.sort_values("ts_us", kind="stable").reset_index(drop=True)
+    frame.attrs.update(
+        rows=len(raw),
+        gaps=int(gap.sum()),
+        duplicates=int(frame["ts_us"].duplicated().sum()),
+        unsorted=unsorted,
+    )
+    return frame
 
 
 def write_scores_csv(frame: pd.DataFrame, path: Path) -> None:

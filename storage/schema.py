@@ -282,6 +282,32 @@ CREATE TABLE IF NOT EXISTS silences (
 _V6: list[str] = []
 
 
+# 7: calibrated detection: per series the tails of its residuals, its outage floor and the
+# effective thresholds set from the alert budget at the fit; per rule a direction and a budget.
+_V7: list[str] = [
+    *(
+        f"ALTER TABLE baselines ADD COLUMN {column} {{t.float}}"
+        for column in (
+            "tail_up_u",
+            "tail_up_beta",
+            "tail_down_u",
+            "tail_down_beta",
+            "run_up_u",
+            "run_up_beta",
+            "run_down_u",
+            "run_down_beta",
+            "outage_floor",
+            "alert_budget",
+            "threshold_both",
+            "threshold_up",
+            "threshold_down",
+        )
+    ),
+    "ALTER TABLE alert_rules ADD COLUMN direction TEXT NOT NULL DEFAULT 'both'",
+    "ALTER TABLE alert_rules ADD COLUMN alert_budget_per_week {t.float}",
+]
+
+
 def _render(statements: list[str], types: Types) -> list[str]:
     true, false = ("TRUE", "FALSE") if types.bool == "BOOLEAN" else ("1", "0")
     return [s.strip().format(t=types, true=true, false=false) for s in statements]
@@ -313,7 +339,8 @@ def migrations(types: Types, time_expr: str) -> dict[int, list[str]]:
         4: _render(_V4, types),
         5: _render(_V5, types),
         6: _render(_V6, types),
+        7: _render(_V7, types),
     }
 
 
-LATEST_VERSION = 6
+LATEST_VERSION = 7

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from tasks.calibration import shift_for_budget
+
 SCORE_COLUMNS = (
     "series_id",
     "ts_us",
@@ -35,7 +37,15 @@ SCORE_COLUMNS = (
     "model_score",
     "score",
     "baseline_level",
+    "sign",
+    "kind",
+    "outage",
+    "alert_budget",
+    "threshold_both",
+    "threshold_up",
+    "threshold_down",
 )
+DIRECTIONS = ("both", "up", "down")
 EVENT_COLUMNS = (
     "series_id",
     "ts_us",
@@ -47,6 +57,7 @@ EVENT_COLUMNS = (
     "upper",
     "score",
     "since_us",
+    "kind",
 )
 STATE_COLUMNS = ("series_id", "phase", "since_us", "last_high_us", "severity", "last_ts_us")
 PHASES = ("normal", "pending", "firing")
@@ -66,6 +77,8 @@ class AlertRule:
     min_abs_deviation: float = 0.0  # |value - expected| below this never counts as high
     min_baseline_level: float = 0.0  # series whose |baseline_level| is below never alert
     repeat_interval_seconds: float = 14400.0
+    direction: str = "both"  # up | down | both: which side of expected may alert
+    alert_budget_per_week: float | None = None  # None: the budget the baselines were fitted with
 
     def matches(self, metric: str) -> bool:
         """Whether the rule applies to a metric name (shell-style glob, case-sensitive)."""
@@ -131,6 +144,7 @@ def _empty_events() -> pd.DataFrame:
             "event": object,
             "severity": object,
             "since_us": "int64",
+            "kind": "int64",
         }
     )
 
@@ -151,14 +165,33 @@ def _us(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))
 
 
+def effective_threshold(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
+    """Per row: the rule's threshold, raised to the series' own (set from the alert budget at
+    its baseline fit, for the rule's direction and budget)."""
+    column = {"both": "threshold_both", "up": "threshold_up", "down": "threshold_down"}
+    own = _column(scores, column.get(rule.direction, "threshold_both"))
+    if rule.alert_budget_per_week is not None:
+        own = shift_for_budget(own, _column(scores, "alert_budget"), rule.alert_budget_per_week)
+    return np.fmax(own, rule.threshold)
+
+
 def high_mask(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
-    """Rows whose score counts as high under the rule (NaN scores never do)."""
+    """Rows whose score counts as high under the rule (NaN scores never do): at or above the
+    effective threshold on the rule's side, or an outage (unless the rule only looks up)."""
     score = _column(scores, "score")
     value = _column(scores, "value")
     expected = _column(scores, "expected")
     level = _column(scores, "baseline_level")
+    sign = _column(scores, "sign", 0.0)
+    outage = _column(scores, "outage", 0.0) > 0
     with np.errstate(invalid="ignore"):
-        high = score >= rule.threshold
+        high = score >= effective_threshold(rule, scores)
+        if rule.direction == "up":
+            high &= (sign > 0) | ~np.isfinite(sign)
+            outage[:] = False
+        elif rule.direction == "down":
+            high &= (sign < 0) | ~np.isfinite(sign)
+        high |= outage
         if rule.min_abs_deviation > 0:
             high &= np.abs(value - expected) >= rule.min_abs_deviation
         if rule.min_baseline_level > 0:
@@ -168,7 +201,8 @@ def high_mask(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
 
 def _sorted(sid: np.ndarray, ts: np.ndarray) -> bool:
     step_sid = np.diff(sid)
-    return bool(np.all((step_sid > 0) | ((step_sid == 0) & (np.diff(ts) > 0))))
+    # Equal timestamps (a file's duplicated rows) keep their order: lexsort is stable.
+    return bool(np.all((step_sid > 0) | ((step_sid == 0) & (np.diff(ts) >= 0))))
 
 
 def evaluate(
@@ -230,13 +264,25 @@ def evaluate(
     carried_since = with_synthetic(syn_since, np.zeros(len(real_idx), np.int64))
     synthetic = source < 0
     n = len(sid)
+    # The interval each real row stands for: since the series' previous row (in this frame, or
+    # the last one evaluated before); 0 when unknown and for a synthetic row.
+    r_ts = ts_in[real_idx]
+    prev = np.full(len(real_idx), -1, np.int64)
+    if len(real_idx):
+        same = np.r_[False, real_sid[1:] == real_sid[:-1]]
+        prev[1:] = np.where(same[1:], r_ts[:-1], -1)
+        carried = known[real_idx] & ~same
+        if len(st_sid):
+            prev[carried] = st_last[pos_c[real_idx][carried]]
+    step = np.where(prev >= 0, r_ts - prev, 0)
+    interval = with_synthetic(np.zeros(len(syn), np.int64), step)
 
     events = _empty_events()
     flags_all = np.zeros(n, np.int8)
     new_sid = np.empty(0, np.int64)
     if n:
         events, flags_all, new_state_parts = _machine(
-            rule, sid, ts, high, crit, forced, synthetic, carried_since
+            rule, sid, ts, high, crit, forced, synthetic, carried_since, interval
         )
         new_sid = new_state_parts[0]
     else:
@@ -250,6 +296,7 @@ def evaluate(
         rows = source[events.pop("_row").to_numpy()]
         for name in ("value", "expected", "lower", "upper", "score"):
             events[name] = _column(scores, name)[rows]
+        events["kind"] = np.nan_to_num(_column(scores, "kind", 0.0)[rows]).astype(np.int64)
         events = events[list(EVENT_COLUMNS)]
         events["_order"] = events["event"].map(_EVENT_ORDER)
         events = (
@@ -290,6 +337,7 @@ def _machine(
     forced: np.ndarray,
     synthetic: np.ndarray,
     carried_since: np.ndarray,
+    interval: np.ndarray,
 ) -> tuple[pd.DataFrame, np.ndarray, tuple[np.ndarray, ...]]:
     n = len(sid)
     idx = np.arange(n)
@@ -325,6 +373,9 @@ def _machine(
     # Does the run fire, and where: first row >= start + for (never the synthetic row itself).
     fire = np.searchsorted(key, key[starts] + for_us, side="left")
     fire = np.where(synthetic[starts] & (fire == starts), fire + 1, fire)
+    # A row standing for an interval at least `for` long (hourly data, a 5-minute `for`) has
+    # been high for `for` on its own: its run fires at once.
+    fire = np.where((interval[starts] >= for_us) & ~synthetic[starts], starts, fire)
     fire = np.where(forced[starts], starts, fire)
     qualifies = fire <= ends
 

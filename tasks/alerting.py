@@ -26,6 +26,7 @@ from storage import alerts as db
 from storage.backend import Backend
 from storage.store import Store
 from tasks.alert_engine import AlertRule, alert_flags, alert_timeline, evaluate
+from tasks.calibration import KIND_NAMES
 from tasks.notify import Channel, Message, deliver, load_channels
 
 __all__ = [
@@ -86,7 +87,7 @@ def default_rule(settings: Settings) -> AlertRule:
         min_abs_deviation=settings.alert_min_abs_deviation,
         min_baseline_level=settings.alert_min_baseline_level,
         repeat_interval_seconds=settings.alert_repeat_interval_seconds,
-    )
+    )  # direction both; the budget is the one the baselines were fitted with
 
 
 def load_rules(settings: Settings, backend: Backend) -> list[AlertRule]:
@@ -150,13 +151,17 @@ def alert_message(alert: dict[str, Any], event: str, link: str | None) -> Messag
         f"score: {_fmt(alert['score'])}",
         f"since: {_iso(int(alert['started_at']))}",
     ]
+    if detail.get("kind") in ("level shift", "outage"):
+        lines.insert(1, f"what: {detail['kind']}")
     if event == "resolved" and alert.get("resolved_at") is not None:
         lines.append(f"resolved: {_iso(int(alert['resolved_at']))}")
     lines.append(f"alert: #{alert['alert_id']}")
     if link:
         lines.append(f"flow run: {link}")
+    what = f" ({detail['kind']})" if detail.get("kind") in ("level shift", "outage") else ""
     return Message(
-        subject=f"[metricmill] {state} {alert['severity']}: {series}", body="\n".join(lines)
+        subject=f"[metricmill] {state} {alert['severity']}: {series}{what}",
+        body="\n".join(lines),
     )
 
 
@@ -199,6 +204,7 @@ def _persist(
             expected, low, high = (_floats(part, c) for c in ("expected", "lower", "upper"))
             at = part["ts_us"].astype("int64").tolist()
             kind = part["event"].tolist()
+            kinds = part["kind"].tolist() if "kind" in part else [0] * len(part)
             fps = part["fingerprint"].tolist()
             opened = [
                 (
@@ -213,7 +219,14 @@ def _persist(
                     low[i],
                     high[i],
                     score[i],
-                    json.dumps({"metric": meta[sid][0], "labels": meta[sid][1]}, sort_keys=True),
+                    json.dumps(
+                        {
+                            "metric": meta[sid][0],
+                            "labels": meta[sid][1],
+                            "kind": KIND_NAMES.get(int(kinds[i]), "point"),
+                        },
+                        sort_keys=True,
+                    ),
                     None,
                 )
                 for i, sid in enumerate(part["series_id"].tolist())

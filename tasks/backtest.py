@@ -16,26 +16,37 @@ import pandas as pd
 from tasks.alert_engine import AlertRule, alert_flags
 from tasks.baseline import DAY_US, BaselineTable, LearnParams, fit_models, learn_baselines
 from tasks.detect import CONTEXT_US, empty_scores, score_points
+from tasks.detectors import FittedModel
 
 BUCKET_US = 300_000_000
+MODEL_REFIT_DAYS = 7
 
 
 def buckets_of(points: pd.DataFrame, bucket_us: int = BUCKET_US) -> pd.DataFrame:
-    """Rollup-style buckets (series_id, ts_us, count, sum, sum_sq) of raw points."""
+    """Rollup-style buckets (series_id, ts_us, count, sum, sum_sq, min, max) of raw points."""
     sid = points["series_id"].to_numpy(np.int64)
     bucket = points["ts_us"].to_numpy(np.int64) // bucket_us * bucket_us
     value = points["value"].to_numpy(np.float64)
-    keys = np.column_stack([sid, bucket])
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    size = len(uniq)
+    order = np.lexsort((bucket, sid))
+    sid, bucket, value = sid[order], bucket[order], value[order]
+    starts = np.flatnonzero(np.r_[True, (sid[1:] != sid[:-1]) | (bucket[1:] != bucket[:-1])])
+    if not len(value):
+        starts = np.empty(0, dtype=np.int64)
+    counts = np.diff(np.r_[starts, len(value)]).astype(np.float64)
+    if not len(value):
+        empty = {c: np.empty(0) for c in ("count", "sum", "sum_sq", "min", "max")}
+        return pd.DataFrame(
+            {"series_id": np.empty(0, np.int64), "ts_us": np.empty(0, np.int64), **empty}
+        )
     return pd.DataFrame(
         {
-            "series_id": uniq[:, 0],
-            "ts_us": uniq[:, 1],
-            "count": np.bincount(inverse, minlength=size).astype(np.float64),
-            "sum": np.bincount(inverse, weights=value, minlength=size),
-            "sum_sq": np.bincount(inverse, weights=value * value, minlength=size),
+            "series_id": sid[starts],
+            "ts_us": bucket[starts],
+            "count": counts,
+            "sum": np.add.reduceat(value, starts),
+            "sum_sq": np.add.reduceat(value * value, starts),
+            "min": np.minimum.reduceat(value, starts),
+            "max": np.maximum.reduceat(value, starts),
         }
     )
 
@@ -48,40 +59,133 @@ def replay(
     metric: str = "backtest",
     max_fit_rows: int = 5_000,
     params: LearnParams | None = None,
+    model_refit_days: int = MODEL_REFIT_DAYS,
+    confirmed: np.ndarray | None = None,
+    confirm_with: AlertRule | None = None,
 ) -> pd.DataFrame:
-    """Scores (the detect flow's columns) for every point of `points` (series_id, ts_us, value).
+    """Scores (the detect flow's columns) for every point of `points` (series_id, ts_us, value),
+    in the order of `points` sorted by (series_id, ts_us) (duplicated timestamps keep their
+    order). Points before a series has its first baseline get score 0 and no expected value.
 
-    Points before a series has its first baseline get score 0 and no expected value.
+    Baselines are refitted every midnight from the days before it; the PyOD models every
+    `model_refit_days` midnights (also only from earlier days), as they only refine points that
+    are already unusual and their fit dominates the replay's time.
+
+    `confirmed` (bool per row of `points`, e.g. a file's labels) marks incidents. With
+    `confirm_with` (an alert rule), a refit leaves out what an operator could have confirmed
+    by then: the rows of each alert the rule raised on a labelled incident, and that incident's
+    labelled rows (`metricmill alerts resolve --incident`); missed incidents and false alerts
+    stay in the training data. Without it, every labelled row before the refit is left out.
+    A refit only ever sees rows before its midnight, so nothing is known ahead of time.
     """
+    if confirmed is not None:
+        points = points.assign(_confirmed=np.asarray(confirmed, dtype=bool))
     points = points.sort_values(["series_id", "ts_us"], kind="stable").reset_index(drop=True)
     if points.empty:
         return empty_scores()
     ts = points["ts_us"].to_numpy(np.int64)
+    sid = points["series_id"].to_numpy(np.int64)
+    labels = points["_confirmed"].to_numpy(bool) if confirmed is not None else None
+    points = points[["series_id", "ts_us", "value"]]
     buckets = buckets_of(points)
     b_ts = buckets["ts_us"].to_numpy(np.int64)
-    metric_of = pd.Series(metric, index=np.unique(points["series_id"].to_numpy(np.int64)))
+    b_sid = buckets["series_id"].to_numpy(np.int64)
+    row_bucket = _bucket_rows(sid, ts, b_sid, b_ts)
+    left_out = np.zeros(len(buckets), dtype=bool)
+    if labels is not None and confirm_with is None:
+        left_out[row_bucket[labels]] = True
+    metric_of = pd.Series(metric, index=np.unique(sid))
     patterns = detectors or {"*": "ecod"}
     first_day = int(ts.min()) // DAY_US + 1
     last_day = int(ts.max()) // DAY_US
-    parts: list[pd.DataFrame] = []
+    out = points.copy()
+    columns = [c for c in empty_scores().columns if c not in ("series_id", "ts_us", "value")]
+    values = {c: np.full(len(points), np.nan) for c in columns}
+    models: dict[str, FittedModel] = {}
+    fitted_on: int | None = None
+    single = _single(buckets)
     for day in range(first_day, last_day + 1):  # one refit per day, as the nightly flow
         t0 = day * DAY_US
-        train = buckets[(b_ts >= t0 - window_days * DAY_US) & (b_ts < t0)]
+        if labels is not None and confirm_with is not None:
+            seen = int(np.searchsorted(ts, t0)) if single else len(ts)
+            known = ts[:seen] < t0
+            left_out[
+                row_bucket[:seen][_confirmed_rows(out, values, seen, known, labels, confirm_with)]
+            ] = True
+        if single:
+            lo, hi = np.searchsorted(b_ts, [t0 - window_days * DAY_US, t0])
+            keep = np.arange(lo, hi)
+        else:
+            keep = np.flatnonzero((b_ts >= t0 - window_days * DAY_US) & (b_ts < t0))
+        train = buckets.iloc[keep[~left_out[keep]]]
         learned = learn_baselines(train, bucket_us=BUCKET_US, params=params)
         if learned.baselines.empty:
             continue
-        models = fit_models(train, learned.baselines, metric_of, patterns, max_rows=max_fit_rows)
-        window = (ts >= t0 - CONTEXT_US) & (ts < t0 + DAY_US)
-        chunk = points.loc[window].assign(fresh=ts[window] >= t0)
+        if fitted_on is None or day - fitted_on >= model_refit_days:
+            models = fit_models(
+                train, learned.baselines, metric_of, patterns, max_rows=max_fit_rows
+            )
+            fitted_on = day
+        rows = np.flatnonzero((ts >= t0 - CONTEXT_US) & (ts < t0 + DAY_US))
+        chunk = points.iloc[rows].assign(fresh=ts[rows] >= t0)
         scored = score_points(chunk, BaselineTable.from_frame(learned.baselines), models, metric_of)
-        parts.append(scored.scores)
-    scored_all = pd.concat(parts, ignore_index=True) if parts else empty_scores()
-    merged = points[["series_id", "ts_us", "value"]].merge(
-        scored_all.drop(columns="value"), on=["series_id", "ts_us"], how="left"
-    )
+        target = rows[scored.rows]  # back to rows of `points`
+        for column in columns:
+            values[column][target] = scored.scores[column].to_numpy(np.float64)
+    for column in columns:
+        out[column] = values[column]
     for column in ("stat_score", "score"):
-        merged[column] = merged[column].fillna(0.0)
-    return merged
+        out[column] = out[column].fillna(0.0)
+    return out
+
+
+def _bucket_rows(
+    sid: np.ndarray, ts: np.ndarray, b_sid: np.ndarray, b_ts: np.ndarray
+) -> np.ndarray:
+    """Per row (sorted by series and time): the index of its bucket in buckets_of's frame."""
+    key = (sid, ts // BUCKET_US * BUCKET_US)
+    order = np.lexsort((b_ts, b_sid))  # buckets_of sorts this way already; cheap to be sure
+    at = np.searchsorted(
+        b_sid[order].astype(np.float64) * 1e17 + b_ts[order],
+        key[0].astype(np.float64) * 1e17 + key[1],
+    )
+    return order[np.minimum(at, len(order) - 1)]
+
+
+def _confirmed_rows(
+    out: pd.DataFrame,
+    values: dict[str, np.ndarray],
+    seen: int,
+    known: np.ndarray,
+    labels: np.ndarray,
+    rule: AlertRule,
+) -> np.ndarray:
+    """Rows among the first `seen` (those with `known` set) an operator would have confirmed
+    as an incident by now: rows of alert episodes that overlap a labelled run, and the rows of
+    labelled runs that overlap an alert."""
+    rows = np.flatnonzero(known)
+    if not len(rows):
+        return rows
+    frame = out.iloc[rows].assign(**{c: v[rows] for c, v in values.items()})
+    for column in ("stat_score", "score"):
+        frame[column] = frame[column].fillna(0.0)
+    firing = np.asarray(alert_flags(rule, frame), dtype=bool)
+    label = labels[rows]
+    sid = frame["series_id"].to_numpy(np.int64)
+    confirmed = np.zeros(len(rows), dtype=bool)
+    for mask, other in ((firing, label), (label, firing)):  # episodes of one, touched by other
+        start = mask & ~np.r_[False, mask[:-1] & (sid[1:] == sid[:-1])]
+        run = np.cumsum(start) * mask  # 0 outside runs
+        touched = np.zeros(int(run.max()) + 1, dtype=bool)
+        touched[run[mask & other]] = True
+        confirmed |= mask & touched[run]
+    return rows[confirmed]
+
+
+def _single(buckets: pd.DataFrame) -> bool:
+    """One series (buckets sorted by time): training windows are slices."""
+    sid = buckets["series_id"].to_numpy()
+    return bool(len(sid) == 0 or sid[0] == sid[-1])
 
 
 @dataclass

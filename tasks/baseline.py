@@ -35,6 +35,7 @@ from storage import alerts as alerts_db
 from storage import detection
 from storage.schema import ROLLUP_LEVELS
 from storage.store import Store
+from tasks import calibration as cal
 from tasks.detectors import FittedModel, features, fit_per_metric
 
 HOUR_US = 3_600_000_000
@@ -58,6 +59,7 @@ class LearnParams:
     rel_floor: float = 1e-3
     abs_floor: float = 1e-9
     max_extrapolation_us: int = 2 * DAY_US
+    alert_budget_per_week: float = 0.5  # alerts a rule may raise per series and week
 
 
 @dataclass
@@ -80,16 +82,32 @@ def slot_of(ts_us: np.ndarray, season: np.ndarray) -> np.ndarray:
     return slot * (season > 0)
 
 
+def group_order(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Row order by (key, value). One unstable argsort of key + value rescaled into [0, 0.5]
+    (float64 keeps ~1e-10 of the value range, so only near-equal values may swap, which no
+    quantile can see); two stable argsorts when the values are not all finite."""
+    if len(values) and np.isfinite(values).all():
+        lo, hi = float(values.min()), float(values.max())
+        span = hi - lo
+        k_max = float(keys.max()) if len(keys) else 0.0
+        if k_max < 2.0**20:
+            scaled = (values - lo) * (0.5 / span) if span > 0 else np.zeros(len(values))
+            return np.argsort(keys.astype(np.float64) + scaled)
+    order = np.argsort(values, kind="stable")
+    return order[np.argsort(keys[order], kind="stable")]
+
+
 def group_quantiles(
     keys: np.ndarray, values: np.ndarray, qs: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Unique keys, their counts and, per q, the linear-interpolated quantile of each group."""
-    # Two stable argsorts: far faster than np.lexsort on (float, int) columns.
-    order = np.argsort(values, kind="stable")
-    order = order[np.argsort(keys[order], kind="stable")]
+    order = group_order(keys, values)
     k = keys[order]
     v = values[order]
-    uniq, start, counts = np.unique(k, return_index=True, return_counts=True)
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.empty(0, np.int64)
+    uniq = k[starts]
+    counts = np.diff(np.r_[starts, len(k)])
+    start = starts
     out = []
     for q in qs:
         pos = start + q * (counts - 1)
@@ -226,6 +244,7 @@ def learn_baselines(
         span[keep_series],
     )
     code, ts, value, within = remap[code[rows]], ts[rows], value[rows], within[rows]
+    count = count[rows]
     n_series = len(ids)
 
     slope_day = _theil_sen_per_day(code, ts, value, n_series)
@@ -288,8 +307,109 @@ def learn_baselines(
         }
     )
     learned = _fill_missing_slots(learned, season, ids, pooled, level)
+    residual = (detrended - p50[pos]) / scale[pos]
+    extremes = {}
+    for side in ("max", "min"):
+        if side in frame.columns:
+            raw = frame[side].to_numpy(np.float64)[rows]
+            extremes[side] = (raw - slope_day[code] * (ts - t_ref[code]) / DAY_US - p50[pos]) / (
+                scale[pos]
+            )
+    calib = _calibrate(
+        code,
+        ts,
+        value,
+        residual,
+        extremes.get("max", residual),
+        extremes.get("min", residual),
+        span,
+        params,
+        np.minimum.reduceat(p05, np.flatnonzero(np.r_[True, np.diff(g_code) != 0])),
+        count,
+    )
+    at = np.searchsorted(ids, learned["series_id"].to_numpy(np.int64))
+    learned = learned.assign(**{name: column[at] for name, column in calib.items()})
     counts = {name: int((season == k).sum()) for k, name in enumerate(SEASONS)}
     return Learned(learned, skipped, counts)
+
+
+CALIBRATION_COLUMNS = (
+    "tail_up_u",
+    "tail_up_beta",
+    "tail_down_u",
+    "tail_down_beta",
+    "run_up_u",
+    "run_up_beta",
+    "run_down_u",
+    "run_down_beta",
+    "outage_floor",
+    "alert_budget",
+    "threshold_both",
+    "threshold_up",
+    "threshold_down",
+)
+
+
+def _calibrate(
+    code: np.ndarray,
+    ts: np.ndarray,
+    value: np.ndarray,
+    residual: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    span: np.ndarray,
+    params: LearnParams,
+    low_normal: np.ndarray,
+    count: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Per series: the tails of its agile residuals, its outage floor and the thresholds its
+    own window allows under the alert budget (tasks/calibration.py)."""
+    n = len(span)
+    floor = cal.outage_floor(code, value, n, low_normal)
+    usable = ~(value <= floor[code])
+    offset = cal.agile_offset(code, ts, residual, n, use=usable)
+    up = high - offset
+    down = offset - low
+    up_u, up_beta = cal.fit_tail(code, np.where(usable, up, np.nan), n)
+    down_u, down_beta = cal.fit_tail(code, np.where(usable, down, np.nan), n)
+    # Runs: buckets average several raw points; a run of RUN_POINTS raw points spans about
+    # RUN_POINTS / (points per bucket) buckets.
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    per_bucket = np.maximum(np.add.reduceat(count, starts) / np.diff(np.r_[starts, len(code)]), 1)
+    window = np.clip(np.round(cal.RUN_POINTS / per_bucket), 1, cal.RUN_POINTS).astype(np.int64)
+    run = cal.rolling_mean(code, np.where(usable, residual - offset, 0.0), window[code])
+    run_up_u, run_up_beta = cal.fit_tail(code, run, n)
+    run_down_u, run_down_beta = cal.fit_tail(code, -run, n)
+    run_level = np.where(
+        run >= 0,
+        cal.tail_level(run, run_up_u[code], run_up_beta[code]),
+        cal.tail_level(-run, run_down_u[code], run_down_beta[code]),
+    )
+    level_up = np.where(usable, cal.tail_level(up, up_u[code], up_beta[code]), np.nan)
+    level_down = np.where(usable, cal.tail_level(down, down_u[code], down_beta[code]), np.nan)
+    level_up = np.fmax(level_up, np.where(run > 0, run_level, np.nan))
+    level_down = np.fmax(level_down, np.where(run < 0, run_level, np.nan))
+    weeks = span / (7 * DAY_US)
+    budget = params.alert_budget_per_week
+
+    def threshold(level: np.ndarray) -> np.ndarray:
+        return cal.score_of(cal.budget_threshold(code, ts, level, n, weeks, budget))
+
+    return {
+        "tail_up_u": up_u,
+        "tail_up_beta": up_beta,
+        "tail_down_u": down_u,
+        "tail_down_beta": down_beta,
+        "run_up_u": run_up_u,
+        "run_up_beta": run_up_beta,
+        "run_down_u": run_down_u,
+        "run_down_beta": run_down_beta,
+        "outage_floor": floor,
+        "alert_budget": np.full(n, budget),
+        "threshold_both": threshold(np.fmax(level_up, level_down)),
+        "threshold_up": threshold(level_up),
+        "threshold_down": threshold(level_down),
+    }
 
 
 def _fill_missing_slots(
@@ -357,6 +477,7 @@ class BaselineTable:
     t_ref: np.ndarray
     t_end: np.ndarray
     level: np.ndarray
+    calibration: np.ndarray  # CALIBRATION_COLUMNS x series
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> BaselineTable:
@@ -375,6 +496,18 @@ class BaselineTable:
             frame[["trend_slope", "window_start", "window_end", "level"]].to_numpy(np.float64).T
         )
         slope, w_start, w_end, level = per_series
+        calibration = np.full((len(CALIBRATION_COLUMNS), n), np.nan)
+        present = [c for c in CALIBRATION_COLUMNS if c in frame.columns]
+        if present:
+            index = np.array([CALIBRATION_COLUMNS.index(c) for c in present], dtype=np.int64)
+            calibration[np.ix_(index, pos)] = frame[present].to_numpy(np.float64).T
+        # Baselines from before calibration existed: a unit tail from 0 (z = 7 is p = 1e-4).
+        for name in ("tail_up_u", "tail_down_u", "run_up_u", "run_down_u"):
+            row = calibration[CALIBRATION_COLUMNS.index(name)]
+            row[np.isnan(row)] = 0.0
+        for name in ("tail_up_beta", "tail_down_beta", "run_up_beta", "run_down_beta"):
+            row = calibration[CALIBRATION_COLUMNS.index(name)]
+            row[np.isnan(row)] = 1.0
         return cls(
             ids,
             season,
@@ -384,10 +517,32 @@ class BaselineTable:
             (w_start + w_end) / 2,
             w_end,
             level,
+            calibration,
         )
 
+    def positions(self, series_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of the table, whether the series has one) per point (points grouped by series)."""
+        n = len(self.series_ids)
+        if not n or not len(series_id):
+            return np.zeros(len(series_id), dtype=np.int64), np.zeros(len(series_id), dtype=bool)
+        starts = np.flatnonzero(np.r_[True, series_id[1:] != series_id[:-1]])
+        run_len = np.diff(np.r_[starts, len(series_id)])
+        run_pos = np.minimum(np.searchsorted(self.series_ids, series_id[starts]), n - 1)
+        run_has = self.series_ids[run_pos] == series_id[starts]
+        return np.repeat(run_pos, run_len), np.repeat(run_has, run_len)
+
+    def calibration_of(self, pos: np.ndarray) -> dict[str, np.ndarray]:
+        """The calibration columns per point, from positions()."""
+        if not len(self.series_ids):
+            return {c: np.full(len(pos), np.nan) for c in CALIBRATION_COLUMNS}
+        return {c: self.calibration[i].take(pos) for i, c in enumerate(CALIBRATION_COLUMNS)}
+
     def lookup(
-        self, series_id: np.ndarray, ts_us: np.ndarray, params: LearnParams | None = None
+        self,
+        series_id: np.ndarray,
+        ts_us: np.ndarray,
+        params: LearnParams | None = None,
+        positions: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(has baseline, expected, scale, level) per point (points grouped by series)."""
         params = params or LearnParams()
@@ -396,17 +551,13 @@ class BaselineTable:
             nan = np.full(len(series_id), np.nan)
             return np.zeros(len(series_id), dtype=bool), nan, nan, nan
         # Look each run of one series up once, then spread the answer over its points.
-        starts = np.flatnonzero(np.r_[True, series_id[1:] != series_id[:-1]])
-        run_len = np.diff(np.r_[starts, len(series_id)])
-        run_pos = np.minimum(np.searchsorted(self.series_ids, series_id[starts]), n - 1)
-        run_has = self.series_ids[run_pos] == series_id[starts]
-        pos = np.repeat(run_pos, run_len)
+        pos, series_has = positions if positions is not None else self.positions(series_id)
         slot = slot_of(ts_us, self.season[pos])
         flat = pos * MAX_SLOTS + slot
         at = np.minimum(ts_us, self.t_end[pos] + params.max_extrapolation_us)
         expected = self.median.ravel().take(flat) + self.slope_per_us[pos] * (at - self.t_ref[pos])
         scale = self.scale.ravel().take(flat)
-        has = np.repeat(run_has, run_len) & np.isfinite(expected) & np.isfinite(scale)
+        has = series_has & np.isfinite(expected) & np.isfinite(scale)
         expected[~has] = np.nan
         scale[~has] = np.nan
         return has, expected, scale, self.level[pos]
@@ -468,6 +619,8 @@ class BaselineOutcome:
     rows: int = 0
     excluded_rows: int = 0
     seconds: float = 0.0
+    budget: float = 0.5
+    thresholds: list[float] = field(default_factory=list)  # effective (both), one per series
 
     @property
     def seconds_per_1000(self) -> float:
@@ -481,7 +634,7 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
     started = time.perf_counter()
     days = window_days or settings.baseline_window_days
     level = settings.baseline_level
-    outcome = BaselineOutcome()
+    outcome = BaselineOutcome(budget=settings.alert_budget_per_week)
     with Store.open(settings=settings) as store:
         end_us = _now_us() // HOUR_US * HOUR_US
         start_us = end_us - days * DAY_US
@@ -498,7 +651,11 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
             )
             kept = detection.exclude_windows(buckets, incidents)
             outcome.excluded_rows += len(buckets) - len(kept)
-            learned = learn_baselines(kept, bucket_us=ROLLUP_LEVELS[level])
+            learned = learn_baselines(
+                kept,
+                bucket_us=ROLLUP_LEVELS[level],
+                params=LearnParams(alert_budget_per_week=settings.alert_budget_per_week),
+            )
             outcome.rows += detection.write_baselines(store, learned.baselines)
             for name, count in learned.seasons.items():
                 outcome.seasons[name] = outcome.seasons.get(name, 0) + count
@@ -509,6 +666,9 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
                 for i, r in learned.skipped[["series_id", "reason"]].itertuples(index=False)
             )
             outcome.series += len(part)
+            firsts = learned.baselines.drop_duplicates("series_id")
+            if "threshold_both" in firsts:
+                outcome.thresholds.extend(float(v) for v in firsts["threshold_both"].dropna())
             fit_buckets.append(_sample_rows(kept, settings.detector_max_fit_rows))
             fit_baselines.append(learned.baselines)
         if fit_buckets:

@@ -63,9 +63,13 @@ def oracle(rule: AlertRule, scores: pd.DataFrame) -> tuple[list[tuple], np.ndarr
     for_us, keep_us = round(rule.for_seconds * 1e6), round(rule.keep_firing_for_seconds * 1e6)
     events, flags = [], np.zeros(len(scores), np.int8)
     state: dict[int, tuple[str, int, int, str | None]] = {}
+    previous: dict[int, int] = {}
     rows = zip(scores["series_id"], scores["ts_us"], scores["score"], strict=True)
     for i, (sid, ts, score) in enumerate(rows):
         phase, since, last_high, sev = state.get(sid, ("normal", 0, 0, None))
+        # a row stands for the interval since the series' previous row
+        interval = ts - previous[sid] if sid in previous else 0
+        previous[sid] = ts
         crit = bool(high[i]) and score >= rule.critical_threshold
         if phase == "firing":
             if high[i]:
@@ -77,10 +81,11 @@ def oracle(rule: AlertRule, scores: pd.DataFrame) -> tuple[list[tuple], np.ndarr
                 events.append((sid, ts, "resolved", str(sev), since))
                 phase = "normal"
         elif high[i]:
-            if phase == "normal":
+            starts = phase == "normal"
+            if starts:
                 phase, since = "pending", ts
             last_high = ts
-            if ts - since >= for_us:
+            if ts - since >= for_us or (starts and interval >= for_us):
                 phase, sev = "firing", "critical" if crit else "warning"
                 events.append((sid, ts, "firing", sev, since))
         else:
@@ -226,7 +231,7 @@ def test_lifecycle_persists_one_open_alert_updates_it_and_resolves_it(
     assert alert["fingerprint"] == f"anomaly:{a}" and alert["status"] == "firing"
     assert (alert["severity"], alert["score"], alert["value"]) == ("critical", 0.9, 9.0)
     assert alert["started_at"] == T0 + MIN and alert["updated_at"] == T0 + 6 * MIN
-    assert alert["detail"] == {"metric": "cpu", "labels": {"host": "a"}}
+    assert alert["detail"] == {"metric": "cpu", "labels": {"host": "a"}, "kind": "point"}
 
     with Store.open(db_target.url, timescaledb=db_target.timescaledb) as store:  # type: ignore[arg-type]
         db.set_status(

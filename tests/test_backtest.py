@@ -101,3 +101,78 @@ def test_small_evaluation_meets_the_targets() -> None:
     assert recall["spike"] >= 0.9 and recall["level_shift"] >= 0.9
     assert recall["variance_change"] >= 0.7 and recall["seasonality_break"] >= 0.7
     assert result.false_per_series_week <= 1.0
+
+
+def test_backtest_takes_duplicates_gaps_and_unsorted_rows_as_they_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_settings(monkeypatch, home=tmp_path)
+    data = labelled_set(1, days=3, clean_days=2, seed=4, kinds=("spike",)).frame
+    stamps = pd.to_datetime(data["ts_us"], unit="us", utc=True).map(lambda t: t.isoformat())
+    rows = pd.DataFrame({"TimeStamp": stamps, "Value": data["value"].map(str)})
+    rows.loc[[100, 400, 401], "Value"] = ""  # gaps
+    twice = rows.iloc[[500, 700]].assign(Value=["1.5", "2.5"])  # the same stamps, new values
+    shuffled = pd.concat([rows, twice]).sample(frac=1.0, random_state=0)  # unsorted
+    source = tmp_path / "real.csv"
+    shuffled.to_csv(source, index=False)
+    target = tmp_path / "scores.csv"
+    result = CliRunner().invoke(
+        app, ["backtest", str(source), "-o", str(target), "--budget", "0.25"]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"read {len(shuffled)} rows" in text
+    assert "2 duplicated timestamps" in text and "3 empty values (gaps)" in text
+    assert "rows sorted by time" in text
+    scores = pd.read_csv(target)
+    assert len(scores) == len(shuffled) - 3  # every row with a value, both duplicates kept
+    assert pd.to_datetime(scores["timestamp"]).is_monotonic_increasing
+    dup = scores[scores["timestamp"] == stamps.iloc[500]]
+    expected = sorted([float(rows["Value"].iloc[500]), 1.5])
+    assert sorted(dup["value"].tolist()) == pytest.approx(expected, rel=1e-5)  # %.6g output
+    assert scores["anomaly_score"].between(0, 1).all()
+
+
+def test_backtest_names_an_unreadable_file_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_settings(monkeypatch, home=tmp_path)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("timestamp,value\n2026-01-01T00:00:00Z,\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["backtest", str(blank), "-o", str(tmp_path / "o.csv")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no row has a value" in lines[0]
+
+
+def test_only_incidents_the_rule_alerted_on_are_left_out_of_later_refits() -> None:
+    """With confirm_with, a labelled incident the rule alerted on is left out of the next
+    day's fit (as an operator's `alerts resolve --incident` would), a labelled incident it
+    missed is not, and labels never act before the midnight after they happen."""
+    data = labelled_set(1, days=5, clean_days=2, seed=3).frame[["series_id", "ts_us", "value"]]
+    data = data.reset_index(drop=True)
+    ts = data["ts_us"].to_numpy()
+    t0 = int(ts[0]) // DAY_US * DAY_US
+    day3 = (ts >= t0 + 3 * DAY_US) & (ts < t0 + 3 * DAY_US + 4 * 3_600_000_000)
+    values = data["value"].to_numpy().copy()
+    # Day 3: four hours at ten times the level, an incident any rule alerts on.
+    values[day3] = 10 * np.abs(values).max()
+    data["value"] = values
+    rule = AlertRule(threshold=0.7, for_seconds=0, keep_firing_for_seconds=900)
+    plain = replay(data)
+    assert alerts_for(plain, rule)[day3].any()
+    labelled = replay(data, confirmed=day3, confirm_with=rule)
+    cols = ["expected", "stat_score", "score"]
+    before = ts < t0 + 4 * DAY_US  # up to the refit after the incident: same scores
+    pd.testing.assert_frame_equal(plain.loc[before, cols], labelled.loc[before, cols])
+    # From day 4 the incident's hours are out of the training window's slot of that time
+    # of day: the expected value there is the usual one again, not pulled up by the incident.
+    day4 = (ts >= t0 + 4 * DAY_US) & (ts < t0 + 4 * DAY_US + 4 * 3_600_000_000)
+    plain_gap = np.abs(plain.loc[day4, "expected"] - data.loc[day4, "value"]).median()
+    left_gap = np.abs(labelled.loc[day4, "expected"] - data.loc[day4, "value"]).median()
+    assert left_gap < plain_gap
+    # A label on rows the rule never alerted on (quiet day 2 hours) changes nothing.
+    quiet = (ts >= t0 + 2 * DAY_US) & (ts < t0 + 2 * DAY_US + 3_600_000_000)
+    assert not alerts_for(plain, rule)[quiet].any()
+    missed = replay(data, confirmed=quiet, confirm_with=rule)
+    pd.testing.assert_frame_equal(plain[cols], missed[cols])

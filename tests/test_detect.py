@@ -79,8 +79,9 @@ def test_score_frame_contract_and_scores() -> None:
     assert set(frame["series_id"]) == {1, 2, 3}
     assert frame["score"].between(0, 1).all()
     assert (frame["lower"] < frame["expected"]).all() and (frame["expected"] < frame["upper"]).all()
-    spike = frame[(frame["series_id"] == 2) & (frame["value"] > frame["upper"] + 40)]
-    assert len(spike) == 1 and spike["score"].iloc[0] == 1.0
+    spike = frame[(frame["series_id"] == 2) & (frame["value"] > frame["expected"] + 40)]
+    # No clip: a 30-sigma spike scores near 1 and still below it, so it keeps ranking.
+    assert len(spike) == 1 and 0.95 < spike["score"].iloc[0] < 1.0
     assert spike["model_score"].iloc[0] > 0.9
     normal = frame.drop(spike.index)
     assert (normal["score"] < 0.7).all()

@@ -1,0 +1,240 @@
+"""Calibrated scores: tail probabilities under each series' own residuals, an alert budget, an
+agile level, and outages. Pure numpy, vectorised across series (no loop per series).
+
+- **Residual.** r = (value - expected) / scale, then minus the series' *agile offset*: the
+  median of three 40-minute levels (each the median of its 5-minute block mean residuals) in
+  the two hours before the point's block. A spike or a short incident straddling two
+  sub-windows moves none of the median; a sustained level shift moves two of them within about
+  65 minutes, after which the series is compared with its new level (one alert, not a storm
+  until the nightly fit).
+- **Tail.** Per series and side (up, down), residuals above their 90% quantile u are fitted
+  with an exponential excess (a generalised Pareto tail of shape 0) of robust scale
+  beta = median excess / ln 2: p(z) = 0.1 * exp(-(z - u) / beta). L = -log10 p is linear in z,
+  so a point keeps ranking however far beyond the training range it lies.
+- **Score.** 1 - exp(-L / L_SCALE): 0.7 at L = 4 (p = 1e-4 per block), 0.9 at L ~ 7.65,
+  approaching 1 without a clip.
+- **Budget.** At each fit, a series' effective threshold is the score its training window
+  would have exceeded in `budget * weeks` hours (hour maxima stand for alert episodes): a
+  noisy or heavy-tailed series gets a higher threshold, a quiet one keeps the rule's.
+- **Runs.** The mean agile residual of a point and the RUN_POINTS - 1 before it has tails of its
+  own (fitted the same way): a long, moderate rise (a crash rate at four times its usual level
+  for hours) is rare as a run long before any single point of it is. L is the larger of the
+  point's and the run's.
+- **Outage.** A non-negative series whose 1% quantile is above zero is busy; a point at or
+  below a tenth of that quantile is an outage, whatever its score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_US = 300_000_000  # the 5m rollup bucket
+SUB_BLOCKS = 8  # 40 minutes per sub-window, three sub-windows: two hours of context
+AGILE_US = 3 * SUB_BLOCKS * BLOCK_US
+TAIL_Q = 0.9
+TAIL_MASS = 1.0 - TAIL_Q
+BETA_FLOOR = 0.25  # in scales: a near-constant training window does not make every wiggle news
+L_SCALE = 4.0 / np.log(1.0 / 0.3)  # score 0.7 at L = 4
+LN10 = float(np.log(10.0))
+OUTAGE_SHARE = 0.1
+EPISODE_US = 3_600_000_000
+KIND_POINT, KIND_OUTAGE, KIND_SHIFT = 0, 1, 2
+KIND_NAMES = {KIND_POINT: "point", KIND_OUTAGE: "outage", KIND_SHIFT: "level shift"}
+SUSTAINED_POINTS = 6
+RUN_POINTS = 6  # the run score: the mean residual of a point and the 5 before it
+
+
+def score_of(level: np.ndarray) -> np.ndarray:
+    """-log10 p mapped to [0, 1): monotone, no clip."""
+    return 1.0 - np.exp(-np.maximum(level, 0.0) / L_SCALE)
+
+
+def level_of(score: np.ndarray) -> np.ndarray:
+    """The inverse of score_of (score in [0, 1))."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -L_SCALE * np.log1p(-np.clip(score, 0.0, 1.0))
+
+
+def shift_for_budget(threshold: np.ndarray, stored_budget: np.ndarray, budget: float) -> np.ndarray:
+    """A threshold set for `stored_budget` alerts a week moved to `budget`: a tenth of the
+    alerts costs one decade of tail probability (the exponential tail's relation)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where(stored_budget > 0, np.log10(stored_budget / max(budget, 1e-9)), 0.0)
+    return score_of(level_of(threshold) + np.nan_to_num(shift))
+
+
+def tail_level(z: np.ndarray, u: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """-log10 of p(z) = TAIL_MASS * exp(-(z - u) / beta), never below 0."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = 1.0 + (z - u) / (beta * LN10)
+    return np.fmax(out, 0.0)  # NaN -> 0
+
+
+def _sub_window_medians(mean: np.ndarray) -> np.ndarray:
+    """(n_series, width + 1): column i holds the median of the finite values of `mean` in
+    columns [i - SUB_BLOCKS, i), NaN where there are none (and for i < SUB_BLOCKS). Worked
+    through in chunks of series, so the sorted windows stay small."""
+    n_series, width = mean.shape
+    out = np.full((n_series, width + 1), np.nan)
+    if width < SUB_BLOCKS:
+        return out
+    chunk = max(1, 4_000_000 // (width * SUB_BLOCKS))
+    for lo in range(0, n_series, chunk):  # a loop per chunk of series, not per series
+        part = np.lib.stride_tricks.sliding_window_view(mean[lo : lo + chunk], SUB_BLOCKS, axis=1)
+        ordered = np.sort(part, axis=2)  # NaN sort last
+        count = np.isfinite(ordered).sum(axis=2)
+        below = np.maximum(count - 1, 0) // 2
+        above = count // 2
+        a = np.take_along_axis(ordered, below[..., None], axis=2)[..., 0]
+        b = np.take_along_axis(ordered, above[..., None], axis=2)[..., 0]  # above < SUB_BLOCKS
+        out[lo : lo + chunk, SUB_BLOCKS:] = np.where(count > 0, 0.5 * (a + b), np.nan)
+    return out
+
+
+def agile_offset(
+    code: np.ndarray, ts: np.ndarray, r: np.ndarray, n_series: int, use: np.ndarray | None = None
+) -> np.ndarray:
+    """Per row: the median of three 40-minute levels of block residuals in the two hours
+    before the row's 5-minute block (0 where a sub-window has no data). Rows sorted by code.
+
+    A sub-window's level is the median of its (up to eight) 5-minute block means, not their
+    mean: an incident shorter than half a sub-window that straddles the boundary of two of them
+    would otherwise raise both means, move the median of three, and make the normal points
+    after it look far off the other way (a second, false alert 40 and 80 minutes later). With
+    medians, a shift must fill most of two sub-windows before the offset follows it.
+
+    Computed once per (series, block) cell of a dense grid, then looked up per row."""
+    n = len(r)
+    if n == 0:
+        return np.empty(0)
+    ok = np.isfinite(r) if use is None else (use & np.isfinite(r))
+    block = ts // BLOCK_US
+    b0 = int(block.min())
+    pad = 3 * SUB_BLOCKS
+    width = int(block.max()) - b0 + 1 + pad
+    cell = code.astype(np.int64) * width + (block - b0) + pad
+    size = n_series * width
+    s = np.bincount(cell, weights=np.where(ok, r, 0.0), minlength=size)
+    c = np.bincount(cell, weights=ok.astype(np.float64), minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(c > 0, s / np.where(c > 0, c, 1.0), np.nan).reshape(n_series, width)
+    # Column i: the median of the block means in blocks [i - SUB_BLOCKS, i) (NaN for none).
+    sub = _sub_window_medians(mean)
+
+    def window(k: int) -> np.ndarray:
+        # For the cell in column j (pad <= j < width), sub-window k covers blocks
+        # [j - (k + 1) * SUB_BLOCKS, j - k * SUB_BLOCKS): one column slice, no gathers.
+        return sub[:, pad - k * SUB_BLOCKS : width - k * SUB_BLOCKS]
+
+    a, b, d = window(0), window(1), window(2)
+    med = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), d))
+    grid = np.where(np.isfinite(med), med, 0.0)  # n_series x (width - pad)
+    return grid.ravel().take(code.astype(np.int64) * (width - pad) + (block - b0))
+
+
+def fit_tail(code: np.ndarray, z: np.ndarray, n_series: int) -> tuple[np.ndarray, np.ndarray]:
+    """(u, beta) per series of one side's residuals z (NaN rows ignored). The median of the
+    values above the 90% quantile is the 95% quantile, so one sort gives both."""
+    from tasks.baseline import group_quantiles  # the shared grouped-quantile routine
+
+    ok = np.isfinite(z)
+    u = np.zeros(n_series)
+    beta = np.full(n_series, BETA_FLOOR)
+    if not ok.any():
+        return u, beta
+    uniq, _, (q90, q95) = group_quantiles(code[ok], z[ok], (TAIL_Q, (1.0 + TAIL_Q) / 2))
+    u[uniq] = q90
+    beta[uniq] = np.maximum((q95 - q90) / np.log(2.0), BETA_FLOOR)
+    return u, beta
+
+
+def budget_threshold(
+    code: np.ndarray,
+    ts: np.ndarray,
+    level: np.ndarray,
+    n_series: int,
+    weeks: np.ndarray,
+    budget: float,
+) -> np.ndarray:
+    """Per series: the L its training rows exceeded in about `budget * weeks` distinct hours.
+
+    Rows are sorted by (code, ts), so each (series, hour) is one contiguous run."""
+    out = np.zeros(n_series)
+    if not len(level):
+        return out
+    level = np.where(np.isfinite(level), level, -np.inf)
+    hour = ts // EPISODE_US
+    change = np.r_[True, (code[1:] != code[:-1]) | (hour[1:] != hour[:-1])]
+    starts = np.flatnonzero(change)
+    peak = np.maximum.reduceat(level, starts)
+    owner = code[starts]
+    order = np.argsort(-peak, kind="stable")
+    order = order[np.argsort(owner[order], kind="stable")]
+    owner_s, peak_s = owner[order], peak[order]
+    first = np.searchsorted(owner_s, np.arange(n_series), side="left")
+    last = np.searchsorted(owner_s, np.arange(n_series), side="right")
+    allowed = np.floor(np.maximum(budget, 0.0) * weeks + 0.5).astype(np.int64)
+    # A short window cannot show a rate of a few a week: the tail model's bar for the budget
+    # (blocks a week x the point and run scores x both sides, over the budget) is the least.
+    blocks = np.bincount(code, minlength=n_series).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        model_bar = np.log10(4.0 * blocks / np.maximum(weeks, 1e-9) / max(budget, 1e-9))
+    pick = first + allowed
+    inside = pick < last
+    out[inside] = peak_s[pick[inside]]
+    # Fewer hours than the budget allows: the quietest hour it had is the bar.
+    short = ~inside & (last > first)
+    out[short] = peak_s[last[short] - 1]
+    out = np.fmax(np.nan_to_num(out, neginf=0.0), np.nan_to_num(model_bar, nan=0.0))
+    return np.maximum(out, 0.0)
+
+
+def outage_floor(
+    code: np.ndarray, value: np.ndarray, n_series: int, low_normal: np.ndarray
+) -> np.ndarray:
+    """Per series: OUTAGE_SHARE of its low normal (e.g. the lowest slot's 5% quantile) when the
+    series never went below zero and that low normal is above zero, else NaN. Rows sorted by
+    code."""
+    out = np.full(n_series, np.nan)
+    if not len(value):
+        return out
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    lowest = np.minimum.reduceat(np.where(np.isfinite(value), value, np.inf), starts)
+    busy = np.zeros(n_series, dtype=bool)
+    busy[code[starts]] = lowest >= 0
+    busy &= low_normal > 0
+    out[busy] = OUTAGE_SHARE * low_normal[busy]
+    return out
+
+
+def sustained(code: np.ndarray, sign_high: np.ndarray) -> np.ndarray:
+    """Rows ending a run of SUSTAINED_POINTS rows of one series all high on this row's side
+    (sign_high: +1 high above, -1 high below, 0 not high); only high rows are looked at."""
+    n = len(code)
+    out = np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(sign_high != 0)
+    rows = rows[rows >= SUSTAINED_POINTS - 1]
+    if not len(rows):
+        return out
+    back = rows[:, None] - np.arange(SUSTAINED_POINTS)[None, :]
+    same = (code[back] == code[rows][:, None]) & (sign_high[back] == sign_high[rows][:, None])
+    out[rows] = same.all(axis=1)
+    return out
+
+
+def rolling_mean(code: np.ndarray, r: np.ndarray, window: np.ndarray | int) -> np.ndarray:
+    """Per row: the mean of r over the row and the window - 1 rows before it in its series
+    (NaN until a series has a full window). Rows sorted by code; window per row or global."""
+    n = len(r)
+    if n == 0:
+        return np.empty(0)
+    first = np.ones(n, dtype=bool)
+    first[1:] = code[1:] != code[:-1]
+    idx = np.arange(n)
+    start = np.maximum.accumulate(np.where(first, idx, 0))
+    w = np.broadcast_to(np.asarray(window, dtype=np.int64), (n,))
+    lo = idx - w + 1
+    c = np.concatenate(([0.0], np.cumsum(np.nan_to_num(r))))
+    with np.errstate(invalid="ignore"):
+        out = (c[idx + 1] - c[np.maximum(lo, 0)]) / w
+    return np.where(lo >= start, out, np.nan)

@@ -1,0 +1,173 @@
+"""Calibrated detection on awkward series: heavy tails under an alert budget, level shifts,
+outages, direction, and bad input that must still get a score."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.alert_engine import AlertRule, alert_timeline, evaluate, high_mask
+from tasks.backtest import alerts_for, buckets_of, replay
+from tasks.baseline import DAY_US, BaselineTable, fit_models, learn_baselines
+from tasks.calibration import KIND_OUTAGE, KIND_SHIFT, score_of
+from tasks.detect import score_points
+
+T0 = 1_767_571_200_000_000  # a Monday, 00:00 UTC
+MIN = 60_000_000
+STEP_5M = 5 * MIN
+RULE = AlertRule()  # the default: 0.7, for 5 min, keep firing 15 min, both directions
+
+
+def heavy_tailed(n_series: int, days: int, seed: int) -> pd.DataFrame:
+    """5-minute points: a daily shape plus Student-t (3 degrees of freedom) noise, and now and
+    then a Pareto spike kept inside the range the noise itself reaches."""
+    rng = np.random.default_rng(seed)
+    ts = T0 + np.arange(days * 288, dtype=np.int64) * STEP_5M
+    parts = []
+    for sid in range(1, n_series + 1):
+        noise = rng.standard_t(3, len(ts)) * 5
+        reach = np.quantile(np.abs(noise), 0.999)
+        spikes = rng.random(len(ts)) < 0.002
+        noise[spikes] += np.minimum((rng.pareto(3, spikes.sum()) + 1) * 5, reach)
+        shape = 20 * np.sin(2 * np.pi * (ts % DAY_US) / DAY_US)
+        parts.append(pd.DataFrame({"series_id": sid, "ts_us": ts, "value": 500 + shape + noise}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_heavy_tailed_series_alert_about_as_often_as_the_budget_allows() -> None:
+    weeks_warm, weeks_seen = 4, 8
+    data = heavy_tailed(4, 7 * (weeks_warm + weeks_seen), seed=3)
+    scores = replay(data)
+    flags = alerts_for(scores, RULE).astype(bool)
+    sid = scores["series_id"].to_numpy()
+    onset = flags & ~np.r_[False, flags[:-1] & (sid[1:] == sid[:-1])]
+    seen = scores["ts_us"].to_numpy() >= T0 + weeks_warm * 7 * DAY_US
+    rate = onset[seen].sum() / (4 * weeks_seen)
+    budget = 0.5
+    assert budget / 2 <= rate <= 2 * budget, rate
+    # the noisy series were given thresholds above the rule's own
+    assert scores.loc[seen, "threshold_both"].median() > RULE.threshold
+
+
+def _history_and_day(shape_noise: float, level: float, seed: int) -> tuple[pd.DataFrame, ...]:
+    """A week of 1-minute history (learned from its 5m buckets) and the next day at 1 minute."""
+    rng = np.random.default_rng(seed)
+    ts = T0 + np.arange(8 * 1440, dtype=np.int64) * MIN
+    value = level * (1 + 0.1 * np.sin(2 * np.pi * (ts % DAY_US) / DAY_US))
+    value = value + rng.normal(0, shape_noise, len(ts))
+    frame = pd.DataFrame({"series_id": 1, "ts_us": ts, "value": value})
+    cut = T0 + 7 * DAY_US
+    return frame[frame["ts_us"] < cut], frame[frame["ts_us"] >= cut - 3 * 3_600_000_000]
+
+
+def _score_day(hist: pd.DataFrame, day: pd.DataFrame) -> pd.DataFrame:
+    buckets = buckets_of(hist)
+    learned = learn_baselines(buckets, bucket_us=STEP_5M)
+    metric_of = pd.Series("m", index=[1])
+    models = fit_models(buckets, learned.baselines, metric_of, {"*": "ecod"}, max_rows=5000)
+    points = day.assign(fresh=day["ts_us"] >= T0 + 7 * DAY_US)
+    return score_points(
+        points, BaselineTable.from_frame(learned.baselines), models, metric_of
+    ).scores
+
+
+def test_a_level_shift_alerts_once_says_so_and_is_quiet_within_six_hours() -> None:
+    hist, day = _history_and_day(shape_noise=4.0, level=200.0, seed=1)
+    shift_at = T0 + 7 * DAY_US + 10 * 3_600_000_000
+    day = day.copy()
+    day.loc[day["ts_us"] >= shift_at, "value"] += 60  # 15 noise sigmas, for the rest of the day
+    scores = _score_day(hist, day)
+    events, _ = alert_timeline(RULE, scores)
+    firing = events[events["event"] == "firing"]
+    assert len(firing) == 1
+    assert firing["ts_us"].iloc[0] - shift_at <= 10 * MIN
+    assert int(firing["kind"].iloc[0]) == KIND_SHIFT
+    assert firing["since_us"].iloc[0] == shift_at  # since: the first anomalous point
+    flags = evaluate(RULE, scores).flags
+    after = scores["ts_us"].to_numpy() >= shift_at + 6 * 3_600_000_000
+    assert flags[after].sum() == 0
+    resolved = events[events["event"] == "resolved"]
+    assert len(resolved) == 1 and resolved["ts_us"].iloc[0] <= shift_at + 6 * 3_600_000_000
+
+
+def test_a_busy_noisy_series_dropping_to_zero_alerts_within_ten_minutes() -> None:
+    # noise of 30% of the level: zero is only about 3 noise sigmas below normal
+    hist, day = _history_and_day(shape_noise=300.0, level=1000.0, seed=2)
+    hist = hist.assign(value=hist["value"].clip(lower=50))
+    day = day.assign(value=day["value"].clip(lower=50))
+    down_at = T0 + 7 * DAY_US + 14 * 3_600_000_000
+    down = (day["ts_us"] >= down_at) & (day["ts_us"] < down_at + 3_600_000_000)
+    day.loc[down, "value"] = 0.0
+    scores = _score_day(hist, day)
+    events, _ = alert_timeline(RULE, scores)
+    firing = events[events["event"] == "firing"]
+    outage = firing[(firing["ts_us"] >= down_at) & (firing["ts_us"] <= down_at + 10 * MIN)]
+    assert len(outage) == 1
+    assert int(outage["kind"].iloc[0]) == KIND_OUTAGE
+    # an up-only rule (a crash rate) never pages for the outage
+    up_events, _ = alert_timeline(AlertRule(direction="up"), scores)
+    assert not ((up_events["ts_us"] >= down_at) & (up_events["event"] == "firing")).any()
+
+
+def test_direction_and_budget_of_a_rule_decide_which_rows_are_high() -> None:
+    frame = pd.DataFrame(
+        {
+            "series_id": [1, 1, 1],
+            "ts_us": [T0, T0 + MIN, T0 + 2 * MIN],
+            "value": [10.0, -10.0, 10.0],
+            "expected": 0.0,
+            "score": [0.8, 0.8, 0.75],
+            "sign": [1.0, -1.0, 1.0],
+            "outage": 0.0,
+            "alert_budget": 0.5,
+            "threshold_both": 0.72,
+            "threshold_up": 0.72,
+            "threshold_down": 0.72,
+        }
+    )
+    assert high_mask(AlertRule(), frame).tolist() == [True, True, True]
+    assert high_mask(AlertRule(direction="up"), frame).tolist() == [True, False, True]
+    assert high_mask(AlertRule(direction="down"), frame).tolist() == [False, True, False]
+    # a tenth of the budget costs one decade of tail probability: 0.75 is no longer enough
+    stricter = AlertRule(alert_budget_per_week=0.05)
+    assert high_mask(stricter, frame).tolist() == [True, True, False]
+
+
+def test_the_score_keeps_ranking_far_beyond_the_training_range() -> None:
+    levels = np.array([4.0, 8.0, 16.0, 32.0])
+    scores = score_of(levels)
+    assert np.all(np.diff(scores) > 0) and np.all(scores < 1.0)
+    assert scores[0] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    "kind", ["constant", "all_zero", "mostly_missing", "one_per_day", "far_apart"]
+)
+def test_bad_input_gets_a_score_and_no_crash(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    ts = T0 + np.arange(6 * 288, dtype=np.int64) * STEP_5M
+    value = np.full(len(ts), 42.0)
+    if kind == "all_zero":
+        value[:] = 0.0
+    elif kind == "mostly_missing":
+        keep = rng.random(len(ts)) < 0.03
+        ts, value = ts[keep], value[keep] + rng.normal(0, 1, keep.sum())
+    elif kind == "one_per_day":
+        ts = T0 + np.arange(40, dtype=np.int64) * DAY_US
+        value = rng.normal(10, 1, len(ts))
+    elif kind == "far_apart":
+        value = np.where(rng.random(len(ts)) < 0.5, 0.0, 1e12) + rng.normal(0, 1, len(ts))
+    value[-3:] += 5.0  # something to score at the end
+    data = pd.DataFrame({"series_id": 1, "ts_us": ts, "value": value})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no division by zero, no NaN warnings
+        scores = replay(data)
+    assert len(scores) == len(data)
+    assert scores["score"].between(0, 1).all()
+    scored = scores["expected"].notna()
+    if kind != "one_per_day":  # a point a day never fills a day's worth of buckets
+        assert scored.any()
+    assert np.isfinite(scores.loc[scored, ["expected", "score"]].to_numpy()).all()
