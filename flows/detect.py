@@ -25,9 +25,10 @@ def _run_name() -> str:
 
 
 @task(name="advance-watermarks")
-def advance(settings: Settings, marks: pd.DataFrame) -> int:
-    """Record how far each series has been scored."""
+def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> int:
+    """Record how far each series has been scored, and drop the late-sample marks read."""
     with Store.open(settings=settings) as store:
+        detection.clear_late(store, late_marks)
         return detection.advance_watermarks(store, marks)
 
 
@@ -69,7 +70,7 @@ def detect(database_url: str | None = None, home: str | None = None) -> dict[str
     ).reset_index(drop=True)
     summary = process_scores(settings, scores, flow_run_url=flow_run_link())
     marks = pd.concat([r.marks for r in results], ignore_index=True)
-    advanced = advance(settings, marks)
+    advanced = advance(settings, marks, [i for r in results for i in r.late_marks])
     report = {
         "series": sum(r.series for r in results),
         "points": sum(r.points for r in results),

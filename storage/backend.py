@@ -98,6 +98,14 @@ def series_seen_changes(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
     return np.column_stack([known.ids[grows], new_lo[grows], new_hi[grows]])
 
 
+def late_marks(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
+    """Rows (series_id, earliest ts) for stored series that get samples at or before their
+    last sample so far: late data or overwrites, which detection has to look back at."""
+    lo, _ = batch_spans(batch)
+    late = ~known.is_new & (known.last_us != NO_TS) & (lo <= known.last_us)
+    return np.column_stack([known.ids[late], lo[late]])
+
+
 @dataclass
 class Health:
     ok: bool

@@ -286,27 +286,63 @@ def read_watermarks(store: Store) -> pd.DataFrame:
 
 
 def series_to_score(store: Store, *, floor_us: int) -> list[int]:
-    """Series whose last sample is newer than their watermark (or than `floor_us` without one)."""
+    """Series whose last sample is newer than their watermark (or than `floor_us` without one),
+    and series with samples written behind it since the last run (detect_late)."""
     b = store.backend
     last = b.ts_out.format(col="s.last_seen")
     mark = b.ts_out.format(col="w.ts")
     rows = b.execute(
         f"SELECT s.series_id FROM series s LEFT JOIN detect_watermarks w "  # noqa: S608
         f"ON w.series_id = s.series_id WHERE s.last_seen IS NOT NULL "
-        f"AND {last} > coalesce({mark}, %s) AND {last} >= %s ORDER BY s.series_id",
+        f"AND {last} > coalesce({mark}, %s) AND {last} >= %s "
+        "UNION SELECT DISTINCT series_id FROM detect_late ORDER BY 1",
         [floor_us, floor_us],
     )
     return [int(r[0]) for r in rows]
 
 
+def read_late(store: Store, series_ids: Sequence[int]) -> pd.DataFrame:
+    """id, series_id, from_us of the late-sample marks of these series (detect_late rows)."""
+    columns = ["id", "series_id", "from_us"]
+    if not series_ids:
+        return pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
+    b = store.backend
+    rows = b.execute(
+        f"SELECT id, series_id, {b.ts_out.format(col='from_ts')} FROM detect_late "  # noqa: S608
+        f"WHERE series_id {b.ids_in} ORDER BY id",
+        [b.id_list([int(i) for i in series_ids])],
+    )
+    return pd.DataFrame(rows, columns=columns).astype("int64")
+
+
+def clear_late(store: Store, mark_ids: Sequence[int]) -> int:
+    """Delete the late-sample marks a run has read (by id: marks written since stay)."""
+    if not mark_ids:
+        return 0
+    b = store.backend
+    with b.transaction():
+        b.execute(
+            f"DELETE FROM detect_late WHERE id {b.ids_in}",  # noqa: S608
+            [b.id_list([int(i) for i in mark_ids])],
+        )
+    return len(mark_ids)
+
+
 def recent_points(
-    store: Store, *, series_ids: Sequence[int], floor_us: int, context_us: int
+    store: Store,
+    *,
+    series_ids: Sequence[int],
+    floor_us: int,
+    context_us: int,
+    late: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Raw samples to score: series_id, ts_us, value, fresh (newer than the watermark).
 
     Rows within `context_us` before a series' start are included with fresh=False: the
     scoring features look back at them. A series' start is its watermark, or `floor_us` when it
-    has none or an older one (a series is never scored further back than the floor).
+    has none or an older one (a series is never scored further back than the floor); with
+    `late` marks (read_late), the earliest late sample when that is earlier, so samples
+    written behind the watermark are scored again with their neighbours.
     """
     if not series_ids:
         return pd.DataFrame(
@@ -327,6 +363,10 @@ def recent_points(
     )
     frame = pd.DataFrame(rows, columns=["series_id", "ts_us", "value", "mark"])
     mark = frame["mark"].astype("float64").fillna(float(floor_us - 1)).to_numpy()
+    if late is not None and len(late):
+        earliest = late.groupby("series_id")["from_us"].min()
+        behind = frame["series_id"].map(earliest).astype("float64").to_numpy() - 1
+        mark = np.fmin(mark, behind)  # NaN (no late mark) leaves the watermark
     start = np.maximum(mark, float(floor_us - 1))
     ts = frame["ts_us"].to_numpy(dtype=np.int64)
     keep = ts >= start - context_us

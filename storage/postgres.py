@@ -17,6 +17,7 @@ from storage.backend import (
     Backend,
     SeriesIds,
     WriteCounts,
+    late_marks,
     series_seen_changes,
 )
 from storage.frames import PreparedBatch
@@ -331,6 +332,14 @@ class PostgresBackend(Backend):
     def execute_seen_update(
         self, cur: psycopg.Cursor[Any], known: SeriesIds, batch: PreparedBatch
     ) -> None:
+        late = late_marks(known, batch)
+        if len(late):
+            cur.execute(
+                "INSERT INTO detect_late (series_id, from_ts) "  # noqa: S608
+                f"SELECT u.sid, {self.ts_in.replace('%s', 'u.lo')} "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS u(sid, lo)",
+                (late[:, 0].tolist(), late[:, 1].tolist()),
+            )
         changed = series_seen_changes(known, batch)
         if len(changed):
             cur.execute(

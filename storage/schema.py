@@ -307,6 +307,18 @@ _V7: list[str] = [
     "ALTER TABLE alert_rules ADD COLUMN alert_budget_per_week {t.float}",
 ]
 
+# 8: samples written behind their series' last sample (late data, overwrites), one row per
+# series and batch, so the next detect run scores them too; it deletes the rows it read.
+_V8: list[str] = [
+    """
+CREATE TABLE IF NOT EXISTS detect_late (
+    id {t.id},
+    series_id BIGINT NOT NULL,
+    from_ts {t.ts} NOT NULL,
+    created_at {t.ts} NOT NULL DEFAULT {t.now}
+)""",
+]
+
 
 def _render(statements: list[str], types: Types) -> list[str]:
     true, false = ("TRUE", "FALSE") if types.bool == "BOOLEAN" else ("1", "0")
@@ -340,7 +352,8 @@ def migrations(types: Types, time_expr: str) -> dict[int, list[str]]:
         5: _render(_V5, types),
         6: _render(_V6, types),
         7: _render(_V7, types),
+        8: _render(_V8, types),
     }
 
 
-LATEST_VERSION = 7
+LATEST_VERSION = 8

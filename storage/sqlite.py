@@ -21,6 +21,7 @@ from storage.backend import (
     WriteCounts,
     batch_spans,
     hour_ranges,
+    late_marks,
     series_seen_changes,
     sorted_rows,
 )
@@ -208,6 +209,12 @@ class SQLiteBackend(Backend):
                 )
             counts.unchanged += batch.in_batch_duplicates
             changed = series_seen_changes(known, batch)
+            late = late_marks(known, batch)
+            if len(late):
+                self.conn.executemany(
+                    "INSERT INTO detect_late (series_id, from_ts) VALUES (?, ?)",
+                    zip(late[:, 0].tolist(), late[:, 1].tolist(), strict=True),
+                )
             self.conn.executemany(
                 "UPDATE series SET first_seen = ?, last_seen = ? WHERE series_id = ?",
                 zip(

@@ -328,6 +328,60 @@ def evaluate(
     return Evaluation(events=events, state=new_state, flags=flags, fresh=fresh)
 
 
+def late_events(
+    rule: AlertRule,
+    scores: pd.DataFrame,
+    fresh: np.ndarray,
+    state: pd.DataFrame | None,
+    known_spans: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Events for rows at or before their series' carried last row (`fresh` False: samples
+    that landed late, overwrites): those rows run through the rule on their own, and each
+    episode they make fires with `since` at its first high row and resolves at its last row
+    (it lies in the past). Series already firing, and episodes that overlap an alert the
+    series had (`known_spans`: series_id, start_us, end_us), make none: late rows are scored
+    with their already-scored neighbours, and an episode alerted on then is not news."""
+    late = np.flatnonzero(~np.asarray(fresh, dtype=bool))
+    if not len(late):
+        return _empty_events()
+    rows = scores.iloc[late]
+    if state is not None and len(state):
+        firing = state.loc[state["phase"] == "firing", "series_id"].to_numpy(np.int64)
+        rows = rows[~rows["series_id"].isin(firing).to_numpy()]
+    if not len(rows):
+        return _empty_events()
+    events = evaluate(rule, rows).events
+    if not len(events):
+        return events
+    # An episode still firing at the series' last late row ends there.
+    last = rows.groupby("series_id", sort=False).tail(1).set_index("series_id")
+    open_now = events.groupby("series_id", sort=False).tail(1)
+    open_now = open_now[open_now["event"] != "resolved"]
+    if len(open_now):
+        closing = last.loc[open_now["series_id"].to_numpy()].reset_index()
+        closing = closing.assign(
+            event="resolved",
+            severity=open_now["severity"].to_numpy(),
+            since_us=open_now["since_us"].to_numpy(),
+            kind=np.nan_to_num(_column(closing, "kind", 0.0)).astype(np.int64),
+        )
+        events = pd.concat([events, closing[list(EVENT_COLUMNS)]], ignore_index=True)
+        events = events.sort_values(["series_id", "ts_us"], kind="stable").reset_index(drop=True)
+    if known_spans is not None and len(known_spans):
+        ends = events[events["event"] == "resolved"][["series_id", "since_us", "ts_us"]]
+        pairs = ends.merge(known_spans, on="series_id")
+        overlap = (pairs["start_us"] <= pairs["ts_us"]) & (pairs["end_us"] >= pairs["since_us"])
+        seen = set(
+            zip(pairs.loc[overlap, "series_id"], pairs.loc[overlap, "since_us"], strict=True)
+        )
+        keep = [
+            (sid, since) not in seen
+            for sid, since in zip(events["series_id"], events["since_us"], strict=True)
+        ]
+        events = events[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+    return events
+
+
 def _machine(
     rule: AlertRule,
     sid: np.ndarray,

@@ -25,7 +25,7 @@ from metricmill.settings import Settings
 from storage import alerts as db
 from storage.backend import Backend
 from storage.store import Store
-from tasks.alert_engine import AlertRule, alert_flags, alert_timeline, evaluate
+from tasks.alert_engine import AlertRule, alert_flags, alert_timeline, evaluate, late_events
 from tasks.calibration import KIND_NAMES
 from tasks.notify import Channel, Message, deliver, load_channels
 
@@ -273,6 +273,27 @@ def _persist(
         )
 
 
+def _alert_spans(
+    backend: Backend, rule: AlertRule, scores: pd.DataFrame, now_us: int
+) -> pd.DataFrame:
+    """series_id, start_us, end_us of the alerts this rule raised on the scores' series
+    (an open alert's end is now)."""
+    ids = np.unique(scores["series_id"].to_numpy(np.int64))
+    stored = db.alerts_for_fingerprints(backend, [f"{rule.name}:{i}" for i in ids.tolist()])
+    if not len(stored):
+        return pd.DataFrame(
+            {c: pd.Series(dtype="int64") for c in ("series_id", "start_us", "end_us")}
+        )
+    end = pd.to_numeric(stored["resolved_at"], errors="coerce").fillna(now_us)
+    return pd.DataFrame(
+        {
+            "series_id": stored["series_id"].astype("int64"),
+            "start_us": pd.to_numeric(stored["started_at"]).astype("int64"),
+            "end_us": end.astype("int64"),
+        }
+    )
+
+
 def _attach_alert_ids(backend: Backend, transitions: pd.DataFrame) -> pd.DataFrame:
     """Each transition with the id of the alert it belongs to (matched on start time)."""
     stored = db.alerts_for_fingerprints(backend, transitions["fingerprint"].tolist())
@@ -417,6 +438,14 @@ def process_scores(
                 sub = scores[scores["series_id"].isin(matched)]
                 state = db.load_state(backend, rule=rule.name, series_ids=matched.tolist())
                 result = evaluate(rule, sub, state)
+                if not result.fresh.all():  # samples that landed behind the watermark
+                    late = late_events(
+                        rule, sub, result.fresh, state, _alert_spans(backend, rule, sub, now_us)
+                    )
+                    if len(late):
+                        _persist(backend, rule, late, sub, np.zeros(0, np.int8), meta)
+                        fps = [f"{rule.name}:{s}" for s in late["series_id"].tolist()]
+                        parts.append(late.assign(rule=rule.name, fingerprint=fps))
                 _persist(backend, rule, result.events, sub, result.flags, meta)
                 db.save_state(backend, rule=rule.name, state=result.state)
                 if len(result.events):

@@ -322,6 +322,7 @@ class ShardResult:
 
     scores: pd.DataFrame
     marks: pd.DataFrame
+    late_marks: list[int] = field(default_factory=list)  # detect_late ids read: cleared after
     no_baseline: list[int] = field(default_factory=list)
     series: int = 0
     points: int = 0
@@ -339,8 +340,9 @@ def score_shard(settings: Settings, shard: int = 0, shards: int = 1) -> ShardRes
         ids = [
             i for i in detection.series_to_score(store, floor_us=floor_us) if i % shards == shard
         ]
+        late = detection.read_late(store, ids)
         points = detection.recent_points(
-            store, series_ids=ids, floor_us=floor_us, context_us=CONTEXT_US
+            store, series_ids=ids, floor_us=floor_us, context_us=CONTEXT_US, late=late
         )
         catalog = detection.series_metrics(store, ids)
         metric_of = catalog.set_index("series_id")["metric"]
@@ -354,6 +356,7 @@ def score_shard(settings: Settings, shard: int = 0, shards: int = 1) -> ShardRes
     return ShardResult(
         scores=scored.scores,
         marks=marks,
+        late_marks=late["id"].tolist(),
         no_baseline=[int(i) for i in scored.no_baseline],
         series=len(ids),
         points=int(len(fresh)),

@@ -206,3 +206,45 @@ def test_detect_flow_shards_across_a_local_dask_cluster(
     assert report["shards"] == 2
     assert report["scored"] == 60 and report["fired"] == 1
     assert report["no_baseline"] == [ids["new"]]
+
+
+def test_points_landing_behind_the_watermark_are_scored_and_alert_from_their_own_time(
+    env_target: DbTarget, tmp_path: Path
+) -> None:
+    """Late samples (here eight minutes missing from a series when detect first ran, then
+    delivered far outside the band) are scored by the next run; the alert's `since` is the
+    first late point, and the run after has nothing left to score."""
+    settings = load_settings(database_url=env_target.url, home=tmp_path)
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    rng = np.random.default_rng(9)
+    cut = now_us // MINUTE * MINUTE - 40 * MINUTE
+    hist_ts = np.arange(cut - 2 * DAY_US - HOUR, cut - HOUR, STEP, dtype=np.int64)
+    new_ts = np.arange(cut, cut + 30 * MINUTE, MINUTE, dtype=np.int64)
+    gap = (new_ts >= cut + 12 * MINUTE) & (new_ts < cut + 20 * MINUTE)
+    with Store.open(settings=settings) as store:
+        store.write_samples(
+            _rows("api.errors", {"host": "a"}, hist_ts, 50 + rng.normal(0, 1, len(hist_ts)))
+        )
+        store.rollup()
+        on_time = 50 + rng.normal(0, 1, len(new_ts))
+        store.write_samples(_rows("api.errors", {"host": "a"}, new_ts[~gap], on_time[~gap]))
+    run(baseline, database_url=env_target.url, home=str(tmp_path))
+    first = run(detect, database_url=env_target.url, home=str(tmp_path))
+    assert (first["scored"], first["fired"]) == (22, 0)
+
+    with Store.open(settings=settings) as store:
+        late = 90 + rng.normal(0, 1, int(gap.sum()))
+        store.write_samples(_rows("api.errors", {"host": "a"}, new_ts[gap], late))
+        assert store.backend.execute("SELECT count(*) FROM detect_late") == [(1,)]
+    second = run(detect, database_url=env_target.url, home=str(tmp_path))
+    # From the first late point on: the 8 late points and the 10 on-time ones after them.
+    assert second["scored"] == 18
+    assert second["fired"] == 1
+    with Store.open(settings=settings) as store:
+        rows = store.backend.execute(
+            f"SELECT {store.backend.ts_out.format(col='started_at')}, status FROM alerts"
+        )
+        assert rows == [(int(new_ts[gap][0]), "resolved")]  # in the past: opened and resolved
+        assert store.backend.execute("SELECT count(*) FROM detect_late") == [(0,)]
+    third = run(detect, database_url=env_target.url, home=str(tmp_path))
+    assert (third["scored"], third["fired"]) == (0, 0)
