@@ -95,7 +95,7 @@ def _reach(table: BaselineTable, side: str) -> np.ndarray:
     threshold = np.fmax(column(f"threshold_{side}"), _THRESHOLD_FLOOR)
     return (
         column(f"tail_{side}_u")
-        + (cal.level_of(threshold) - 1.0) * column(f"tail_{side}_beta") * cal.LN10
+        + (cal.level_of(threshold) - cal.tail_base()) * column(f"tail_{side}_beta") * cal.LN10
     )
 
 
