@@ -28,7 +28,12 @@ from metricmill.cli import (
     table,
 )
 from metricmill.errors import MetricmillError
-from metricmill.settings import MEMORY_URL, Settings, config_file_path
+from metricmill.settings import (
+    MEMORY_URL,
+    Settings,
+    config_file_path,
+    load_settings_past_errors,
+)
 from metricmill.types import datetime_to_us
 
 ops_app: typer.Typer = typer.Typer()
@@ -436,20 +441,41 @@ def doctor(ctx: typer.Context) -> None:
                 "fix the named METRICMILL_* variable or its key in metricmill.toml",
             )
         )
+        # The other checks still run, with the invalid settings at their defaults.
+        options = ctx.find_object(GlobalOptions) or GlobalOptions()
+        fallback, defaulted = load_settings_past_errors(
+            home=options.home, database_url=options.database
+        )
+        if fallback is None:
+            checks.append(
+                Check("other checks", None, "not run: the settings cannot be read at all")
+            )
+            print_checks(checks)
+            raise typer.Exit(1) from None
+        names = ", ".join(f"METRICMILL_{name.upper()}" for name in defaulted)
+        checks.append(Check("settings used", None, f"defaults in place of {names}"))
+        checks.extend(run_checks(fallback))
         print_checks(checks)
         raise typer.Exit(1) from None
     config = config_file_path(settings.home)
     source = f"file {config}" if config else "environment and defaults, no metricmill.toml"
     checks.append(Check("settings", True, f"valid (home {settings.home}; {source})"))
+    checks.extend(run_checks(settings))
+    print_checks(checks)
+    if any(c.ok is False for c in checks):
+        raise typer.Exit(1)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check after the settings one: directories, database, landing, Prefect."""
+    checks: list[Check] = []
     if settings.database_url != MEMORY_URL:
         checks.extend(check_directories(settings))
     checks.extend(check_database(settings))
     if settings.database_url != MEMORY_URL:
         checks.extend(check_landing(settings))
     checks.extend(check_prefect(settings))
-    print_checks(checks)
-    if any(c.ok is False for c in checks):
-        raise typer.Exit(1)
+    return checks
 
 
 def print_checks(checks: list[Check]) -> None:

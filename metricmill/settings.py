@@ -476,3 +476,34 @@ def load_settings(**overrides: Any) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         where = config_file_path(overrides.get("home"))
         raise SettingsError(f"invalid settings: {where}: not TOML: {exc}") from None
+
+
+def load_settings_past_errors(**overrides: Any) -> tuple[Settings | None, list[str]]:
+    """Settings with every invalid field at its default, and the names of those fields, for
+    `metricmill doctor` to run its other checks when a setting is wrong. (None, names) when
+    the settings cannot be read even so (a TOML file that does not parse, a cross-field rule)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    replaced: dict[str, Any] = {}
+    hidden: dict[str, str] = {}  # variables that do not even parse, out of the environment
+    try:
+        for _ in range(2 * len(Settings.model_fields) + 1):
+            try:
+                return Settings(**(given | replaced)), sorted(replaced)
+            except ValidationError as exc:
+                fields = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+            except pydantic_settings.SettingsError as exc:
+                text = str(exc)
+                fields = {text.split('"')[1]} if text.count('"') >= 2 else set()
+                for name in list(os.environ):
+                    if name.upper() in {f"METRICMILL_{f.upper()}" for f in fields}:
+                        hidden[name] = os.environ.pop(name)
+            except tomllib.TOMLDecodeError:
+                return None, sorted(replaced)
+            fields = {f for f in fields if f in Settings.model_fields and f not in replaced}
+            if not fields:
+                return None, sorted(replaced)
+            for name in fields:
+                replaced[name] = Settings.model_fields[name].get_default(call_default_factory=True)
+        return None, sorted(replaced)
+    finally:
+        os.environ.update(hidden)
