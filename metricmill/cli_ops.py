@@ -51,7 +51,7 @@ def serve(
         int | None, typer.Option(min=1, help="At most N runs at once in this process.")
     ] = None,
 ) -> None:
-    """Serve every flow as a scheduled deployment until Ctrl-C (see the Prefect UI)."""
+    """Serve every flow as a scheduled deployment until Ctrl-C or SIGTERM (see the Prefect UI)."""
     from deployments.schedules import SCHEDULES
     from deployments.serve import build_deployments, serve_all
 
@@ -86,7 +86,13 @@ def serve(
         console.print(Text(f"warning: flow {name!r} is not available yet: not served", "yellow"))
     if not deployments:
         raise MetricmillError("no flow to serve")
-    serve_all(flow)
+    if not problem:
+        from deployments.inspect import api_url
+
+        ui = (api_url() or "").removesuffix("/api")
+        console.print(f"Prefect UI: {ui}/deployments; stop with Ctrl-C or SIGTERM")
+    stopped_by = serve_all(flow, limit=limit)
+    console.print(f"metricmill serve: stopped ({stopped_by})")
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -390,8 +396,8 @@ def check_prefect(settings: Settings) -> list[Check]:
                 "Prefect API",
                 None,
                 problem,
-                "for the UI and schedules: `prefect server start`, then "
-                "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+                "for the UI and schedules: export PREFECT_API_URL=http://127.0.0.1:4200/api "
+                "and PREFECT_SERVER_ANALYTICS_ENABLED=false, then `prefect server start`",
             )
         ]
         if names:
