@@ -97,7 +97,7 @@ def ingest(
     if scrape:
         # One failing target (after its retries) must not fail the run nor hide the others:
         # it gets a summary row with its error and the run carries on.
-        scrapes = [(url, scrape_target.submit(settings, url)) for url in settings.scrape_targets]
+        scrapes = [(t.url, scrape_target.submit(settings, t)) for t in settings.scrape_targets]
         for url, future in scrapes:
             try:
                 outcomes.append(future.result())

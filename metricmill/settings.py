@@ -10,7 +10,14 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import pydantic_settings
-from pydantic import SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +42,44 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql
 # sqlite:///PATH with nothing to decode: read without SQLAlchemy, whose import costs more than
 # half a second of every CLI command's start-up.
 _PLAIN_SQLITE_URL = re.compile(r"sqlite(?:\+pysqlite)?:///(?P<path>[^?#%]*)")
+
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class ScrapeTarget(BaseModel):
+    """One scrape target, as Prometheus's static_configs put it: a URL, the `job` label its
+    samples get, and labels added to each of them (a plain URL string means job "scrape")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    job: str = "scrape"
+    labels: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"not an http(s) URL: {redact(value)!r}")
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("job must not be empty")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"label name {name!r} is not a Prometheus label name")
+            if name in {"job", "instance"}:
+                raise ValueError(f"label {name!r} is set by the target: use its 'job' key")
+        return value
 
 
 def mask_url(url: str) -> str:
@@ -106,7 +151,8 @@ class Settings(BaseSettings):
     max_nesting_depth: int = 32
     max_row_labels: int = 1000
     max_bad_lines: int = 10_000
-    scrape_targets: list[str] = []
+    # URLs, or {"url": ..., "job": ..., "labels": {...}} objects (ScrapeTarget)
+    scrape_targets: list[ScrapeTarget] = []
     scrape_timeout_seconds: float = 10.0
     # push receiver (`metricmill receive`): where it listens, what it accepts, when it pushes back
     receive_host: str = "127.0.0.1"
@@ -118,6 +164,13 @@ class Settings(BaseSettings):
     receive_max_connections: int = 64
     receive_token: SecretStr | None = None
     receive_token_block: str | None = None
+
+    @field_validator("scrape_targets", mode="before")
+    @classmethod
+    def _plain_urls(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator(
         "receive_max_request_bytes",
