@@ -12,14 +12,20 @@ from typing import Annotated, Any
 
 import pandas as pd
 import typer
+from rich.table import Table
 
 from metricmill.cli import (
     MAX_ID,
+    FormatOption,
+    ListFormat,
     check_range,
+    counted,
     echo,
     format_labels,
+    format_number,
     open_store,
     out,
+    print_records,
     row,
     settings_from,
     table,
@@ -55,7 +61,7 @@ def _when(us: Any) -> str:
 
 
 def _num(value: Any) -> str:
-    return "-" if value is None or pd.isna(value) else f"{float(value):.6g}"
+    return "-" if value is None or pd.isna(value) else format_number(value)
 
 
 def _series(detail: dict[str, Any]) -> str:
@@ -76,6 +82,7 @@ def alerts_list(
         "open"
     ),
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Alerts, newest first (open ones by default)."""
     if status not in _STATUSES:
@@ -85,28 +92,75 @@ def alerts_list(
         frame = db.list_alerts(
             store.backend, status=None if status == "all" else status, limit=limit
         )
-    grid = table("id", "rule", "series", "severity", "status", "since", "value", "score", "note")
+    records = []
     for alert in frame.to_dict("records"):
-        note = []
-        if alert["silence_id"] is not None and not pd.isna(alert["silence_id"]):
-            note.append(f"silenced by {int(alert['silence_id'])}")
-        if alert["incident"]:
-            note.append("incident")
-        row(
-            grid,
-            alert["alert_id"],
-            alert["rule"],
-            _series(alert["detail"]),
-            alert["severity"],
-            alert["status"],
-            _when(alert["started_at"]),
-            _num(alert["value"]),
-            _num(alert["score"]),
-            ", ".join(note),
+        silenced = alert["silence_id"] is not None and not pd.isna(alert["silence_id"])
+        detail = alert["detail"] or {}
+        records.append(
+            {
+                "id": int(alert["alert_id"]),
+                "rule": alert["rule"],
+                "metric": detail.get("metric"),
+                "labels": detail.get("labels", {}),
+                "severity": alert["severity"],
+                "status": alert["status"],
+                "since": _when(alert["started_at"]),
+                "value": None if pd.isna(alert["value"]) else float(alert["value"]),
+                "score": None if pd.isna(alert["score"]) else float(alert["score"]),
+                "silenced_by": int(alert["silence_id"]) if silenced else None,
+                "incident": bool(alert["incident"]),
+            }
         )
-    out().print(grid)
-    if frame.empty:
+    if format is not ListFormat.table:
+        print_records(format, records, list(_LIST_COLUMNS))
+        return
+    if not records:
         typer.echo(f"no {'' if status == 'all' else status + ' '}alerts")
+        return
+    notes = [
+        ", ".join(
+            ([f"silenced by {r['silenced_by']}"] if r["silenced_by"] is not None else [])
+            + (["incident"] if r["incident"] else [])
+        )
+        for r in records
+    ]
+    # The series gets the room: the other columns do not wrap, a column that is empty on every
+    # row (note) is left out, rule too when every row has the same one (the caption names it),
+    # and under 100 columns so are rule and score (`alerts show ID` and --format json have
+    # them).
+    console = out()
+    wide = console.width >= 100
+    rules = sorted({str(r["rule"]) for r in records})
+    show_rule = wide and len(rules) > 1
+    grid = Table(caption=counted(len(records), "alert"), box=None, padding=(0, 1), pad_edge=False)
+    grid.add_column("id", no_wrap=True, justify="right")
+    grid.add_column("series", overflow="fold", ratio=1, min_width=16)
+    for name in ("rule",) * show_rule + ("severity", "status", "since"):
+        grid.add_column(name, no_wrap=True)
+    grid.add_column("value", no_wrap=True, justify="right")
+    if wide:
+        grid.add_column("score", no_wrap=True, justify="right")
+    if any(notes):
+        grid.add_column("note", overflow="fold")
+    for r, note in zip(records, notes, strict=True):
+        cells = [
+            r["id"],
+            f"{r['metric'] or '?'}{format_labels(r['labels'])}",
+            *([r["rule"]] if show_rule else []),
+            r["severity"],
+            r["status"],
+            r["since"],
+            format_number(r["value"]),
+            *([format_number(r["score"])] if wide else []),
+        ]
+        row(grid, *cells, *([note] if any(notes) else []))
+    console.print(grid)
+
+
+_LIST_COLUMNS = (
+    "id", "rule", "metric", "labels", "severity", "status", "since", "value", "score",
+    "silenced_by", "incident",
+)  # fmt: skip
 
 
 @alerts_app.command("show")

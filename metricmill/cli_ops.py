@@ -128,31 +128,28 @@ def status(ctx: typer.Context) -> None:
     console = out()
 
     runs, problem = flow_runs([s.flow for s in SCHEDULES])
+    rows: list[tuple[str, ...]] = []
+    for schedule in SCHEDULES:
+        last = runs.get(schedule.flow)
+        note = "running now (holds its lock)" if schedule.flow in running else ""
+        if last is None:
+            rows.append((schedule.flow, schedule.cron, "-", "-", "-", note))
+            continue
+        note = "; ".join(x for x in (note, last.message) if x)
+        started = format_time(last.started)
+        rows.append((schedule.flow, schedule.cron, last.name, last.state, started, note))
+    with_notes = any(r[-1] for r in rows)  # no always-empty column
     flows = table(
         "flow",
         "schedule (UTC)",
         "last run",
         "state",
         "started",
-        "note",
+        *(["note"] if with_notes else []),
         title="flows" + (f" — Prefect API: {problem}" if problem else ""),
     )
-    for schedule in SCHEDULES:
-        last = runs.get(schedule.flow)
-        note = "running now (holds its lock)" if schedule.flow in running else ""
-        if last is None:
-            row(flows, schedule.flow, schedule.cron, "-", "-", "-", note)
-            continue
-        note = "; ".join(x for x in (note, last.message) if x)
-        row(
-            flows,
-            schedule.flow,
-            schedule.cron,
-            last.name,
-            last.state,
-            format_time(last.started),
-            note,
-        )
+    for cells in rows:
+        row(flows, *(cells if with_notes else cells[:-1]))
     console.print(flows)
 
     pipeline = table("", "", title="pipeline", show_header=False)
