@@ -575,12 +575,31 @@ def quarantine_list(
         bool, typer.Option("--all", help="Also rows already replayed (default: pending only).")
     ] = False,
     limit: Annotated[int, typer.Option(help="Newest N table entries.")] = 100,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Quarantined rows and batches (newest first) and the files in the quarantine directory."""
     settings = settings_from(ctx)
     check_range("--limit", limit, 1, 1_000_000)
     with Store.open(settings=settings) as store:
         entries = store.quarantine(limit=limit, pending_only=not all_)
+    if format is not ListFormat.table:  # table entries, then files (kind tells them apart)
+        records: list[dict[str, Any]] = [
+            {"kind": "row", "id": int(entry_id), "source": source, "reason": reason,
+             "detail": detail or None, "row": data, "created": format_time(created),
+             "replayed": None if replayed is None or replayed is pd.NaT else format_time(replayed)}
+            for entry_id, source, reason, detail, data, created, replayed in columns(
+                entries, "id", "source", "reason", "detail", "row", "created_at", "replayed_at"
+            )
+        ]  # fmt: skip
+        records += [
+            {"kind": "file", "id": item.path.name, "source": str(item.path),
+             "reason": item.reason, "detail": item.detail or None, "row": None,
+             "created": format_time(item.since), "replayed": None}
+            for item in quarantined_files(settings)
+        ]  # fmt: skip
+        names = ["kind", "id", "source", "reason", "detail", "row", "created", "replayed"]
+        print_records(format, records, names)
+        return
     rows = table(
         "id", "source", "reason", "detail", "created", "replayed",
         title="quarantined rows", caption=counted(len(entries), "entry", "entries"),

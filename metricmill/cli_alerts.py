@@ -262,10 +262,19 @@ def alerts_silence(
 def alerts_silences(
     ctx: typer.Context,
     all_: Annotated[bool, typer.Option("--all", help="Include expired silences.")] = False,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Active silences (with --all, expired ones too)."""
     with open_store(ctx) as store:
         found = db.silences(store.backend, active_at_us=None if all_ else _now_us())
+    if format is not ListFormat.table:
+        records = [
+            {"id": s.silence_id, "matcher": s.matcher, "from": _when(s.starts_us),
+             "until": _when(s.ends_us), "comment": s.comment or ""}
+            for s in found
+        ]  # fmt: skip
+        print_records(format, records, ["id", "matcher", "from", "until", "comment"])
+        return
     grid = table("id", "matcher", "from", "until", "comment")
     for s in found:
         row(grid, s.silence_id, s.matcher, _when(s.starts_us), _when(s.ends_us), s.comment or "")
@@ -273,7 +282,7 @@ def alerts_silences(
 
 
 @rules_app.command("list")
-def rules_list(ctx: typer.Context) -> None:
+def rules_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> None:
     """Every rule in effect: the settings' default and those added here."""
     from tasks.alerting import load_rules
 
@@ -281,6 +290,18 @@ def rules_list(ctx: typer.Context) -> None:
     with open_store(ctx) as store:
         rules = load_rules(settings, store.backend)
         stored = {r["name"] for r in db.list_rules(store.backend)}
+    if format is not ListFormat.table:
+        records = [
+            {"name": r.name, "metrics": r.metric_pattern, "warn": r.threshold,
+             "crit": r.critical_threshold, "for_seconds": r.for_seconds,
+             "keep_firing_for_seconds": r.keep_firing_for_seconds,
+             "min_abs_deviation": r.min_abs_deviation, "min_baseline_level": r.min_baseline_level,
+             "repeat_interval_seconds": r.repeat_interval_seconds,
+             "from": "cli" if r.name in stored else "settings"}
+            for r in rules
+        ]  # fmt: skip
+        print_records(format, records, list(records[0]) if records else ["name"])
+        return
     grid = table(
         "name", "metrics", "warn", "crit", "for", "keep", "min dev", "min level", "repeat", "from"
     )

@@ -126,3 +126,25 @@ def test_list_commands_speak_json_and_csv() -> None:
         assert len(table) == 1 and json.loads(table[0]["labels"]) == LABELS
     alert = json.loads(run(100, "alerts", "list", "--format", "json"))
     assert alert["value"] == 7.331111 and alert["score"] == 0.987654  # every digit kept
+
+
+@pytest.mark.usefixtures("home")
+def test_every_list_command_has_json_and_csv() -> None:
+    run(100, "retention", "add", "http_*", "--days", "7")
+    run(100, "alerts", "silence", "http_request_duration_seconds", "--for", "1h")
+    for args, expected in (
+        (("quarantine", "list", "--all"), {"kind", "id", "reason"}),
+        (("retention", "list"), {"pattern", "days", "legal_hold"}),
+        (("archive", "list"), {"path", "sha256"}),
+        (("alerts", "silences"), {"matcher", "until"}),
+        (("alerts", "rules", "list"), {"name", "warn", "from"}),
+        (("alerts", "list", "--status", "all"), {"metric", "status"}),
+        (("series",), {"metric", "first_seen"}),
+    ):
+        records = [json.loads(line) for line in run(100, *args, "--format", "json").splitlines()]
+        header = next(csv.reader(io.StringIO(run(100, *args, "--format", "csv"))))
+        assert expected <= set(header), (args, header)
+        for record in records:
+            assert set(record) == set(header), (args, record)
+        if args[0] != "quarantine" and args[0] != "archive":
+            assert records, args
