@@ -157,8 +157,10 @@ def format_number(value: Any) -> str:
     number = float(value)
     if number.is_integer() and abs(number) < 1e15:
         return f"{int(number):,}"
-    if 1e-4 <= abs(number) < 1e6:
-        return f"{number:,.4g}" if abs(number) < 1000 else f"{number:,.1f}"
+    if 1000 <= abs(number) < 1e15:  # large: whole units (tenths below 100,000)
+        return f"{number:,.1f}" if abs(number) < 1e5 else f"{number:,.0f}"
+    if 1e-4 <= abs(number) < 1000:
+        return f"{number:.4g}"
     return f"{number:.4g}"
 
 

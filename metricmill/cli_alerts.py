@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
@@ -164,11 +165,28 @@ _LIST_COLUMNS = (
 
 
 @alerts_app.command("show")
-def alerts_show(ctx: typer.Context, alert_id: int) -> None:
-    """One alert with its notifications."""
+def alerts_show(
+    ctx: typer.Context,
+    alert_id: int,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write a PNG: the series around the alert, expected band, alert span.",
+        ),
+    ] = None,
+) -> None:
+    """One alert with its notifications (and, with --plot, its picture)."""
+    from metricmill.alert_plot import alert_window, render
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise AlertCommandError(f"--plot {plot}: the picture is written as PNG: name it .png")
     with open_store(ctx) as store:
         alert = _alert_or_fail(store, alert_id)
         sent = db.notifications_for(store.backend, alert_id)
+        window = alert_window(store, alert)
+    if window.band is not None:  # as drawn: clipped at 0 for a series that never goes negative
+        alert = {**alert, "expected_low": window.band[0], "expected_high": window.band[1]}
     lines = [
         f"alert {alert['alert_id']}  {alert['status']}  {alert['severity']}",
         f"rule: {alert['rule']}  fingerprint: {alert['fingerprint']}",
@@ -199,6 +217,12 @@ def alerts_show(ctx: typer.Context, alert_id: int) -> None:
             _when(note["sent_at"]),
         )
     out().print(grid)
+    if plot is not None:
+        title = f"alert {alert['alert_id']} ({alert['severity']}, {alert['status']}): " + _series(
+            alert["detail"]
+        )
+        render(window, title, plot)
+        echo(f"picture: {plot} ({len(window.points)} points)")
 
 
 def _change(ctx: typer.Context, alert_id: int, status: str, incident: bool) -> None:
