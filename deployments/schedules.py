@@ -38,9 +38,13 @@ SCHEDULES: tuple[FlowSchedule, ...] = (
     ),
     FlowSchedule(
         flow="rollup",
+        # A minute after each 5-minute boundary: the ingest run of the boundary minute (which
+        # writes the last minute of the 5m bucket just closed) has had that minute to finish,
+        # instead of starting alongside this run and missing it every time.
         deployment="every-5-minutes",
-        cron="*/5 * * * *",
-        description="Every 5 minutes: recompute the pending time ranges at 1m, 5m, 1h and 1d.",
+        cron="1-59/5 * * * *",
+        description="Every 5 minutes, a minute past each boundary (after that minute's ingest): "
+        "recompute the pending time ranges at 1m, 5m, 1h and 1d.",
         tags=("metricmill", "rollup"),
     ),
     FlowSchedule(
@@ -63,7 +67,7 @@ SCHEDULES: tuple[FlowSchedule, ...] = (
         flow="detect",
         # Two minutes after each rollup run starts, so it scores freshly rolled-up buckets.
         deployment="every-5-minutes",
-        cron="2-59/5 * * * *",
+        cron="3-59/5 * * * *",
         description="Every 5 minutes: score recent data against baselines and models; open, "
         "update and resolve alerts; notify.",
         tags=("metricmill", "detection", "alerts"),

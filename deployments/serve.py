@@ -5,21 +5,30 @@ the flows' database lock (flows/guard.py) also stops manual and ad-hoc runs from
 Runs that piled up while `serve` or the Prefect server was down are skipped except the newest:
 `sweep_piled_runs` cancels the older ones before serving starts and then every half minute,
 and a piled run that starts anyway skips itself (flows/guard.py).
+
+SIGTERM (what systemd sends) stops it as Ctrl-C does: the runner's main task is cancelled,
+its runs and client close in order, and `serve_all` returns the signal's name for the one line
+the CLI prints. (Prefect's own SIGTERM handler calls the runner's async stop from a signal
+handler and exits mid-flight: a screenful of "coroutine 'Runner.astop' was never awaited".)
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import signal
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import cast
+from types import FrameType
+from typing import Any, cast
 
-from prefect import Flow, get_client, serve
+from prefect import Flow, get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
+from prefect.runner import Runner
 from prefect.states import Cancelled
 
 from deployments.schedules import SCHEDULES, FlowSchedule
@@ -120,22 +129,58 @@ def _sweep_forever(full_names: Sequence[str], stop: threading.Event) -> None:
             logger.warning("could not check for piled-up runs: %s", exc)
 
 
-def serve_all(names: Iterable[str] | None = None, *, limit: int | None = None) -> list[str]:
-    """Serve the flows' deployments until interrupted; returns the flows left out (missing)."""
+class _Stopped:
+    """Which signal stopped serving (None until one did)."""
+
+    signal: str | None = None
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGINT: cancel the runner the way asyncio cancels it on Ctrl-C."""
+    if _Stopped.signal is None:
+        _Stopped.signal = signal.Signals(signum).name
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _stop_on_signal:
+        handler(signal.SIGINT, frame)  # asyncio.run's: cancels the main task (a 2nd: raises)
+    else:
+        raise KeyboardInterrupt
+
+
+class _Runner(Runner):
+    """Prefect's Runner, stopped by SIGTERM as by Ctrl-C (it installs this in start())."""
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        signum = args[0] if args else signal.SIGTERM
+        frame = args[1] if len(args) > 1 else None
+        _stop_on_signal(signum, frame)
+
+
+def serve_all(names: Iterable[str] | None = None, *, limit: int | None = None) -> str | None:
+    """Serve the flows' deployments until SIGTERM or SIGINT; returns that signal's name (None
+    when there was nothing to serve)."""
     deployments, missing = build_deployments(names)
     for name in missing:
         logger.warning("flow %r is not available yet (no flows/%s.py): not served", name, name)
     if not deployments:
-        return missing
+        return None
+    _Stopped.signal = None
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM,)}
     full_names = [d.full_name for d in deployments]
-    sweep_piled_runs(full_names)
     stop = threading.Event()
-    sweeper = threading.Thread(
-        target=_sweep_forever, args=(full_names, stop), name="piled-run-sweeper", daemon=True
-    )
-    sweeper.start()
     try:
-        serve(*deployments, pause_on_shutdown=False, limit=limit)
+        sweep_piled_runs(full_names)
+        sweeper = threading.Thread(
+            target=_sweep_forever, args=(full_names, stop), name="piled-run-sweeper", daemon=True
+        )
+        sweeper.start()
+        runner = _Runner(pause_on_shutdown=False, limit=limit)
+        for deployment in deployments:
+            runner.add_deployment(deployment)
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass
     finally:
         stop.set()
-    return missing
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _Stopped.signal or "SIGINT"

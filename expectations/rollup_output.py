@@ -154,10 +154,11 @@ def build_suite() -> gx.ExpectationSuite:
 
 @functools.lru_cache(maxsize=1)
 def _batch_definition() -> BatchDefinition:
-    import great_expectations as gx
+    from expectations import quiet_ephemeral_context
+
+    context = quiet_ephemeral_context()  # imports GX
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     asset = context.data_sources.add_pandas(_DATASOURCE).add_dataframe_asset(_ASSET)
     return asset.add_batch_definition_whole_dataframe(_BATCH_DEFINITION)

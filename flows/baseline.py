@@ -28,7 +28,16 @@ def _run_name() -> str:
 def baseline(
     database_url: str | None = None, home: str | None = None, window_days: int | None = None
 ) -> dict[str, Any]:
-    """Learn baselines over the last `window_days` (default: the baseline_window_days setting)."""
+    """Learn baselines over the last `window_days` (default: the baseline_window_days setting).
+
+    Args:
+        database_url: Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no
+            password: that comes from METRICMILL_DATABASE_PASSWORD or a Secret block). Empty:
+            METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
+        home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
+            Empty: METRICMILL_HOME, else ~/.metricmill.
+        window_days: Days of rollups to learn from. Empty: the baseline_window_days setting.
+    """
     settings = load_settings(database_url=database_url, home=home)
     outcome = learn_all(settings, window_days)
     create_markdown_artifact(

@@ -40,7 +40,15 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
 )
 @exclusive("detect")  # one run at a time; a run that finds another in progress is Skipped
 def detect(database_url: str | None = None, home: str | None = None) -> dict[str, Any]:
-    """Score every series' points newer than its watermark and apply the alert rules."""
+    """Score every series' points newer than its watermark and apply the alert rules.
+
+    Args:
+        database_url: Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no
+            password: that comes from METRICMILL_DATABASE_PASSWORD or a Secret block). Empty:
+            METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
+        home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
+            Empty: METRICMILL_HOME, else ~/.metricmill.
+    """
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
     # A notification block that does not exist is a setup mistake: say so before scoring.

@@ -51,7 +51,19 @@ def ingest(
     database_url: str | None = None,
     home: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one micro-batch over every source; returns one summary row per source."""
+    """Run one micro-batch over every source; returns one summary row per source.
+
+    Args:
+        samples: Samples to write in this run besides the other sources: a list of objects
+            with metric (or name), labels, ts (or timestamp) and value. Empty: none.
+        landing: Take the settled files waiting in the landing directory.
+        scrape: Scrape each configured target (scrape_targets) once.
+        database_url: Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no
+            password: that comes from METRICMILL_DATABASE_PASSWORD or a Secret block). Empty:
+            METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
+        home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
+            Empty: METRICMILL_HOME, else ~/.metricmill.
+    """
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
     settings.ensure_dirs()
@@ -85,7 +97,7 @@ def ingest(
     if scrape:
         # One failing target (after its retries) must not fail the run nor hide the others:
         # it gets a summary row with its error and the run carries on.
-        scrapes = [(url, scrape_target.submit(settings, url)) for url in settings.scrape_targets]
+        scrapes = [(t.url, scrape_target.submit(settings, t)) for t in settings.scrape_targets]
         for url, future in scrapes:
             try:
                 outcomes.append(future.result())

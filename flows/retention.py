@@ -38,7 +38,17 @@ def retention(
     home: str | None = None,
     dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Apply the retention rules once (or, with dry_run, say what they would do)."""
+    """Apply the retention rules once (or, with dry_run, say what they would do).
+
+    Args:
+        database_url: Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no
+            password: that comes from METRICMILL_DATABASE_PASSWORD or a Secret block). Empty:
+            METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
+        home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
+            Empty: METRICMILL_HOME, else ~/.metricmill.
+        dry_run: Only report what the rules would archive and delete (the
+            retention-preview artifact); change nothing.
+    """
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
     settings.ensure_dirs()

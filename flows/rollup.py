@@ -31,7 +31,17 @@ def rollup(
     home: str | None = None,
     max_chunks: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One rollup run; returns one summary row per level."""
+    """One rollup run; returns one summary row per level.
+
+    Args:
+        database_url: Database URL (sqlite:///PATH or postgresql://USER@HOST:PORT/DB, no
+            password: that comes from METRICMILL_DATABASE_PASSWORD or a Secret block). Empty:
+            METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
+        home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
+            Empty: METRICMILL_HOME, else ~/.metricmill.
+        max_chunks: At most this many chunk transactions (rollup_chunk_hours of data each)
+            in this run; the rest stays pending for the next. Empty: everything pending.
+    """
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
     prepare_store(settings)

@@ -141,15 +141,86 @@ def format_labels(labels: dict[str, str]) -> str:
 
 
 def format_time(value: Any) -> str:
+    """A time as tables show it: UTC, to the second (`2026-12-02T11:05:07Z`)."""
     if value is None or value is pd.NaT:
         return "-"
-    return pd.Timestamp(value).isoformat()
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_number(value: Any) -> str:
+    """The one number format of tables: integers with thousands separators, other values to
+    four significant digits (`7.331`, `0.0001234`); `-` for none. JSON and CSV keep every digit."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return f"{int(number):,}"
+    if 1000 <= abs(number) < 1e15:  # large: whole units (tenths below 100,000)
+        return f"{number:,.1f}" if abs(number) < 1e5 else f"{number:,.0f}"
+    if 1e-4 <= abs(number) < 1000:
+        return f"{number:.4g}"
+    return f"{number:.4g}"
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 row`, `2 rows`, `1 series`, `3 entries`."""
+    return f"{count:,} {noun if count == 1 else (plural or noun + 's')}"
+
+
+class ListFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOption = Annotated[
+    ListFormat,
+    typer.Option(
+        "--format", help="table, json (one object per line) or csv (a header, then rows)."
+    ),
+]
+
+
+def print_records(fmt: ListFormat, records: list[dict[str, Any]], columns: list[str]) -> None:
+    """A list command's rows as JSON lines or CSV (the table is printed by the command)."""
+    if fmt is ListFormat.json:
+        for record in records:
+            echo(json.dumps(record, ensure_ascii=False, default=_json_default))
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(
+            [
+                json.dumps(v, sort_keys=True, ensure_ascii=False)
+                if isinstance(v, dict | list)
+                else ("" if v is None else v)
+                for v in (record.get(c) for c in columns)
+            ]
+        )
+    typer.echo(printable(buffer.getvalue(), keep_newlines=True), nl=False)
+
+
+# Columns that never wrap (times, ids, numbers): a narrow terminal folds the others instead,
+# and a "series" column takes the room that is left.
+_NO_WRAP = {
+    "id", "ts", "value", "first seen", "last seen", "since", "started", "created", "replayed",
+    "quarantined", "rows", "bytes", "score", "severity", "status", "state",
+}  # fmt: skip
 
 
 def table(*columns: str, title: str | None = None, **kwargs: Any) -> Table:
     grid = Table(title=title, **kwargs)
     for column in columns:
-        grid.add_column(column, overflow="fold")
+        if column in _NO_WRAP:
+            grid.add_column(column, no_wrap=True)
+        elif column == "series":
+            grid.add_column(column, overflow="fold", ratio=1, min_width=16)
+        else:
+            grid.add_column(column, overflow="fold")
     return grid
 
 
@@ -300,9 +371,9 @@ def print_points(frame: pd.DataFrame, fmt: OutputFormat) -> None:
     if frame.empty:
         typer.echo("no samples in this window")
         return
-    grid = table("series", "ts", "value", caption=f"{len(frame)} rows")
+    grid = table("series", "ts", "value", caption=counted(len(frame), "row"))
     for metric, labels, ts, value in points:
-        row(grid, f"{metric}{format_labels(labels)}", ts.isoformat(), f"{value:.10g}")
+        row(grid, f"{metric}{format_labels(labels)}", format_time(ts), format_number(value))
     out().print(grid)
 
 
@@ -311,17 +382,35 @@ def series(
     ctx: typer.Context,
     pattern: Annotated[str | None, typer.Argument(help="Metric name glob, e.g. 'cpu_*'")] = None,
     selector: Annotated[str | None, typer.Option(help='Label matchers: {host="a"}')] = None,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Known series, with when each was first and last seen."""
     with open_store(ctx) as store:
         frame = store.series(pattern, selector)
-    grid = table(
-        "id", "metric", "labels", "first seen", "last seen", caption=f"{len(frame)} series"
-    )
-    for series_id, metric, labels, first, last in columns(
-        frame, "series_id", "metric", "labels", "first_seen", "last_seen"
-    ):
-        row(grid, series_id, metric, format_labels(labels), format_time(first), format_time(last))
+    records = [
+        {
+            "id": int(series_id),
+            "metric": metric,
+            "labels": labels,
+            "first_seen": None if first is None or first is pd.NaT else format_time(first),
+            "last_seen": None if last is None or last is pd.NaT else format_time(last),
+        }
+        for series_id, metric, labels, first, last in columns(
+            frame, "series_id", "metric", "labels", "first_seen", "last_seen"
+        )
+    ]
+    if format is not ListFormat.table:
+        print_records(format, records, ["id", "metric", "labels", "first_seen", "last_seen"])
+        return
+    grid = table("id", "series", "first seen", "last seen", caption=counted(len(frame), "series"))
+    for r in records:
+        row(
+            grid,
+            r["id"],
+            f"{r['metric']}{format_labels(r['labels'])}",
+            r["first_seen"] or "-",
+            r["last_seen"] or "-",
+        )
     out().print(grid)
 
 
@@ -334,13 +423,10 @@ def stats(ctx: typer.Context) -> None:
 
 def print_stats(info: dict[str, Any]) -> None:
     summary = table("", "", title="storage", show_header=False)
-    for label, key in (
-        ("backend", "backend"),
-        ("schema version", "schema_version"),
-        ("series", "series"),
-        ("samples stored", "samples"),
-    ):
-        row(summary, label, info[key])
+    row(summary, "backend", info["backend"])
+    row(summary, "schema version", info["schema_version"])
+    row(summary, "series", format_number(info["series"]))
+    row(summary, "samples stored", format_number(info["samples"]))
     row(summary, "oldest sample", format_time(info["oldest_sample"]))
     row(summary, "newest sample", format_time(info["newest_sample"]))
     row(summary, "bytes on disk", f"{info['bytes_total']:,}")
@@ -491,15 +577,34 @@ def quarantine_list(
         bool, typer.Option("--all", help="Also rows already replayed (default: pending only).")
     ] = False,
     limit: Annotated[int, typer.Option(help="Newest N table entries.")] = 100,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Quarantined rows and batches (newest first) and the files in the quarantine directory."""
     settings = settings_from(ctx)
     check_range("--limit", limit, 1, 1_000_000)
     with Store.open(settings=settings) as store:
         entries = store.quarantine(limit=limit, pending_only=not all_)
+    if format is not ListFormat.table:  # table entries, then files (kind tells them apart)
+        records: list[dict[str, Any]] = [
+            {"kind": "row", "id": int(entry_id), "source": source, "reason": reason,
+             "detail": detail or None, "row": data, "created": format_time(created),
+             "replayed": None if replayed is None or replayed is pd.NaT else format_time(replayed)}
+            for entry_id, source, reason, detail, data, created, replayed in columns(
+                entries, "id", "source", "reason", "detail", "row", "created_at", "replayed_at"
+            )
+        ]  # fmt: skip
+        records += [
+            {"kind": "file", "id": item.path.name, "source": str(item.path),
+             "reason": item.reason, "detail": item.detail or None, "row": None,
+             "created": format_time(item.since), "replayed": None}
+            for item in quarantined_files(settings)
+        ]  # fmt: skip
+        names = ["kind", "id", "source", "reason", "detail", "row", "created", "replayed"]
+        print_records(format, records, names)
+        return
     rows = table(
         "id", "source", "reason", "detail", "created", "replayed",
-        title="quarantined rows", caption=f"{len(entries)} entries",
+        title="quarantined rows", caption=counted(len(entries), "entry", "entries"),
     )  # fmt: skip
     for entry_id, source, reason, detail, data, created, replayed in columns(
         entries, "id", "source", "reason", "detail", "row", "created_at", "replayed_at"
@@ -509,7 +614,7 @@ def quarantine_list(
     files = quarantined_files(settings)
     grid = table(
         "file", "reason", "detail", "quarantined",
-        title=f"quarantined files in {settings.quarantine}", caption=f"{len(files)} files",
+        title=f"quarantined files in {settings.quarantine}", caption=counted(len(files), "file"),
     )  # fmt: skip
     for item in files:
         row(grid, item.path.name, item.reason, preview(item.detail, 100), format_time(item.since))

@@ -6,20 +6,28 @@ at the bottom of cli.py).
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import typer
+from rich.table import Table
 
 from metricmill.cli import (
     MAX_ID,
+    FormatOption,
+    ListFormat,
     check_range,
+    counted,
     echo,
     format_labels,
+    format_number,
     open_store,
     out,
+    print_records,
     row,
     settings_from,
     table,
@@ -55,7 +63,7 @@ def _when(us: Any) -> str:
 
 
 def _num(value: Any) -> str:
-    return "-" if value is None or pd.isna(value) else f"{float(value):.6g}"
+    return "-" if value is None or pd.isna(value) else format_number(value)
 
 
 def _series(detail: dict[str, Any]) -> str:
@@ -76,6 +84,7 @@ def alerts_list(
         "open"
     ),
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Alerts, newest first (open ones by default)."""
     if status not in _STATUSES:
@@ -85,36 +94,100 @@ def alerts_list(
         frame = db.list_alerts(
             store.backend, status=None if status == "all" else status, limit=limit
         )
-    grid = table("id", "rule", "series", "severity", "status", "since", "value", "score", "note")
+    records = []
     for alert in frame.to_dict("records"):
-        note = []
-        if alert["silence_id"] is not None and not pd.isna(alert["silence_id"]):
-            note.append(f"silenced by {int(alert['silence_id'])}")
-        if alert["incident"]:
-            note.append("incident")
-        row(
-            grid,
-            alert["alert_id"],
-            alert["rule"],
-            _series(alert["detail"]),
-            alert["severity"],
-            alert["status"],
-            _when(alert["started_at"]),
-            _num(alert["value"]),
-            _num(alert["score"]),
-            ", ".join(note),
+        silenced = alert["silence_id"] is not None and not pd.isna(alert["silence_id"])
+        detail = alert["detail"] or {}
+        records.append(
+            {
+                "id": int(alert["alert_id"]),
+                "rule": alert["rule"],
+                "metric": detail.get("metric"),
+                "labels": detail.get("labels", {}),
+                "severity": alert["severity"],
+                "status": alert["status"],
+                "since": _when(alert["started_at"]),
+                "value": None if pd.isna(alert["value"]) else float(alert["value"]),
+                "score": None if pd.isna(alert["score"]) else float(alert["score"]),
+                "silenced_by": int(alert["silence_id"]) if silenced else None,
+                "incident": bool(alert["incident"]),
+            }
         )
-    out().print(grid)
-    if frame.empty:
+    if format is not ListFormat.table:
+        print_records(format, records, list(_LIST_COLUMNS))
+        return
+    if not records:
         typer.echo(f"no {'' if status == 'all' else status + ' '}alerts")
+        return
+    notes = [
+        ", ".join(
+            ([f"silenced by {r['silenced_by']}"] if r["silenced_by"] is not None else [])
+            + (["incident"] if r["incident"] else [])
+        )
+        for r in records
+    ]
+    # The series gets the room: the other columns do not wrap, a column that is empty on every
+    # row (note) is left out, rule too when every row has the same one (the caption names it),
+    # and under 100 columns so are rule and score (`alerts show ID` and --format json have
+    # them).
+    console = out()
+    wide = console.width >= 100
+    rules = sorted({str(r["rule"]) for r in records})
+    show_rule = wide and len(rules) > 1
+    grid = Table(caption=counted(len(records), "alert"), box=None, padding=(0, 1), pad_edge=False)
+    grid.add_column("id", no_wrap=True, justify="right")
+    grid.add_column("series", overflow="fold", ratio=1, min_width=16)
+    for name in ("rule",) * show_rule + ("severity", "status", "since"):
+        grid.add_column(name, no_wrap=True)
+    grid.add_column("value", no_wrap=True, justify="right")
+    if wide:
+        grid.add_column("score", no_wrap=True, justify="right")
+    if any(notes):
+        grid.add_column("note", overflow="fold")
+    for r, note in zip(records, notes, strict=True):
+        cells = [
+            r["id"],
+            f"{r['metric'] or '?'}{format_labels(r['labels'])}",
+            *([r["rule"]] if show_rule else []),
+            r["severity"],
+            r["status"],
+            r["since"],
+            format_number(r["value"]),
+            *([format_number(r["score"])] if wide else []),
+        ]
+        row(grid, *cells, *([note] if any(notes) else []))
+    console.print(grid)
+
+
+_LIST_COLUMNS = (
+    "id", "rule", "metric", "labels", "severity", "status", "since", "value", "score",
+    "silenced_by", "incident",
+)  # fmt: skip
 
 
 @alerts_app.command("show")
-def alerts_show(ctx: typer.Context, alert_id: int) -> None:
-    """One alert with its notifications."""
+def alerts_show(
+    ctx: typer.Context,
+    alert_id: int,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write a PNG: the series around the alert, expected band, alert span.",
+        ),
+    ] = None,
+) -> None:
+    """One alert with its notifications (and, with --plot, its picture)."""
+    from metricmill.alert_plot import alert_window, render
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise AlertCommandError(f"--plot {plot}: the picture is written as PNG: name it .png")
     with open_store(ctx) as store:
         alert = _alert_or_fail(store, alert_id)
         sent = db.notifications_for(store.backend, alert_id)
+        window = alert_window(store, alert)
+    if window.band is not None:  # as drawn: clipped at 0 for a series that never goes negative
+        alert = {**alert, "expected_low": window.band[0], "expected_high": window.band[1]}
     lines = [
         f"alert {alert['alert_id']}  {alert['status']}  {alert['severity']}",
         f"rule: {alert['rule']}  fingerprint: {alert['fingerprint']}",
@@ -145,6 +218,12 @@ def alerts_show(ctx: typer.Context, alert_id: int) -> None:
             _when(note["sent_at"]),
         )
     out().print(grid)
+    if plot is not None:
+        title = f"alert {alert['alert_id']} ({alert['severity']}, {alert['status']}): " + _series(
+            alert["detail"]
+        )
+        render(window, title, plot)
+        echo(f"picture: {plot} ({len(window.points)} points)")
 
 
 def _change(ctx: typer.Context, alert_id: int, status: str, incident: bool) -> None:
@@ -208,10 +287,19 @@ def alerts_silence(
 def alerts_silences(
     ctx: typer.Context,
     all_: Annotated[bool, typer.Option("--all", help="Include expired silences.")] = False,
+    format: FormatOption = ListFormat.table,
 ) -> None:
     """Active silences (with --all, expired ones too)."""
     with open_store(ctx) as store:
         found = db.silences(store.backend, active_at_us=None if all_ else _now_us())
+    if format is not ListFormat.table:
+        records = [
+            {"id": s.silence_id, "matcher": s.matcher, "from": _when(s.starts_us),
+             "until": _when(s.ends_us), "comment": s.comment or ""}
+            for s in found
+        ]  # fmt: skip
+        print_records(format, records, ["id", "matcher", "from", "until", "comment"])
+        return
     grid = table("id", "matcher", "from", "until", "comment")
     for s in found:
         row(grid, s.silence_id, s.matcher, _when(s.starts_us), _when(s.ends_us), s.comment or "")
@@ -219,7 +307,7 @@ def alerts_silences(
 
 
 @rules_app.command("list")
-def rules_list(ctx: typer.Context) -> None:
+def rules_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> None:
     """Every rule in effect: the settings' default and those added here."""
     from storage import detection
     from tasks.alert_engine import effective_threshold
@@ -232,6 +320,32 @@ def rules_list(ctx: typer.Context) -> None:
         learned = detection.read_baselines(store).drop_duplicates("series_id")
         metrics = detection.series_metrics(store).set_index("series_id")["metric"]
     learned = learned.assign(metric=learned["series_id"].map(metrics).fillna(""))
+    effective: dict[str, np.ndarray] = {}
+    for r in rules:
+        mine = learned[[r.matches(str(m)) for m in learned["metric"]]]
+        effective[r.name] = effective_threshold(r, mine) if len(mine) else np.empty(0)
+    if format is not ListFormat.table:
+        records = [
+            {"name": r.name, "metrics": r.metric_pattern, "warn": r.threshold,
+             "crit": r.critical_threshold, "for_seconds": r.for_seconds,
+             "keep_firing_for_seconds": r.keep_firing_for_seconds,
+             "min_abs_deviation": r.min_abs_deviation, "min_baseline_level": r.min_baseline_level,
+             "repeat_interval_seconds": r.repeat_interval_seconds, "direction": r.direction,
+             "budget_per_week": (
+                 settings.alert_budget_per_week
+                 if r.alert_budget_per_week is None
+                 else r.alert_budget_per_week
+             ),
+             "effective_median": (
+                 float(np.median(effective[r.name])) if len(effective[r.name]) else None
+             ),
+             "effective_max": float(np.max(effective[r.name])) if len(effective[r.name]) else None,
+             "series": len(effective[r.name]),
+             "from": "cli" if r.name in stored else "settings"}
+            for r in rules
+        ]  # fmt: skip
+        print_records(format, records, list(records[0]) if records else ["name"])
+        return
     grid = table(
         "name",
         "metrics",
@@ -248,11 +362,11 @@ def rules_list(ctx: typer.Context) -> None:
         "from",
     )
     for r in rules:
-        mine = learned[[r.matches(str(m)) for m in learned["metric"]]]
-        effective = effective_threshold(r, mine) if len(mine) else np.empty(0)
+        mine_effective = effective[r.name]
         shown = (
-            f"{np.median(effective):.3f} / {np.max(effective):.3f} ({len(effective)} series)"
-            if len(effective)
+            f"{np.median(mine_effective):.3f} / {np.max(mine_effective):.3f} "
+            f"({len(mine_effective)} series)"
+            if len(mine_effective)
             else "no baselines yet"
         )
         budget = r.alert_budget_per_week
@@ -340,14 +454,48 @@ def rules_remove(ctx: typer.Context, name: str) -> None:
 @notify_app.command("test")
 def notify_test(
     ctx: typer.Context,
-    channel: Annotated[str, typer.Argument(help="Block reference, e.g. slack-webhook/ops.")],
+    channel: Annotated[
+        str | None,
+        typer.Argument(help="Block, e.g. slack-webhook/ops; default: every one configured."),
+    ] = None,
 ) -> None:
-    """Send a test message through one notification block."""
-    from tasks.notify import send_test
+    """Send a test message through one notification block, or through every configured one
+    (notification_blocks) side by side; exit 1 if any could not deliver it."""
+    from tasks.notify import Message, deliver, load_channels
 
-    delivery = send_test(settings_from(ctx), channel)
-    if delivery.outcome != "sent":
+    settings = settings_from(ctx)
+    refs = [channel] if channel else list(settings.notification_blocks)
+    if not refs:
         raise AlertCommandError(
-            f"{channel}: {delivery.outcome} after {delivery.attempts} attempt(s): {delivery.error}"
+            "no notification block configured (notification_blocks): name one, "
+            "e.g. `metricmill notify test slack-webhook/ops`"
         )
-    typer.echo(f"{channel}: test message sent ({delivery.attempts} attempt(s))")
+    channels = load_channels(settings, refs)
+    # Loading a block queues an event; at exit Prefect's EventsWorker sends it and warns that
+    # it is "still processing items". The event still goes; the warning is noise here.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+    messages = [
+        (
+            ref,
+            Message(
+                subject="[metricmill] test notification",
+                body=f"This is a test message from metricmill through {ref}.",
+            ),
+            {ref},
+        )
+        for ref in refs
+    ]
+    failed = 0
+    for delivery in deliver(channels, messages, settings):
+        if delivery.outcome == "sent":
+            echo(f"{delivery.channel}: test message sent ({delivery.attempts} attempt(s))")
+        else:
+            failed += 1
+            echo(
+                f"error: {delivery.channel}: {delivery.outcome} after {delivery.attempts} "
+                f"attempt(s): "
+                f"{delivery.error}",
+                err=True,
+            )
+    if failed:
+        raise typer.Exit(1)

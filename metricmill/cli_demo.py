@@ -8,6 +8,7 @@ against the incidents that were injected.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -72,6 +73,8 @@ def demo_environment(settings: Settings, retention_days: int, lookback: int, ver
     }
     if not verbose:
         values["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    else:  # GX's INFO lines too (tasks/quality.py quiets them when nobody set a level)
+        logging.getLogger("great_expectations").setLevel(logging.INFO)
     # The temporary server's usage report only fails, loudly, on machines without internet.
     values["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     if not os.environ.get("PREFECT_API_URL"):

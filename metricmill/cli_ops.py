@@ -28,7 +28,12 @@ from metricmill.cli import (
     table,
 )
 from metricmill.errors import MetricmillError
-from metricmill.settings import MEMORY_URL, Settings, config_file_path
+from metricmill.settings import (
+    MEMORY_URL,
+    Settings,
+    config_file_path,
+    load_settings_past_errors,
+)
 from metricmill.types import datetime_to_us
 
 ops_app: typer.Typer = typer.Typer()
@@ -46,7 +51,7 @@ def serve(
         int | None, typer.Option(min=1, help="At most N runs at once in this process.")
     ] = None,
 ) -> None:
-    """Serve every flow as a scheduled deployment until Ctrl-C (see the Prefect UI)."""
+    """Serve every flow as a scheduled deployment until Ctrl-C or SIGTERM (see the Prefect UI)."""
     from deployments.schedules import SCHEDULES
     from deployments.serve import build_deployments, serve_all
 
@@ -81,7 +86,13 @@ def serve(
         console.print(Text(f"warning: flow {name!r} is not available yet: not served", "yellow"))
     if not deployments:
         raise MetricmillError("no flow to serve")
-    serve_all(flow)
+    if not problem:
+        from deployments.inspect import api_url
+
+        ui = (api_url() or "").removesuffix("/api")
+        console.print(f"Prefect UI: {ui}/deployments; stop with Ctrl-C or SIGTERM")
+    stopped_by = serve_all(flow, limit=limit)
+    console.print(f"metricmill serve: stopped ({stopped_by})")
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -117,31 +128,28 @@ def status(ctx: typer.Context) -> None:
     console = out()
 
     runs, problem = flow_runs([s.flow for s in SCHEDULES])
+    rows: list[tuple[str, ...]] = []
+    for schedule in SCHEDULES:
+        last = runs.get(schedule.flow)
+        note = "running now (holds its lock)" if schedule.flow in running else ""
+        if last is None:
+            rows.append((schedule.flow, schedule.cron, "-", "-", "-", note))
+            continue
+        note = "; ".join(x for x in (note, last.message) if x)
+        started = format_time(last.started)
+        rows.append((schedule.flow, schedule.cron, last.name, last.state, started, note))
+    with_notes = any(r[-1] for r in rows)  # no always-empty column
     flows = table(
         "flow",
         "schedule (UTC)",
         "last run",
         "state",
         "started",
-        "note",
+        *(["note"] if with_notes else []),
         title="flows" + (f" — Prefect API: {problem}" if problem else ""),
     )
-    for schedule in SCHEDULES:
-        last = runs.get(schedule.flow)
-        note = "running now (holds its lock)" if schedule.flow in running else ""
-        if last is None:
-            row(flows, schedule.flow, schedule.cron, "-", "-", "-", note)
-            continue
-        note = "; ".join(x for x in (note, last.message) if x)
-        row(
-            flows,
-            schedule.flow,
-            schedule.cron,
-            last.name,
-            last.state,
-            format_time(last.started),
-            note,
-        )
+    for cells in rows:
+        row(flows, *(cells if with_notes else cells[:-1]))
     console.print(flows)
 
     pipeline = table("", "", title="pipeline", show_header=False)
@@ -385,8 +393,8 @@ def check_prefect(settings: Settings) -> list[Check]:
                 "Prefect API",
                 None,
                 problem,
-                "for the UI and schedules: `prefect server start`, then "
-                "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+                "for the UI and schedules: export PREFECT_API_URL=http://127.0.0.1:4200/api "
+                "and PREFECT_SERVER_ANALYTICS_ENABLED=false, then `prefect server start`",
             )
         ]
         if names:
@@ -436,20 +444,41 @@ def doctor(ctx: typer.Context) -> None:
                 "fix the named METRICMILL_* variable or its key in metricmill.toml",
             )
         )
+        # The other checks still run, with the invalid settings at their defaults.
+        options = ctx.find_object(GlobalOptions) or GlobalOptions()
+        fallback, defaulted = load_settings_past_errors(
+            home=options.home, database_url=options.database
+        )
+        if fallback is None:
+            checks.append(
+                Check("other checks", None, "not run: the settings cannot be read at all")
+            )
+            print_checks(checks)
+            raise typer.Exit(1) from None
+        names = ", ".join(f"METRICMILL_{name.upper()}" for name in defaulted)
+        checks.append(Check("settings used", None, f"defaults in place of {names}"))
+        checks.extend(run_checks(fallback))
         print_checks(checks)
         raise typer.Exit(1) from None
     config = config_file_path(settings.home)
     source = f"file {config}" if config else "environment and defaults, no metricmill.toml"
     checks.append(Check("settings", True, f"valid (home {settings.home}; {source})"))
+    checks.extend(run_checks(settings))
+    print_checks(checks)
+    if any(c.ok is False for c in checks):
+        raise typer.Exit(1)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check after the settings one: directories, database, landing, Prefect."""
+    checks: list[Check] = []
     if settings.database_url != MEMORY_URL:
         checks.extend(check_directories(settings))
     checks.extend(check_database(settings))
     if settings.database_url != MEMORY_URL:
         checks.extend(check_landing(settings))
     checks.extend(check_prefect(settings))
-    print_checks(checks)
-    if any(c.ok is False for c in checks):
-        raise typer.Exit(1)
+    return checks
 
 
 def print_checks(checks: list[Check]) -> None:

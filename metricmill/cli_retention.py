@@ -10,7 +10,21 @@ from typing import Annotated
 
 import typer
 
-from metricmill.cli import MAX_ID, check_range, echo, open_store, out, row, settings_from, table
+from metricmill.cli import (
+    MAX_ID,
+    FormatOption,
+    ListFormat,
+    check_range,
+    counted,
+    echo,
+    format_number,
+    open_store,
+    out,
+    print_records,
+    row,
+    settings_from,
+    table,
+)
 from metricmill.errors import MetricmillError
 from metricmill.timeutil import parse_time
 from storage.archive import export_to_parquet, manifest, verify_archive
@@ -48,11 +62,23 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 
 
 @retention_app.command("list")
-def retention_list(ctx: typer.Context) -> None:
+def retention_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> None:
     """The rules, highest priority first per level; legal holds are marked."""
     with open_store(ctx) as store:
         rules = list_rules(store.backend)
         settings = store.settings
+    if format is not ListFormat.table:
+        records = [
+            {
+                "id": rule.rule_id, "pattern": rule.metric_pattern, "labels": rule.labels or {},
+                "level": rule.level, "days": rule.retention_days, "priority": rule.priority,
+                "archive": rule.archive, "legal_hold": rule.legal_hold,
+            }
+            for rule in rules
+        ]  # fmt: skip
+        columns = ["id", "pattern", "labels", "level", "days", "priority", "archive", "legal_hold"]
+        print_records(format, records, columns)
+        return
     grid = table("id", "pattern", "labels", "level", "days", "priority", "archive", "legal hold")
     for rule in rules:
         row(
@@ -195,15 +221,26 @@ def archive_export(
 
 
 @archive_app.command("list")
-def archive_list(ctx: typer.Context, metric: Annotated[str | None, typer.Option()] = None) -> None:
+def archive_list(
+    ctx: typer.Context,
+    metric: Annotated[str | None, typer.Option()] = None,
+    format: FormatOption = ListFormat.table,
+) -> None:
     """Archive files recorded in the manifest."""
     with open_store(ctx) as store:
         frame = manifest(store.backend, metric)
-    grid = table("path", "rows", "series", "sha256", caption=f"{len(frame)} files")
-    for path, rows, series, sha in zip(
-        frame["path"], frame["rows"], frame["series"], frame["sha256"], strict=True
-    ):
-        row(grid, path, rows, series, sha)
+    records = [
+        {"path": str(path), "rows": int(rows), "series": int(series), "sha256": str(sha)}
+        for path, rows, series, sha in zip(
+            frame["path"], frame["rows"], frame["series"], frame["sha256"], strict=True
+        )
+    ]
+    if format is not ListFormat.table:
+        print_records(format, records, ["path", "rows", "series", "sha256"])
+        return
+    grid = table("path", "rows", "series", "sha256", caption=counted(len(frame), "file"))
+    for r in records:
+        row(grid, r["path"], format_number(r["rows"]), format_number(r["series"]), r["sha256"])
     out().print(grid)
 
 

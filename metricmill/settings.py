@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 import pydantic_settings
-from pydantic import SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from metricmill.errors import SettingsError
 from metricmill.secrets import (
@@ -33,6 +39,47 @@ install_log_redaction()  # settings are where passwords enter: from here on, log
 MEMORY_URL = "sqlite:///:memory:"
 _SQLITE_SCHEMES = {"sqlite", "sqlite+pysqlite"}
 _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"}
+# sqlite:///PATH with nothing to decode: read without SQLAlchemy, whose import costs more than
+# half a second of every CLI command's start-up.
+_PLAIN_SQLITE_URL = re.compile(r"sqlite(?:\+pysqlite)?:///(?P<path>[^?#%]*)")
+
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class ScrapeTarget(BaseModel):
+    """One scrape target, as Prometheus's static_configs put it: a URL, the `job` label its
+    samples get, and labels added to each of them (a plain URL string means job "scrape")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    job: str = "scrape"
+    labels: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"not an http(s) URL: {redact(value)!r}")
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("job must not be empty")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"label name {name!r} is not a Prometheus label name")
+            if name in {"job", "instance"}:
+                raise ValueError(f"label {name!r} is set by the target: use its 'job' key")
+        return value
 
 
 def mask_url(url: str) -> str:
@@ -45,6 +92,15 @@ def normalise_database_url(url: str) -> str:
     url = url.strip()
     if url in {"memory", "memory://", ":memory:", "sqlite://", "sqlite:///:memory:"}:
         return MEMORY_URL
+    plain = _PLAIN_SQLITE_URL.fullmatch(url)
+    if plain is not None:
+        database = plain["path"]
+        if not database or database == ":memory:":
+            return MEMORY_URL
+        return f"sqlite:///{Path(database).expanduser().resolve()}"
+    from sqlalchemy.engine import make_url  # only for URLs that need its parser
+    from sqlalchemy.exc import ArgumentError
+
     try:
         parsed = make_url(quote_password(url))
     except (ArgumentError, ValueError) as exc:
@@ -95,7 +151,8 @@ class Settings(BaseSettings):
     max_nesting_depth: int = 32
     max_row_labels: int = 1000
     max_bad_lines: int = 10_000
-    scrape_targets: list[str] = []
+    # URLs, or {"url": ..., "job": ..., "labels": {...}} objects (ScrapeTarget)
+    scrape_targets: list[ScrapeTarget] = []
     scrape_timeout_seconds: float = 10.0
     # push receiver (`metricmill receive`): where it listens, what it accepts, when it pushes back
     receive_host: str = "127.0.0.1"
@@ -107,6 +164,13 @@ class Settings(BaseSettings):
     receive_max_connections: int = 64
     receive_token: SecretStr | None = None
     receive_token_block: str | None = None
+
+    @field_validator("scrape_targets", mode="before")
+    @classmethod
+    def _plain_urls(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator(
         "receive_max_request_bytes",
@@ -469,3 +533,34 @@ def load_settings(**overrides: Any) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         where = config_file_path(overrides.get("home"))
         raise SettingsError(f"invalid settings: {where}: not TOML: {exc}") from None
+
+
+def load_settings_past_errors(**overrides: Any) -> tuple[Settings | None, list[str]]:
+    """Settings with every invalid field at its default, and the names of those fields, for
+    `metricmill doctor` to run its other checks when a setting is wrong. (None, names) when
+    the settings cannot be read even so (a TOML file that does not parse, a cross-field rule)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    replaced: dict[str, Any] = {}
+    hidden: dict[str, str] = {}  # variables that do not even parse, out of the environment
+    try:
+        for _ in range(2 * len(Settings.model_fields) + 1):
+            try:
+                return Settings(**(given | replaced)), sorted(replaced)
+            except ValidationError as exc:
+                fields = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+            except pydantic_settings.SettingsError as exc:
+                text = str(exc)
+                fields = {text.split('"')[1]} if text.count('"') >= 2 else set()
+                for name in list(os.environ):
+                    if name.upper() in {f"METRICMILL_{f.upper()}" for f in fields}:
+                        hidden[name] = os.environ.pop(name)
+            except tomllib.TOMLDecodeError:
+                return None, sorted(replaced)
+            fields = {f for f in fields if f in Settings.model_fields and f not in replaced}
+            if not fields:
+                return None, sorted(replaced)
+            for name in fields:
+                replaced[name] = Settings.model_fields[name].get_default(call_default_factory=True)
+        return None, sorted(replaced)
+    finally:
+        os.environ.update(hidden)

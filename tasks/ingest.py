@@ -30,7 +30,7 @@ from expectations.ingest_batch import (
     check_required_columns,
 )
 from metricmill.secrets import redact
-from metricmill.settings import Settings
+from metricmill.settings import ScrapeTarget, Settings
 from storage.exposition import parse_exposition
 from storage.frames import to_frame, with_parsed_timestamps
 from storage.landing import (
@@ -534,20 +534,29 @@ def ingest_records(
 
 
 @task(retries=3, retry_delay_seconds=[1, 3, 9], retry_condition_fn=is_transient)
-def scrape_target(settings: Settings, url: str) -> SourceOutcome:
-    """One Prometheus exposition scrape, stamped at scrape time unless the text has timestamps."""
+def scrape_target(settings: Settings, target: ScrapeTarget | str) -> SourceOutcome:
+    """One Prometheus exposition scrape, stamped at scrape time unless the text has timestamps;
+    samples get the target's `instance`, `job` and labels unless they carry their own."""
     started = time.perf_counter()
+    if isinstance(target, str):
+        target = ScrapeTarget(url=target)
+    url = target.url
     outcome = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")  # summary: no password
     scrape_time = datetime.now(UTC)
     response = httpx.get(url, timeout=settings.scrape_timeout_seconds)
     if response.status_code >= 500:
         raise TransientError(f"{url} answered {response.status_code}")
     response.raise_for_status()
-    target = httpx.URL(url)
+    address = httpx.URL(url)
+    port = address.port or (443 if address.scheme == "https" else 80)
     parsed = parse_exposition(
         response.content,  # bytes: a line that is not UTF-8 is rejected, not stored as U+FFFD
         scrape_time=scrape_time,
-        extra_labels={"instance": f"{target.host}:{target.port}", "job": "scrape"},
+        extra_labels={
+            "instance": f"{address.host}:{port}",
+            "job": target.job,
+            **target.labels,
+        },
     )
     outcome.skipped_fields = parsed.skipped_nan  # NaN samples: skipped and counted
     _write(settings, parsed.frame, outcome, batch_id=None, pre_rejected=parsed.rejected)

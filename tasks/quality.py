@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from expectations import quiet_ephemeral_context
 from expectations.ingest_batch import (
     CHECKS,
     CONFLICTING,
@@ -464,10 +465,9 @@ def _result(
 @functools.lru_cache(maxsize=1)
 def _gx_batch_definition() -> BatchDefinition:
     """One ephemeral context + pandas dataframe asset per process (building them is slow)."""
-    import great_expectations as gx
+    context = quiet_ephemeral_context()  # imports GX
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
     # no tqdm bars on stderr for every validation
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     asset = context.data_sources.add_pandas(_DATASOURCE).add_dataframe_asset(_ASSET)

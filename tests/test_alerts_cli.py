@@ -41,7 +41,8 @@ def test_an_alert_is_listed_shown_acknowledged_and_resolved_as_an_incident(
     assert 'cpu{host="a"}' in output and "critical" in output and "firing" in output
     code, output = run("alerts", "show", "1")
     assert code == 0
-    assert "value: 9.5  expected: 0 [-1 .. 1]  score: 0.95" in output
+    # cpu never went below 0 here: the band is shown clipped at 0 (stored as -1 .. 1)
+    assert "value: 9.5  expected: 0 [0 .. 1]  score: 0.95" in output
     assert "since: 2023-11-14T22:14:20Z" in output
 
     assert run("alerts", "ack", "1") == (0, "alert 1: acknowledged\n")

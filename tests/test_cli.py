@@ -188,9 +188,9 @@ def test_query_table_with_step_and_agg(tmp_path: Path) -> None:
     run("ingest", str(write_ndjson(tmp_path / "cpu.ndjson", CPU_RECORDS)))
     result = run("query", 'cpu{host="a"}', *DAY, "--step", "1h", "--agg", "max")
     assert 'cpu{host="a"}' in result.stdout
-    assert "2024-01-01T00:00:00+00:00" in result.stdout
+    assert "2024-01-01T00:00:00Z" in result.stdout
     assert "0.1" in result.stdout
-    assert "1 rows" in result.stdout
+    assert "1 row\n" in result.stdout or "1 row " in result.stdout
 
 
 def test_query_selector_option_and_limit(tmp_path: Path) -> None:

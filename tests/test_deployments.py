@@ -344,3 +344,22 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cleanup_deployments: list[A
             }
         }
     ]
+
+
+def test_rollup_runs_after_the_boundary_ingest_and_detect_after_the_rollup() -> None:
+    from cronsim import CronSim
+
+    from deployments.schedules import schedule_for
+
+    start = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)
+
+    def minutes(flow: str) -> list[int]:
+        fires = CronSim(schedule_for(flow).cron, start)
+        return [next(fires).minute for _ in range(12)]
+
+    rollup, detect = minutes("rollup"), minutes("detect")
+    # Every five minutes, never on a boundary minute: the ingest run at the boundary (which
+    # writes the closing minute of the 5m bucket) has a minute before the rollup starts.
+    assert sorted(rollup) == [m + 1 for m in range(0, 60, 5)]
+    assert all(m % 5 != 0 for m in rollup)
+    assert detect == [m + 2 for m in rollup]  # two minutes after each rollup

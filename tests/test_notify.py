@@ -400,3 +400,34 @@ def test_inside_a_flow_run_the_open_alerts_are_published_as_an_artifact(
         json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
     )
     assert entry["series"] == 'cpu{host="flow"}' and entry["status"] == "firing"
+
+
+def test_notify_test_without_a_name_tries_every_configured_block_quietly(
+    hook: tuple[Hook, str], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    peer, base = hook
+    first, second = _save_custom(base, "mm-all-1"), _save_custom(base, "mm-all-2")
+    peer.scripts["/mm-all-2"] = [400]  # a permanent refusal: reported, exit 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METRICMILL_", "PREFECT_"))}
+    env |= {
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "METRICMILL_HOME": str(tmp_path / "home"),
+        "METRICMILL_NOTIFICATION_BLOCKS": json.dumps([first, second]),
+    }
+    cli = Path(sys.executable).with_name("metricmill")
+    done = subprocess.run(
+        [str(cli), "notify", "test"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [f"{first}: test message sent (1 attempt(s))"]
+    assert done.stderr.splitlines() == [
+        f"error: {second}: rejected after 1 attempt(s): HTTP 400: scripted"
+    ], done.stderr
+    assert peer.bodies("/mm-all-1")[0]["subject"] == "[metricmill] test notification"
+    assert len(peer.bodies("/mm-all-2")) == 1

@@ -120,6 +120,38 @@ def test_doctor_reports_invalid_settings_with_the_variable_to_fix(
     assert "METRICMILL_RETENTION_DAYS" in result.output
 
 
+def test_doctor_runs_every_other_check_when_a_setting_is_invalid(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert invoke("init").exit_code == 0
+    monkeypatch.setenv("METRICMILL_RETENTION_DAYS", "-3")
+    monkeypatch.setenv("METRICMILL_SCRAPE_TARGETS", "not json")
+    result = invoke("doctor")
+    assert result.exit_code == 1
+    assert check(result.output, "settings") == "FAIL"
+    used = next(line for line in result.output.splitlines() if "│ settings used" in line)
+    assert "METRICMILL_RETENTION_DAYS" in used and "METRICMILL_SCRAPE_TARGETS" in used
+    # The valid settings are kept (this home, its database), the rest of doctor runs.
+    for name in ("home", "landing directory", "database", "schema", "database writes"):
+        assert check(result.output, name) == "ok"
+    assert str(home) in result.output
+    assert "1 failed" in result.output
+
+
+def test_doctor_reports_a_broken_database_behind_an_invalid_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("METRICMILL_RETENTION_DAYS", "0")
+    result = invoke("--database", f"postgresql://nobody@127.0.0.1:{port}/x", "doctor")
+    assert result.exit_code == 1
+    assert check(result.output, "settings") == "FAIL"
+    assert check(result.output, "database") == "FAIL"
+    assert "2 failed" in result.output
+
+
 # -- status -----------------------------------------------------------------------------------
 def test_status_shows_lag_pending_ranges_alerts_quarantine_and_running_flows(
     db_target: DbTarget, home: Path, monkeypatch: pytest.MonkeyPatch

@@ -271,3 +271,34 @@ def test_empty_batch() -> None:
 
 def test_result_type() -> None:
     assert isinstance(validate_batch_pandas(frame(GOOD), LIMITS), QualityResult)
+
+
+GX_QUIET_PROBE = """
+import logging, sys
+from datetime import UTC, datetime
+import pandas as pd
+logging.basicConfig(level=logging.INFO)  # what a flow run's logging lets through
+if sys.argv[1] == "verbose":
+    logging.getLogger("great_expectations").setLevel(logging.INFO)
+from tasks.quality import validate_batch
+row = {"metric": "up", "labels": {}, "ts": datetime.now(UTC), "value": 1.0}
+assert len(validate_batch(pd.DataFrame([row])).good) == 1
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "verbose"])
+def test_gx_info_lines_only_when_asked_for(mode: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", GX_QUIET_PROBE, mode],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("ephemeral docs site" in done.stderr) is (mode == "verbose"), done.stderr
+    assert ("INFO:great_expectations" in done.stderr) is (mode == "verbose"), done.stderr

@@ -161,7 +161,7 @@ class Run:
 def run_ingest(
     monkeypatch: pytest.MonkeyPatch,
     home: Path,
-    targets: list[str],
+    targets: list[str] | list[str | dict[str, Any]],
     db: DbTarget | None = None,
     **env: str,
 ) -> Run:
@@ -558,3 +558,46 @@ def test_real_node_exporter_scrape(
     }
     assert one_value(samples, f"{hist}_sum", job_name="nightly") == 7421.5
     assert one_value(samples, f"{hist}_count", job_name="nightly") == 14
+
+
+def test_prometheus_style_targets_name_the_job_and_add_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[..., ScriptedServer]
+) -> None:
+    node, plain = serve(recorded()), serve(recorded())
+    targets: list[str | dict[str, Any]] = [
+        {"url": node.url, "job": "node", "labels": {"dc": "fra1", "team": "ops"}},
+        plain.url,  # a plain URL still works: job "scrape", no extra labels
+    ]
+    run = run_ingest(monkeypatch, tmp_path, targets, METRICMILL_RETENTION_DAYS="36500")
+    assert run.rows[f"scrape:{node.url}"]["error"] == ""
+    with open_store(tmp_path) as store:
+        samples = stored_samples(store)
+    jobs: dict[str, set[frozenset[tuple[str, str]]]] = {}
+    for (_, labels), _points in samples.items():
+        found = dict(labels)
+        extra = frozenset((k, v) for k, v in found.items() if k in {"dc", "team"})
+        jobs.setdefault(found["job"], set()).add(extra)
+    assert set(jobs) == {"node", "scrape"}
+    assert jobs["node"] == {frozenset({("dc", "fra1"), ("team", "ops")})}
+    assert jobs["scrape"] == {frozenset()}
+
+
+@pytest.mark.parametrize(
+    "target,problem",
+    [
+        ({"url": "ftp://h/metrics"}, "not an http(s) URL"),
+        ({"url": "http://h/m", "labels": {"job": "x"}}, "use its 'job' key"),
+        ({"url": "http://h/m", "labels": {"bad-name": "x"}}, "not a Prometheus label name"),
+        ({"url": "http://h/m", "jobs": "x"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_scrape_target_is_one_settings_error(
+    monkeypatch: pytest.MonkeyPatch, target: dict[str, Any], problem: str
+) -> None:
+    from metricmill.errors import SettingsError
+    from metricmill.settings import load_settings
+
+    monkeypatch.setenv("METRICMILL_SCRAPE_TARGETS", json.dumps([target]))
+    with pytest.raises(SettingsError, match="METRICMILL_SCRAPE_TARGETS") as caught:
+        load_settings()
+    assert problem in str(caught.value)

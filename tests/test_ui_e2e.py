@@ -243,3 +243,37 @@ def test_served_deployment_run_and_its_artifact_show_in_the_prefect_ui(
     )  # fmt: skip
     assert "ingest-summary" in artifact_page
     assert run_name in artifact_page  # the artifact's latest version is this run's
+
+
+def test_custom_run_form_shows_every_parameter_description(
+    chromium: str, prefect_api: str, tmp_path: Path
+) -> None:
+    serve_log = tmp_path / "serve.log"
+    env = clean_env(PREFECT_API_URL=prefect_api)
+    args = [str(BIN / "metricmill"), "--home", str(tmp_path / "home"), "serve", "--flow", "rollup"]
+    serve = start(args, env, serve_log)
+    try:
+        deployment = wait_until(
+            "metricmill serve to register rollup/every-5-minutes",
+            lambda: get_json(f"{prefect_api}/deployments/name/rollup/every-5-minutes"),
+            120,
+            serve_log,
+        )
+    finally:
+        stop(serve)
+    properties = deployment["parameter_openapi_schema"]["properties"]
+    assert set(properties) == {"database_url", "home", "max_chunks"}
+    # A sentence of each description, as the form shows it (the UI joins the docstring lines).
+    expected = [
+        " ".join(properties[name]["description"].split())[:40] for name in sorted(properties)
+    ]
+    assert all(len(e) == 40 for e in expected)
+    ui = prefect_api.removesuffix("/api")
+    form = page_text(
+        chromium, f"{ui}/deployments/deployment/{deployment['id']}/run", expected,
+        tmp_path / "chromium-form", timeout=90,
+    )  # fmt: skip
+    shown = " ".join(form.split())
+    for text in expected:
+        assert text in shown, f"{text!r} not on the custom-run form:\n{form}"
+    assert "max_chunks" in form

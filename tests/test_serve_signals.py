@@ -1,0 +1,48 @@
+"""`metricmill serve` stops on SIGTERM (what systemd sends) and SIGINT (Ctrl-C) with one line
+and exit code 0, against a real `prefect server start`."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_ui_e2e import BIN, clean_env, get_json, prefect_api, start, stop, wait_until
+
+__all__ = ["prefect_api"]  # the fixture, imported for the tests below
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_on_a_signal_with_one_line(
+    prefect_api: str, tmp_path: Path, signum: signal.Signals
+) -> None:
+    log = tmp_path / "serve.log"
+    env = clean_env(PREFECT_API_URL=prefect_api)
+    args = [str(BIN / "metricmill"), "--home", str(tmp_path / "home"), "serve", "--flow", "rollup"]
+    serve = start(args, env, log)
+    try:
+        wait_until(
+            "metricmill serve to register rollup/every-5-minutes",
+            lambda: get_json(f"{prefect_api}/deployments/name/rollup/every-5-minutes"),
+            120,
+            log,
+        )
+        # Registered: the runner starts its loop next. Signal it once it polls the API.
+        time.sleep(5)
+        assert serve.poll() is None, log.read_text()
+        before = len(log.read_bytes())
+        serve.send_signal(signum)  # to the process alone, as `kill PID` or systemd do
+        try:
+            code = serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still running 60 s after {signum.name}:\n{log.read_text()}")
+    finally:
+        stop(serve)
+    after = log.read_bytes()[before:].decode(errors="replace")
+    assert code == 0, log.read_text()
+    lines = [line for line in after.splitlines() if line.strip()]
+    assert lines == [f"metricmill serve: stopped ({signum.name})"], log.read_text()
+    assert "Traceback" not in log.read_text()
