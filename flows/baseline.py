@@ -26,7 +26,10 @@ def _run_name() -> str:
 )
 @exclusive("baseline")  # one run at a time; a run that finds another in progress is Skipped
 def baseline(
-    database_url: str | None = None, home: str | None = None, window_days: int | None = None
+    database_url: str | None = None,
+    home: str | None = None,
+    window_days: int | None = None,
+    series: str | None = None,
 ) -> dict[str, Any]:
     """Learn baselines over the last `window_days` (default: the baseline_window_days setting).
 
@@ -37,9 +40,12 @@ def baseline(
         home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
             Empty: METRICMILL_HOME, else ~/.metricmill.
         window_days: Days of rollups to learn from. Empty: the baseline_window_days setting.
+        series: Relearn only the series this label selector matches, e.g.
+            cpu_usage_percent{host="web-04"} or {env="prod"}; the per-metric models stay as
+            they are. Empty: every series.
     """
     settings = load_settings(database_url=database_url, home=home)
-    outcome = learn_all(settings, window_days)
+    outcome = learn_all(settings, window_days, series)
     create_markdown_artifact(
         key="baseline-summary",
         markdown=summary_markdown(outcome),

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect_dask import DaskTaskRunner
 
 from flows.guard import exclusive
+from metricmill.selectors import parse_selector
 from metricmill.settings import Settings, load_settings
 from storage import detection
 from storage.store import Store
@@ -39,7 +40,9 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
     log_prints=False,
 )
 @exclusive("detect")  # one run at a time; a run that finds another in progress is Skipped
-def detect(database_url: str | None = None, home: str | None = None) -> dict[str, Any]:
+def detect(
+    database_url: str | None = None, home: str | None = None, series: str | None = None
+) -> dict[str, Any]:
     """Score every series' points newer than its watermark and apply the alert rules.
 
     Args:
@@ -48,9 +51,15 @@ def detect(database_url: str | None = None, home: str | None = None) -> dict[str
             METRICMILL_DATABASE_URL, else the SQLite file in the home directory.
         home: metricmill home directory (landing, archive, quarantine, metricmill.toml).
             Empty: METRICMILL_HOME, else ~/.metricmill.
+        series: Score only the series this label selector matches, e.g.
+            http_server_errors_per_minute{env="prod"} or {host="web-04"}; the others keep
+            their watermarks for the next run. Empty: every series.
     """
     logger = get_run_logger()
     settings = load_settings(database_url=database_url, home=home)
+    selector = series.strip() if series and series.strip() else None
+    if selector:
+        parse_selector(selector)  # a malformed selector fails the run before anything changes
     # A notification block that does not exist is a setup mistake: say so before scoring.
     load_channels(settings)
     shards = settings.detect_shards
@@ -64,12 +73,15 @@ def detect(database_url: str | None = None, home: str | None = None) -> dict[str
         # named in the decorator; one task per shard of series (series_id % shards).
         with runner:
             futures = [
-                runner.submit(score_shard, {"settings": settings, "shard": s, "shards": shards})
+                runner.submit(
+                    score_shard,
+                    {"settings": settings, "shard": s, "shards": shards, "series": selector},
+                )
                 for s in range(shards)
             ]
             results = [f.result() for f in futures]
     else:
-        results = [score_shard(settings)]
+        results = [score_shard(settings, series=selector)]
     frames = [r.scores for r in results if len(r.scores)]
     scores = (
         pd.concat(frames, ignore_index=True).sort_values(["series_id", "ts_us"], kind="stable")

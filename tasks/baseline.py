@@ -628,8 +628,14 @@ class BaselineOutcome:
 
 
 @task(name="learn-baselines")
-def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOutcome:
-    """Learn baselines for every series with rollups in the window and fit per-metric models."""
+def learn_all(
+    settings: Settings, window_days: int | None = None, series: str | None = None
+) -> BaselineOutcome:
+    """Learn baselines for every series with rollups in the window and fit per-metric models.
+
+    With `series` (a label selector such as `cpu{host="a"}` or `{env="prod"}`), only the
+    matching series are relearned and the per-metric models are left as they are: a model
+    fitted on a few series of a metric would replace the one fitted on all of them."""
     logger = get_run_logger()
     started = time.perf_counter()
     days = window_days or settings.baseline_window_days
@@ -639,6 +645,9 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
         end_us = _now_us() // HOUR_US * HOUR_US
         start_us = end_us - days * DAY_US
         ids = detection.series_with_history(store, start_us=start_us, end_us=end_us, level=level)
+        if series and series.strip():
+            wanted = set(store.series(None, series)["series_id"].astype(int))
+            ids = [i for i in ids if int(i) in wanted]
         metrics = detection.series_metrics(store).set_index("series_id")["metric"]
         incidents = alerts_db.incident_windows(store.backend)  # confirmed incidents
         fit_buckets: list[pd.DataFrame] = []
@@ -671,7 +680,7 @@ def learn_all(settings: Settings, window_days: int | None = None) -> BaselineOut
                 outcome.thresholds.extend(float(v) for v in firsts["threshold_both"].dropna())
             fit_buckets.append(_sample_rows(kept, settings.detector_max_fit_rows))
             fit_baselines.append(learned.baselines)
-        if fit_buckets:
+        if fit_buckets and not (series and series.strip()):
             models = fit_models(
                 pd.concat(fit_buckets, ignore_index=True),
                 pd.concat(fit_baselines, ignore_index=True),

@@ -331,8 +331,11 @@ class ShardResult:
 
 
 @task(name="score-shard")
-def score_shard(settings: Settings, shard: int = 0, shards: int = 1) -> ShardResult:
-    """Score every new point of the series in this shard (series_id % shards == shard)."""
+def score_shard(
+    settings: Settings, shard: int = 0, shards: int = 1, series: str | None = None
+) -> ShardResult:
+    """Score every new point of the series in this shard (series_id % shards == shard), only
+    of those the label selector `series` matches when it is given."""
     logger = get_run_logger()
     started = time.perf_counter()
     floor_us = time.time_ns() // 1000 - settings.detect_lookback_minutes * 60_000_000
@@ -340,6 +343,9 @@ def score_shard(settings: Settings, shard: int = 0, shards: int = 1) -> ShardRes
         ids = [
             i for i in detection.series_to_score(store, floor_us=floor_us) if i % shards == shard
         ]
+        if series:
+            wanted = set(store.series(None, series)["series_id"].astype(int))
+            ids = [i for i in ids if i in wanted]
         late = detection.read_late(store, ids)
         points = detection.recent_points(
             store, series_ids=ids, floor_us=floor_us, context_us=CONTEXT_US, late=late

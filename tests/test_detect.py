@@ -248,3 +248,28 @@ def test_points_landing_behind_the_watermark_are_scored_and_alert_from_their_own
         assert store.backend.execute("SELECT count(*) FROM detect_late") == [(0,)]
     third = run(detect, database_url=env_target.url, home=str(tmp_path))
     assert (third["scored"], third["fired"]) == (0, 0)
+
+
+def test_a_series_selector_limits_baseline_and_detect_to_the_matching_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/metrics.db"
+    isolate_settings(monkeypatch, home=tmp_path)
+    settings = load_settings(database_url=url, home=tmp_path)
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    with Store.open(settings=settings) as store:
+        ids = seed_store(store, now_us)
+    only_b = '{host="b"}'
+    learned = run(baseline, database_url=url, home=str(tmp_path), series=only_b)
+    assert (learned["series"], learned["models"]) == (1, [])  # models stay as they are
+    with Store.open(settings=settings) as store:
+        assert set(detection.read_baselines(store)["series_id"]) == {ids["b"]}
+    run(baseline, database_url=url, home=str(tmp_path))
+    report = run(detect, database_url=url, home=str(tmp_path), series=only_b)
+    assert (report["series"], report["scored"], report["fired"]) == (1, 30, 1)
+    with Store.open(settings=settings) as store:
+        assert set(detection.read_watermarks(store)["series_id"]) == {ids["b"]}
+    rest = run(detect, database_url=url, home=str(tmp_path))
+    assert (rest["series"], rest["scored"]) == (2, 30)  # a, and the young series (no baseline)
+    bad = detect(database_url=url, home=str(tmp_path), series='{host=~"("}', return_state=True)
+    assert bad.is_failed() and "invalid regular expression" in str(bad.message)
