@@ -20,19 +20,35 @@ import logging
 import signal
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, cast
+from uuid import UUID
 
 from prefect import Flow, get_client
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+    FlowRun,
+    StateType,
+)
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runner import Runner
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Crashed, Scheduled
 
 from deployments.schedules import SCHEDULES, FlowSchedule
 from flows.guard import SKIPPED, due_scheduled_runs
+from flows.naming import run_name_of
+from metricmill.settings import load_settings
+from storage.locks import lock_holders
 
 logger = logging.getLogger("metricmill.serve")
 
@@ -40,6 +56,9 @@ ONE_AT_A_TIME = ConcurrencyLimitConfig(
     limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
 )
 SWEEP_SECONDS = 30.0
+PREFETCH = timedelta(seconds=10)  # how far ahead the runner claims runs (Prefect's default)
+# A live runner moves a claimed run on within seconds of its start time; after this, it has none.
+ORPHAN_GRACE = timedelta(seconds=30)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -69,9 +88,12 @@ def selected(names: Iterable[str] | None) -> list[FlowSchedule]:
 
 
 def build_deployments(
-    names: Iterable[str] | None = None,
+    names: Iterable[str] | None = None, *, every: timedelta | None = None
 ) -> tuple[list[RunnerDeployment], list[str]]:
-    """(deployments of the flows that exist, names of the flows left out because they do not)."""
+    """(deployments of the flows that exist, names of the flows left out because they do not).
+
+    `every`: a fixed interval for every deployment instead of its cron (trials and tests).
+    """
     deployments: list[RunnerDeployment] = []
     missing: list[str] = []
     for schedule in selected(names):
@@ -83,7 +105,8 @@ def build_deployments(
             RunnerDeployment,
             flow.to_deployment(
                 name=schedule.deployment,
-                cron=schedule.cron,
+                cron=None if every else schedule.cron,
+                interval=every,
                 description=schedule.description,
                 tags=list(schedule.tags),
                 concurrency_limit=ONE_AT_A_TIME,
@@ -93,8 +116,72 @@ def build_deployments(
     return deployments, missing
 
 
+def _runs_in(client: SyncPrefectClient, deployment_id: UUID, kind: StateType) -> list[FlowRun]:
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[kind])),
+        ),
+        limit=200,
+    )
+
+
+def release_orphaned_runs(
+    full_names: Sequence[str], *, now: datetime | None = None, grace: timedelta = ORPHAN_GRACE
+) -> int:
+    """Give back the deployment concurrency slot of runs no process works on; returns how many.
+
+    A stopped `serve` leaves behind the run its runner had claimed ahead of its start time
+    (Pending, nothing started) and, if it was killed, a run still marked Running. Each holds
+    its deployment's one slot for the lease's five minutes: the server then cancels every run
+    that turns late ("Deployment concurrency limit reached") and the run kept by the sweep is
+    cancelled when it asks for the slot. A Pending run older than `grace` that never started
+    goes back to Scheduled at its own time (it counts as piled up again); a Running run whose
+    flow lock nobody holds (storage/locks.py: the lock dies with its process) ends Crashed.
+    """
+    now = now or datetime.now(UTC)
+    settings = load_settings()
+    held = set(lock_holders(settings))
+    released = 0
+    with get_client(sync_client=True) as client:
+        for full_name in full_names:
+            try:
+                deployment = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                continue
+            flow = full_name.split("/", 1)[0]
+            for run in _runs_in(client, deployment.id, StateType.PENDING):
+                due = run.expected_start_time
+                if run.start_time is not None or due is None or due > now - grace:
+                    continue
+                client.set_flow_run_state(
+                    run.id, Scheduled(scheduled_time=due, name="Late"), force=True
+                )
+                released += 1
+                logger.warning("%s: %s was claimed by a runner that stopped: scheduled again",
+                               full_name, run_name_of(flow, run))  # fmt: skip
+            if flow in held:
+                continue
+            for run in _runs_in(client, deployment.id, StateType.RUNNING):
+                if run.start_time is not None and run.start_time > now - grace:
+                    continue
+                client.set_flow_run_state(
+                    run.id,
+                    Crashed(message="no process runs it any more (its serve stopped)"),
+                    force=True,
+                )
+                released += 1
+                logger.warning("%s: %s lost its process: marked Crashed", full_name,
+                               run_name_of(flow, run))  # fmt: skip
+    return released
+
+
 def sweep_piled_runs(full_names: Sequence[str], *, now: datetime | None = None) -> int:
-    """Cancel due scheduled runs of each deployment except its newest; returns how many."""
+    """Cancel due scheduled runs of each deployment except its newest; returns how many.
+
+    Runs are renamed to their final names first (flows/naming.py), so the kept run's name in
+    the skipped runs' messages is the one it runs under.
+    """
     now = now or datetime.now(UTC)
     cancelled = 0
     with get_client(sync_client=True) as client:
@@ -106,18 +193,25 @@ def sweep_piled_runs(full_names: Sequence[str], *, now: datetime | None = None) 
             due = due_scheduled_runs(deployment.id, after=_EPOCH, now=now)
             if len(due) < 2:
                 continue
+            flow = full_name.split("/", 1)[0]
             newest = due[0]
+            kept = run_name_of(flow, newest)
+            if kept != newest.name:
+                client.set_flow_run_name(newest.id, kept)
             for run in due[1:]:
+                name = run_name_of(flow, run)
+                if name != run.name:
+                    client.set_flow_run_name(run.id, name)
                 client.set_flow_run_state(
                     run.id,
                     Cancelled(
                         name=SKIPPED,
-                        message=f"skipped: piled up; the newer run {newest.name} does the work",
+                        message=f"skipped: piled up; the newer run {kept} does the work",
                     ),
                 )
                 cancelled += 1
             logger.warning("%s: skipped %d piled-up runs, kept %s", full_name, len(due) - 1,
-                           newest.name)  # fmt: skip
+                           kept)  # fmt: skip
     return cancelled
 
 
@@ -155,10 +249,15 @@ class _Runner(Runner):
         _stop_on_signal(signum, frame)
 
 
-def serve_all(names: Iterable[str] | None = None, *, limit: int | None = None) -> str | None:
+def serve_all(
+    names: Iterable[str] | None = None,
+    *,
+    limit: int | None = None,
+    every: timedelta | None = None,
+) -> str | None:
     """Serve the flows' deployments until SIGTERM or SIGINT; returns that signal's name (None
     when there was nothing to serve)."""
-    deployments, missing = build_deployments(names)
+    deployments, missing = build_deployments(names, every=every)
     for name in missing:
         logger.warning("flow %r is not available yet (no flows/%s.py): not served", name, name)
     if not deployments:
@@ -168,12 +267,15 @@ def serve_all(names: Iterable[str] | None = None, *, limit: int | None = None) -
     full_names = [d.full_name for d in deployments]
     stop = threading.Event()
     try:
+        release_orphaned_runs(full_names)
         sweep_piled_runs(full_names)
         sweeper = threading.Thread(
             target=_sweep_forever, args=(full_names, stop), name="piled-run-sweeper", daemon=True
         )
         sweeper.start()
-        runner = _Runner(pause_on_shutdown=False, limit=limit)
+        runner = _Runner(
+            pause_on_shutdown=False, limit=limit, prefetch_seconds=PREFETCH.total_seconds()
+        )
         for deployment in deployments:
             runner.add_deployment(deployment)
         asyncio.run(runner.start())
@@ -183,4 +285,10 @@ def serve_all(names: Iterable[str] | None = None, *, limit: int | None = None) -
         stop.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # The runs this runner claimed and did not start keep the deployments' slots: give them
+    # back now rather than leave the next `serve` (and the late runs meanwhile) without one.
+    try:
+        release_orphaned_runs(full_names, grace=timedelta(0), now=datetime.now(UTC) + PREFETCH)
+    except Exception as exc:  # the server may be gone too: the next serve releases them
+        logger.warning("could not release the runs this serve had claimed: %s", exc)
     return _Stopped.signal or "SIGINT"
