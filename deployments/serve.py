@@ -19,12 +19,15 @@ import importlib
 import logging
 import signal
 import threading
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, cast
 from uuid import UUID
 
+import anyio
+import anyio.to_thread
 from prefect import Flow, get_client
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
@@ -59,6 +62,7 @@ SWEEP_SECONDS = 30.0
 PREFETCH = timedelta(seconds=10)  # how far ahead the runner claims runs (Prefect's default)
 # A live runner moves a claimed run on within seconds of its start time; after this, it has none.
 ORPHAN_GRACE = timedelta(seconds=30)
+ACTIVE = (StateType.PENDING, StateType.RUNNING, StateType.CANCELLING)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -176,12 +180,28 @@ def release_orphaned_runs(
     return released
 
 
-def sweep_piled_runs(full_names: Sequence[str], *, now: datetime | None = None) -> int:
-    """Cancel due scheduled runs of each deployment except its newest; returns how many.
+def _skip_older(client: SyncPrefectClient, flow: str, due: list[FlowRun]) -> str:
+    """Cancel every run of `due` (one deployment's, newest first) but the first, as Skipped
+    with a message naming the first; returns that name. Runs get their final names first
+    (flows/naming.py), so the name in the messages is the one the kept run runs under."""
+    newest = due[0]
+    kept = run_name_of(flow, newest)
+    if kept != newest.name:
+        client.set_flow_run_name(newest.id, kept)
+    message = f"skipped: piled up; the newer run {kept} does the work"
+    for run in due[1:]:
+        name = run_name_of(flow, run)
+        if name != run.name:
+            client.set_flow_run_name(run.id, name)
+        client.set_flow_run_state(
+            run.id,
+            Cancelled(name=SKIPPED, message=message),
+        )
+    return kept
 
-    Runs are renamed to their final names first (flows/naming.py), so the kept run's name in
-    the skipped runs' messages is the one it runs under.
-    """
+
+def sweep_piled_runs(full_names: Sequence[str], *, now: datetime | None = None) -> int:
+    """Cancel due scheduled runs of each deployment except its newest; returns how many."""
     now = now or datetime.now(UTC)
     cancelled = 0
     with get_client(sync_client=True) as client:
@@ -193,34 +213,50 @@ def sweep_piled_runs(full_names: Sequence[str], *, now: datetime | None = None) 
             due = due_scheduled_runs(deployment.id, after=_EPOCH, now=now)
             if len(due) < 2:
                 continue
-            flow = full_name.split("/", 1)[0]
-            newest = due[0]
-            kept = run_name_of(flow, newest)
-            if kept != newest.name:
-                client.set_flow_run_name(newest.id, kept)
-            for run in due[1:]:
-                name = run_name_of(flow, run)
-                if name != run.name:
-                    client.set_flow_run_name(run.id, name)
-                client.set_flow_run_state(
-                    run.id,
-                    Cancelled(
-                        name=SKIPPED,
-                        message=f"skipped: piled up; the newer run {kept} does the work",
-                    ),
-                )
-                cancelled += 1
+            kept = _skip_older(client, full_name.split("/", 1)[0], due)
+            cancelled += len(due) - 1
             logger.warning("%s: skipped %d piled-up runs, kept %s", full_name, len(due) - 1,
                            kept)  # fmt: skip
     return cancelled
 
 
+def claim_newest(runs: list[FlowRun]) -> list[FlowRun]:
+    """Of the runs the runner is about to claim, the newest of each deployment; the older ones
+    are skipped (`_skip_older`). Done on the runner's own list, so the run the messages name is
+    the one it claims: a sweep of its own, a moment apart, could keep a run that the runner then
+    loses to the next one it fetched ahead ("Deployment concurrency limit reached"). While a
+    run of the deployment holds its slot, nothing is skipped: the limit cancels the newcomers.
+    """
+    groups: dict[UUID | None, list[FlowRun]] = defaultdict(list)
+    for run in runs:
+        groups[run.deployment_id].append(run)
+    claimed: list[FlowRun] = []
+    with get_client(sync_client=True) as client:
+        for deployment_id, group in groups.items():
+            if deployment_id is None or len(group) < 2:
+                claimed.extend(group)
+                continue
+            if any(_runs_in(client, deployment_id, kind) for kind in ACTIVE):
+                claimed.extend(group)
+                continue
+            deployment = client.read_deployment(deployment_id)
+            flow = client.read_flow(deployment.flow_id).name
+            group.sort(key=lambda r: r.expected_start_time or _EPOCH, reverse=True)
+            kept = _skip_older(client, flow, group)
+            logger.warning("%s/%s: skipped %d piled-up runs, kept %s", flow, deployment.name,
+                           len(group) - 1, kept)  # fmt: skip
+            claimed.append(group[0])
+    return claimed
+
+
 def _sweep_forever(full_names: Sequence[str], stop: threading.Event) -> None:
-    while not stop.wait(SWEEP_SECONDS):
+    while True:
         try:
             sweep_piled_runs(full_names)
         except Exception as exc:  # the server may be down for a while: try again later
             logger.warning("could not check for piled-up runs: %s", exc)
+        if stop.wait(SWEEP_SECONDS):
+            return
 
 
 class _Stopped:
@@ -241,7 +277,26 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 class _Runner(Runner):
-    """Prefect's Runner, stopped by SIGTERM as by Ctrl-C (it installs this in start())."""
+    """Prefect's Runner, stopped by SIGTERM as by Ctrl-C (it installs this in start()), that
+    claims only the newest of a deployment's piled-up runs (`claim_newest`)."""
+
+    claims_newest: bool = False
+
+    async def __aenter__(self) -> _Runner:
+        await super().__aenter__()
+        # Prefect 3.8's poller (pinned in uv.lock); on another version serve falls back to
+        # sweeping at start and every half minute.
+        poller = getattr(self, "_scheduled_run_poller", None)
+        fetch = getattr(poller, "_get_scheduled_flow_runs", None)
+        if poller is not None and fetch is not None:
+
+            async def fetch_newest() -> list[FlowRun]:
+                runs = await fetch()
+                return await anyio.to_thread.run_sync(claim_newest, list(runs))
+
+            poller._get_scheduled_flow_runs = fetch_newest
+            self.claims_newest = True
+        return self
 
     def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
         signum = args[0] if args else signal.SIGTERM
@@ -268,17 +323,26 @@ def serve_all(
     stop = threading.Event()
     try:
         release_orphaned_runs(full_names)
-        sweep_piled_runs(full_names)
-        sweeper = threading.Thread(
-            target=_sweep_forever, args=(full_names, stop), name="piled-run-sweeper", daemon=True
-        )
-        sweeper.start()
         runner = _Runner(
             pause_on_shutdown=False, limit=limit, prefetch_seconds=PREFETCH.total_seconds()
         )
         for deployment in deployments:
             runner.add_deployment(deployment)
-        asyncio.run(runner.start())
+
+        async def run() -> None:
+            async def fall_back() -> None:
+                await anyio.sleep(SWEEP_SECONDS / 6)
+                if not runner.claims_newest:
+                    logger.warning("piled-up runs: sweeping every %.0f s", SWEEP_SECONDS)
+                    threading.Thread(
+                        target=_sweep_forever, args=(full_names, stop), daemon=True
+                    ).start()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(fall_back)
+                await runner.start()
+
+        asyncio.run(run())
     except KeyboardInterrupt:
         pass
     finally:
