@@ -3,8 +3,11 @@
 Each deployment has a concurrency limit of 1 that cancels a newcomer while a run is active;
 the flows' database lock (flows/guard.py) also stops manual and ad-hoc runs from overlapping.
 Runs that piled up while `serve` or the Prefect server was down are skipped except the newest:
-`sweep_piled_runs` cancels the older ones before serving starts and then every half minute,
-and a piled run that starts anyway skips itself (flows/guard.py).
+each time the runner fetches the runs it is about to claim, `claim_newest` keeps the newest of
+each deployment and cancels the older ones as Skipped, naming it; a piled run that starts anyway
+(on a worker) skips itself (flows/guard.py). A stopped serve gives back the runs it had claimed
+and not started, and a starting one those of a serve that died (`release_orphaned_runs`): each
+would hold its deployment's one slot for minutes, and the server would cancel the kept run.
 
 SIGTERM (what systemd sends) stops it as Ctrl-C does: the runner's main task is cancelled,
 its runs and client close in order, and `serve_all` returns the signal's name for the one line
