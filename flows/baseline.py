@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -10,17 +9,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.guard import exclusive
+from flows.naming import run_name
 from metricmill.settings import load_settings
 from tasks.baseline import BaselineOutcome, learn_all
 
 
-def _run_name() -> str:
-    return f"baseline-{datetime.now(UTC):%Y-%m-%d}"
-
-
 @flow(
     name="baseline",
-    flow_run_name=_run_name,
+    flow_run_name=run_name("baseline"),
     description="Learn per-series seasonal baselines and per-metric detectors from rollups.",
     log_prints=False,
 )

@@ -3,7 +3,6 @@ advance the watermarks — only after the alerts are stored, so a failed run is 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -12,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect_dask import DaskTaskRunner
 
 from flows.guard import exclusive
+from flows.naming import run_name
 from metricmill.selectors import parse_selector
 from metricmill.settings import Settings, load_settings
 from storage import detection
@@ -19,10 +19,6 @@ from storage.store import Store
 from tasks.alerting import flow_run_link, process_scores
 from tasks.detect import empty_scores, score_shard
 from tasks.notify import load_channels
-
-
-def _run_name() -> str:
-    return f"detect-{datetime.now(UTC):%Y-%m-%dT%H:%MZ}"
 
 
 @task(name="advance-watermarks")
@@ -35,7 +31,7 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
 
 @flow(
     name="detect",
-    flow_run_name=_run_name,
+    flow_run_name=run_name("detect"),
     description="Score new points against baselines and models; open, update, resolve alerts.",
     log_prints=False,
 )

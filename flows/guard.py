@@ -38,6 +38,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext
 from prefect.states import Completed, State
 
+from flows.naming import run_name_of
 from metricmill.settings import Settings, load_settings
 from storage.locks import flow_lock
 
@@ -89,7 +90,8 @@ def exclusive_run(settings: Settings, name: str) -> Iterator[str | None]:
     """None while this run may work (the flow's lock is held); else why it skips."""
     newer = newer_run_due()
     if newer is not None:
-        yield f"skipped: a newer scheduled run ({newer.name}) is already due"
+        # By the name it will run under (it is renamed when it starts: flows/naming.py).
+        yield f"skipped: piled up; the newer run {run_name_of(name, newer)} does the work"
         return
     with flow_lock(settings, name) as held:
         yield None if held else f"skipped: another {name} run is in progress"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -12,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic.json_schema import SkipJsonSchema
 
 from flows.guard import exclusive
+from flows.naming import run_name
 from metricmill.secrets import redact
 from metricmill.settings import load_settings
 from tasks.ingest import (
@@ -26,14 +26,9 @@ from tasks.ingest import (
 from tasks.write_order import write_order
 
 
-def _run_name() -> str:
-    """Ingestion takes everything up to now: name the run by the minute it covers to."""
-    return f"ingest-to-{datetime.now(UTC):%Y-%m-%dT%H:%MZ}"
-
-
 @flow(
     name="ingest",
-    flow_run_name=_run_name,
+    flow_run_name=run_name("ingest"),
     description="Land new files, scrape targets and caller samples; quarantine bad rows.",
     log_prints=False,
     # Files share series rows and the GIL: a hundred files at once only queue on locks.

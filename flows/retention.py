@@ -6,29 +6,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
 
 from flows.guard import exclusive
-from metricmill.errors import MetricmillError
+from flows.naming import run_name
 from metricmill.settings import load_settings
 from tasks.ingest import prepare_store
-from tasks.retention import compress_chunks, cutoff_day, run_retention
-
-
-def _run_name() -> str:
-    """Name the run by the cut-off day of raw samples under the default rule."""
-    params = flow_run.parameters or {}
-    try:
-        settings = load_settings(database_url=params.get("database_url"), home=params.get("home"))
-    except MetricmillError:
-        return "retention"
-    prefix = "retention-preview" if params.get("dry_run") else "retention"
-    return f"{prefix}-cutoff-{cutoff_day(settings)}"
+from tasks.retention import compress_chunks, run_retention
 
 
 @flow(
     name="retention",
-    flow_run_name=_run_name,
+    flow_run_name=run_name("retention"),
     description="Archive raw samples to verified Parquet, delete expired data, keep legal holds.",
     log_prints=False,
 )

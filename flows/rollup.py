@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.guard import exclusive
+from flows.naming import run_name
 from metricmill.settings import load_settings
 from tasks.ingest import prepare_store
 from tasks.rollup import check_rollup_output, roll_up
 
 
-def _run_name() -> str:
-    """A run rolls up everything ingested before it starts: name it by that minute."""
-    return f"rollup-to-{datetime.now(UTC):%Y-%m-%dT%H:%MZ}"
-
-
 @flow(
     name="rollup",
-    flow_run_name=_run_name,
+    flow_run_name=run_name("rollup"),
     description="Recompute pending ranges at 1m, 5m, 1h and 1d; check the rows written.",
     log_prints=False,
 )

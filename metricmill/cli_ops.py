@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +50,14 @@ def serve(
     limit: Annotated[
         int | None, typer.Option(min=1, help="At most N runs at once in this process.")
     ] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(
+            min=5,
+            metavar="SECONDS",
+            help="Run the served flows every SECONDS instead of on their schedules (trials).",
+        ),
+    ] = None,
 ) -> None:
     """Serve every flow as a scheduled deployment until Ctrl-C or SIGTERM (see the Prefect UI)."""
     from deployments.schedules import SCHEDULES
@@ -66,8 +74,9 @@ def serve(
         os.environ["METRICMILL_HOME"] = str(settings.home)
     if options.database is not None:
         os.environ["METRICMILL_DATABASE_URL"] = options.database
+    interval = timedelta(seconds=every) if every else None
     try:
-        deployments, missing = build_deployments(flow)
+        deployments, missing = build_deployments(flow, every=interval)
     except ValueError as exc:
         raise MetricmillError(str(exc)) from None
     console = out()
@@ -81,7 +90,8 @@ def serve(
     by_flow = {s.flow: s for s in SCHEDULES}
     for deployment in deployments:
         schedule = by_flow[deployment.flow_name or ""]
-        console.print(f"serving {deployment.full_name}  (cron {schedule.cron!r} UTC)")
+        when = f"every {every} s" if every else f"cron {schedule.cron!r} UTC"
+        console.print(f"serving {deployment.full_name}  ({when})")
     for name in missing:
         console.print(Text(f"warning: flow {name!r} is not available yet: not served", "yellow"))
     if not deployments:
@@ -91,7 +101,7 @@ def serve(
 
         ui = (api_url() or "").removesuffix("/api")
         console.print(f"Prefect UI: {ui}/deployments; stop with Ctrl-C or SIGTERM")
-    stopped_by = serve_all(flow, limit=limit)
+    stopped_by = serve_all(flow, limit=limit, every=interval)
     console.print(f"metricmill serve: stopped ({stopped_by})")
 
 

@@ -206,7 +206,9 @@ def test_status_shows_the_last_run_of_a_flow_from_prefect(home: Path) -> None:
     result = invoke("status")
     assert result.exit_code == 0, result.output
     ingest_row = next(line for line in result.output.splitlines() if line.startswith("│ ingest "))
-    assert "ingest-to-" in ingest_row and "Completed" in ingest_row
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    assert run_id.hex[-6:] in ingest_row and "Completed" in ingest_row  # the run's name
     assert "Prefect API:" not in result.output
 
 

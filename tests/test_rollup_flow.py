@@ -3,6 +3,7 @@ loudly when what it wrote breaks the rollup-output contract."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,7 +98,9 @@ def test_the_flow_rolls_up_and_publishes_its_summary(store: Store) -> None:
     assert "lag" in (found[0].description or "")
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-    assert flow_run.name.startswith("rollup-to-")
+    # a direct call: the flow, its start to the second and the run id's last six hex digits
+    assert re.fullmatch(r"rollup-\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ-[0-9a-f]{6}", flow_run.name)
+    assert flow_run.name.endswith(flow_run.id.hex[-6:])
     # a second run finds nothing pending and writes nothing
     again = run(store)
     assert again.is_completed()
