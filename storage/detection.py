@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from metricmill.errors import MetricmillError
-from storage.schema import ROLLUP_TABLES
+from storage.schema import CALIBRATION_COLUMNS, ROLLUP_TABLES
 from storage.store import Store
 
 BASELINE_COLUMNS = [
@@ -36,19 +36,7 @@ BASELINE_COLUMNS = [
     "window_end",
     "scale",
     "level",
-    "tail_up_u",
-    "tail_up_beta",
-    "tail_down_u",
-    "tail_down_beta",
-    "run_up_u",
-    "run_up_beta",
-    "run_down_u",
-    "run_down_beta",
-    "outage_floor",
-    "alert_budget",
-    "threshold_both",
-    "threshold_up",
-    "threshold_down",
+    *CALIBRATION_COLUMNS,
 ]
 _BASELINE_TS = {"window_start", "window_end"}
 _PG_ARRAY_TYPES = {

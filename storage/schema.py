@@ -284,25 +284,24 @@ _V6: list[str] = []
 
 # 7: calibrated detection: per series the tails of its residuals, its outage floor and the
 # effective thresholds set from the alert budget at the fit; per rule a direction and a budget.
+# 7: per series, the calibration of its scores (tasks/calibration.py), stored with its baseline.
+CALIBRATION_COLUMNS = (
+    "tail_up_u",
+    "tail_up_beta",
+    "tail_down_u",
+    "tail_down_beta",
+    "run_up_u",
+    "run_up_beta",
+    "run_down_u",
+    "run_down_beta",
+    "outage_floor",
+    "alert_budget",
+    "threshold_both",
+    "threshold_up",
+    "threshold_down",
+)
 _V7: list[str] = [
-    *(
-        f"ALTER TABLE baselines ADD COLUMN {column} {{t.float}}"
-        for column in (
-            "tail_up_u",
-            "tail_up_beta",
-            "tail_down_u",
-            "tail_down_beta",
-            "run_up_u",
-            "run_up_beta",
-            "run_down_u",
-            "run_down_beta",
-            "outage_floor",
-            "alert_budget",
-            "threshold_both",
-            "threshold_up",
-            "threshold_down",
-        )
-    ),
+    *(f"ALTER TABLE baselines ADD COLUMN {column} {{t.float}}" for column in CALIBRATION_COLUMNS),
     "ALTER TABLE alert_rules ADD COLUMN direction TEXT NOT NULL DEFAULT 'both'",
     "ALTER TABLE alert_rules ADD COLUMN alert_budget_per_week {t.float}",
 ]

@@ -33,7 +33,7 @@ from prefect import get_run_logger, task
 from metricmill.settings import Settings
 from storage import alerts as alerts_db
 from storage import detection
-from storage.schema import ROLLUP_LEVELS
+from storage.schema import CALIBRATION_COLUMNS, ROLLUP_LEVELS
 from storage.store import Store
 from tasks import calibration as cal
 from tasks.detectors import FittedModel, features, fit_per_metric
@@ -331,23 +331,6 @@ def learn_baselines(
     learned = learned.assign(**{name: column[at] for name, column in calib.items()})
     counts = {name: int((season == k).sum()) for k, name in enumerate(SEASONS)}
     return Learned(learned, skipped, counts)
-
-
-CALIBRATION_COLUMNS = (
-    "tail_up_u",
-    "tail_up_beta",
-    "tail_down_u",
-    "tail_down_beta",
-    "run_up_u",
-    "run_up_beta",
-    "run_down_u",
-    "run_down_beta",
-    "outage_floor",
-    "alert_budget",
-    "threshold_both",
-    "threshold_up",
-    "threshold_down",
-)
 
 
 def _calibrate(
