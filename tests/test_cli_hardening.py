@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from metricmill.cli import app, printable
+from metricmill.cli import app
+from metricmill.cli.common import printable
 from storage.store import Store
 from tests.settings_env import isolate_settings
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from metricmill.cli import (
+from metricmill.cli.common import (
     MAX_ID,
     FormatOption,
     ListFormat,

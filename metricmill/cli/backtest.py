@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from metricmill.cli import out, settings_from
+from metricmill.cli.common import out, settings_from
 
 backtest_app = typer.Typer()
 _DAY_S = 86_400

@@ -16,7 +16,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from metricmill.cli import (
+from metricmill.cli.common import (
     MAX_ID,
     FormatOption,
     ListFormat,

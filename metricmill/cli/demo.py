@@ -25,7 +25,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from metricmill.cli import GlobalOptions, out, row, settings_from, table
+from metricmill.cli.common import GlobalOptions, out, row, settings_from, table
 from metricmill.demo import DemoData, Incident, generate, land_files
 from metricmill.errors import MetricmillError
 from metricmill.settings import Settings

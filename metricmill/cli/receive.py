@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from metricmill.cli import out, settings_from
+from metricmill.cli.common import out, settings_from
 from metricmill.settings import Settings
 
 receive_app: typer.Typer = typer.Typer()

@@ -16,17 +16,17 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from metricmill.cli import (
+from metricmill.cli.common import (
     GlobalOptions,
     format_time,
     one_line,
     out,
     print_stats,
-    quarantined_files,
     row,
     settings_from,
     table,
 )
+from metricmill.cli.quarantine import quarantined_files
 from metricmill.errors import MetricmillError
 from metricmill.settings import (
     MEMORY_URL,
@@ -183,7 +183,7 @@ def status(ctx: typer.Context) -> None:
         row(pipeline, "stuck in processing", stuck)
         if errors:
             row(pipeline, "last write errors", errors)
-    from metricmill.cli_receive import receiver_status
+    from metricmill.cli.receive import receiver_status
 
     row(pipeline, "push receiver backlog", receiver_status(settings))
     console.print(pipeline)

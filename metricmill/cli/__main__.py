@@ -1,0 +1,5 @@
+"""`python -m metricmill.cli`: the same as the `metricmill` command."""
+
+from metricmill.cli.main import app
+
+app()
