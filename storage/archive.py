@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -31,9 +31,6 @@ from metricmill.types import datetime_to_us
 from storage.backend import Backend
 from storage.export import confined_path
 from storage.frames import canonical_labels, series_key
-
-if TYPE_CHECKING:
-    from storage.store import Store
 
 DAY_US = 86_400_000_000
 TS_TYPE = pa.timestamp("us", tz="UTC")
@@ -373,7 +370,8 @@ def read_archive(
 
 
 def with_archive(
-    store: Store,
+    backend: Backend,
+    settings: Settings,
     points: pd.DataFrame,
     metric: str,
     matched: Mapping[int, Mapping[str, str]],
@@ -382,10 +380,10 @@ def with_archive(
 ) -> pd.DataFrame:
     """A query's points plus the archived rows of the matched series that the database lacks."""
     start_us, end_us = window
-    paths = manifest_paths(store.backend, metric, start_us, end_us)
+    paths = manifest_paths(backend, metric, start_us, end_us)
     if not paths:
         return points
-    frame = read_archive(store.settings, metric, None, start_us, end_us, paths=paths)
+    frame = read_archive(settings, metric, None, start_us, end_us, paths=paths)
     keys = {series_key(metric, str(canonical_labels(dict(v))[0])): k for k, v in matched.items()}
     ids = frame["series_key"].map(keys)
     found = ids.notna().to_numpy()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,6 @@ from metricmill.errors import QueryError
 from metricmill.types import US_PER_SECOND, datetime_to_us, us_to_datetime
 from storage.backend import Backend
 from storage.schema import ROLLUP_LEVELS, ROLLUP_TABLES
-
-if TYPE_CHECKING:
-    from storage.store import Store
 
 LEVELS: tuple[str, ...] = tuple(ROLLUP_LEVELS)  # finest first
 QUERY_LEVELS: tuple[str, ...] = ("raw", *LEVELS)
@@ -632,16 +629,6 @@ def rollup_status_of(backend: Backend, now: datetime | None = None) -> RollupSta
         newest_bucket=None if newest is None else us_to_datetime(int(newest)),
         lag_seconds=lag,
     )
-
-
-def rollup_status(store: Store) -> RollupStatus:
-    """Pending ranges and the lag of the newest rolled-up bucket (for status commands)."""
-    return rollup_status_of(store.backend)
-
-
-def rollup_lag(store: Store) -> float | None:
-    """Seconds from the end of the newest 1m bucket to now; None before the first rollup."""
-    return rollup_status_of(store.backend).lag_seconds
 
 
 def written_rows(backend: Backend, level: str, spans: list[Span], limit: int) -> pd.DataFrame:

@@ -28,8 +28,10 @@ from storage.rollup import (
     QUERY_LEVELS,
     ROLLUP_LEVELS,
     RollupReport,
+    RollupStatus,
     counter_increase,
     resolved_stats,
+    rollup_status_of,
     run_rollup,
 )
 from storage.schema import LATEST_VERSION
@@ -263,6 +265,10 @@ class Store:
         )
 
     # -- reads ----------------------------------------------------------------------------
+    def rollup_status(self) -> RollupStatus:
+        """Pending ranges and the lag of the newest rolled-up bucket (for status commands)."""
+        return rollup_status_of(self.backend)
+
     def _window(self, start: str | datetime | None, end: str | datetime | None) -> tuple[int, int]:
         now = datetime.now(UTC)
         end_dt = parse_time(end, now=now) or now
@@ -320,7 +326,9 @@ class Store:
         if step is None:
             points = self.backend.raw_points(ids, start_us, end_us)
             if include_archive:
-                points = with_archive(self, points, name, matched, (start_us, end_us), None)
+                points = with_archive(
+                    self.backend, self.settings, points, name, matched, (start_us, end_us), None
+                )
             values = points["value"].astype("float64")
         else:
             step_us = int(parse_duration(step) / timedelta(microseconds=1))
@@ -329,7 +337,9 @@ class Store:
             columns = None if include_archive else STATS_FOR.get(agg or "avg")
             points = resolved_stats(self.backend, ids, start_us, end_us, step_us, level, columns)
             if include_archive:
-                points = with_archive(self, points, name, matched, (start_us, end_us), step_us)
+                points = with_archive(
+                    self.backend, self.settings, points, name, matched, (start_us, end_us), step_us
+                )
             values = aggregate(points, agg or "avg", step_us=step_us)
         return pd.DataFrame(
             {

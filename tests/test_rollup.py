@@ -18,7 +18,7 @@ import pytest
 
 from metricmill.settings import load_settings
 from metricmill.types import datetime_to_us
-from storage.rollup import LEVELS, rollup_lag, rollup_status, written_rows
+from storage.rollup import LEVELS, written_rows
 from storage.schema import ROLLUP_LEVELS
 from storage.store import Store
 from tests.dbtargets import DbTarget
@@ -144,7 +144,7 @@ def test_every_level_equals_a_full_recompute_after_one_run(store: Store) -> None
     ingest_everything(store)
     report = store.rollup()
     assert report.pending_left == 0
-    assert rollup_status(store).pending_ranges == 0
+    assert store.rollup_status().pending_ranges == 0
     assert report.levels["1m"].rows > 0 and report.levels["1d"].rows > 0
     assert_levels_match_raw(store)
 
@@ -194,14 +194,14 @@ def test_a_30_day_backfill_takes_many_small_transactions(store: Store) -> None:
     times = every(start, timedelta(minutes=20), 30 * 72)
     store.write_samples(frame("disk", {"dev": "sda"}, times, eighths(rng, len(times))))
     store.settings = store.settings.model_copy(update={"rollup_chunk_hours": 24})
-    assert rollup_lag(store) is None
+    assert store.rollup_status().lag_seconds is None
     first = store.rollup(max_chunks=2)
     assert first.chunks == 2 and first.pending_left == 1  # the one range, trimmed twice
     rest = store.rollup()
     assert rest.chunks == 30 - 2  # a day of pending range per transaction
     assert rest.pending_left == 0
     assert_levels_match_raw(store)
-    lag = rollup_lag(store)
+    lag = store.rollup_status().lag_seconds
     newest_end = times[-1].replace(second=0) + timedelta(minutes=1)
     assert lag is not None
     assert abs(lag - (datetime.now(UTC) - newest_end).total_seconds()) < 30
@@ -224,7 +224,7 @@ def test_two_runs_at_once_are_harmless(db_target: DbTarget, store: Store) -> Non
     for thread in threads:
         thread.join()
     assert not errors
-    assert rollup_status(store).pending_ranges == 0
+    assert store.rollup_status().pending_ranges == 0
     assert_levels_match_raw(store)
 
 

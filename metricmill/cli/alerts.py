@@ -178,7 +178,7 @@ def alerts_show(
     ] = None,
 ) -> None:
     """One alert with its notifications (and, with --plot, its picture)."""
-    from metricmill.alert_plot import alert_window, render
+    from tasks.alert_plot import alert_window, render
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise AlertCommandError(f"--plot {plot}: the picture is written as PNG: name it .png")
