@@ -1,12 +1,10 @@
-"""`metricmill alerts list|show|ack|resolve|silence|silences|rules` and `metricmill notify test`.
+"""`metricmill alerts list|show|ack|resolve|silence|silences|rules`.
 
-Registered by metricmill/cli.py (which this module imports helpers from, so it is imported
-at the bottom of cli.py).
+Registered by metricmill/cli/main.py under the name `alerts`.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -43,7 +41,6 @@ alerts_app = typer.Typer(
 )
 rules_app = typer.Typer(help="Alert rules kept in the database (on top of settings).")
 alerts_app.add_typer(rules_app, name="rules")
-notify_app = typer.Typer(help="Notification channels (Prefect blocks).", no_args_is_help=True)
 
 _STATUSES = ("open", "firing", "acknowledged", "resolved", "all")
 
@@ -449,53 +446,3 @@ def rules_remove(ctx: typer.Context, name: str) -> None:
         if not db.delete_rule(store.backend, name):
             raise AlertCommandError(f"no stored rule {name!r}: see `metricmill alerts rules list`")
     echo(f"rule {name} removed")
-
-
-@notify_app.command("test")
-def notify_test(
-    ctx: typer.Context,
-    channel: Annotated[
-        str | None,
-        typer.Argument(help="Block, e.g. slack-webhook/ops; default: every one configured."),
-    ] = None,
-) -> None:
-    """Send a test message through one notification block, or through every configured one
-    (notification_blocks) side by side; exit 1 if any could not deliver it."""
-    from tasks.notify import Message, deliver, load_channels
-
-    settings = settings_from(ctx)
-    refs = [channel] if channel else list(settings.notification_blocks)
-    if not refs:
-        raise AlertCommandError(
-            "no notification block configured (notification_blocks): name one, "
-            "e.g. `metricmill notify test slack-webhook/ops`"
-        )
-    channels = load_channels(settings, refs)
-    # Loading a block queues an event; at exit Prefect's EventsWorker sends it and warns that
-    # it is "still processing items". The event still goes; the warning is noise here.
-    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-    messages = [
-        (
-            ref,
-            Message(
-                subject="[metricmill] test notification",
-                body=f"This is a test message from metricmill through {ref}.",
-            ),
-            {ref},
-        )
-        for ref in refs
-    ]
-    failed = 0
-    for delivery in deliver(channels, messages, settings):
-        if delivery.outcome == "sent":
-            echo(f"{delivery.channel}: test message sent ({delivery.attempts} attempt(s))")
-        else:
-            failed += 1
-            echo(
-                f"error: {delivery.channel}: {delivery.outcome} after {delivery.attempts} "
-                f"attempt(s): "
-                f"{delivery.error}",
-                err=True,
-            )
-    if failed:
-        raise typer.Exit(1)

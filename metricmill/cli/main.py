@@ -15,7 +15,7 @@ import pandas as pd
 import typer
 from typer.core import TyperGroup
 
-from metricmill.cli.alerts import alerts_app, notify_app
+from metricmill.cli.alerts import alerts_app
 from metricmill.cli.backtest import backtest_app
 from metricmill.cli.common import (
     ExportFormat,
@@ -43,6 +43,8 @@ from metricmill.cli.common import (
     table,
 )
 from metricmill.cli.demo import demo_app
+from metricmill.cli.doctor import doctor_app
+from metricmill.cli.notify import notify_app
 from metricmill.cli.ops import ops_app
 from metricmill.cli.quarantine import quarantine_app
 from metricmill.cli.receive import receive_app
@@ -303,6 +305,7 @@ def export(
 # -- the command groups ---------------------------------------------------------------------
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(ops_app)
+app.add_typer(doctor_app)
 app.add_typer(demo_app)
 app.add_typer(retention_app, name="retention")
 app.add_typer(archive_app, name="archive")
