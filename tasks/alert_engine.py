@@ -210,21 +210,61 @@ def evaluate(
 ) -> Evaluation:
     """Run the rule over `scores` (sorted by series_id, ts_us), continuing from `state`."""
     _check_scores(scores)
-    n_in = len(scores)
     sid_in = scores["series_id"].to_numpy(dtype=np.int64)
     ts_in = scores["ts_us"].to_numpy(dtype=np.int64)
-    if n_in > 1 and not _sorted(sid_in, ts_in):
+    if len(scores) > 1 and not _sorted(sid_in, ts_in):
         order = np.lexsort((ts_in, sid_in))
         result = evaluate(rule, scores.iloc[order], state)
         flags, fresh = np.empty_like(result.flags), np.empty_like(result.fresh)
         flags[order], fresh[order] = result.flags, result.fresh
         return Evaluation(events=result.events, state=result.state, flags=flags, fresh=fresh)
+    st = empty_state() if state is None or len(state) == 0 else state
+    st = st.drop_duplicates("series_id", keep="last").sort_values("series_id")
+    frame, fresh = _machine_input(rule, scores, st)
+
+    events, flags_all, end_state = _empty_events(), np.zeros(0, np.int8), None
+    if len(frame.sid):
+        events, flags_all, end_state = _machine(
+            rule, frame.sid, frame.ts, frame.high, frame.crit, frame.forced,
+            frame.synthetic, frame.carried_since, frame.interval,
+        )  # fmt: skip
+    flags = np.zeros(len(scores), np.int8)
+    real = ~frame.synthetic
+    flags[frame.source[real]] = flags_all[real]
+    events = _event_rows(events, frame.source, scores)
+    return Evaluation(events=events, state=_next_state(st, end_state), flags=flags, fresh=fresh)
+
+
+@dataclass(frozen=True)
+class _MachineInput:
+    """The rows the state machine walks: the fresh input rows, plus one synthetic leading row
+    per carried pending or firing series that has fresh rows (standing for its past)."""
+
+    sid: np.ndarray
+    ts: np.ndarray
+    source: np.ndarray  # the input row; -1 for a synthetic row
+    high: np.ndarray
+    crit: np.ndarray
+    forced: np.ndarray  # a carried firing series: its run fires at once
+    carried_since: np.ndarray
+    interval: np.ndarray  # what a real row stands for: since the series' previous row
+
+    @property
+    def synthetic(self) -> np.ndarray:
+        return self.source < 0
+
+
+def _machine_input(
+    rule: AlertRule, scores: pd.DataFrame, st: pd.DataFrame
+) -> tuple[_MachineInput, np.ndarray]:
+    """The machine's rows, and which input rows are fresh (past their series' carried last
+    row: the rows at or before it were evaluated before and are skipped)."""
+    n_in = len(scores)
+    sid_in = scores["series_id"].to_numpy(dtype=np.int64)
+    ts_in = scores["ts_us"].to_numpy(dtype=np.int64)
     high_in = high_mask(rule, scores)
     with np.errstate(invalid="ignore"):
         crit_in = high_in & (_column(scores, "score") >= rule.critical_threshold)
-
-    st = empty_state() if state is None or len(state) == 0 else state
-    st = st.drop_duplicates("series_id", keep="last").sort_values("series_id")
     st_sid = st["series_id"].to_numpy(dtype=np.int64)
     st_phase = st["phase"].to_numpy(dtype=object)
     st_since = st["since_us"].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -232,14 +272,12 @@ def evaluate(
     st_sev = st["severity"].to_numpy(dtype=object)
     st_last = st["last_ts_us"].to_numpy(dtype=np.int64)
 
-    # Rows at or before a series' carried last_ts were evaluated before: skip them.
     pos = np.searchsorted(st_sid, sid_in)
     pos_c = np.minimum(pos, max(len(st_sid) - 1, 0))
     known = (pos < len(st_sid)) & (st_sid[pos_c] == sid_in) if len(st_sid) else np.zeros(n_in, bool)
     fresh = ~known | (ts_in > np.where(known, st_last[pos_c] if len(st_sid) else 0, 0))
     real_idx = np.flatnonzero(fresh)
 
-    # One synthetic leading row per carried pending/firing series that has fresh rows.
     present = np.isin(st_sid, sid_in[real_idx])
     syn_pending = present & (st_phase == "pending") & ~np.isnan(st_since)
     syn_firing = present & (st_phase == "firing") & ~np.isnan(st_high)
@@ -255,15 +293,6 @@ def evaluate(
     def with_synthetic(synthetic_values: np.ndarray, real_values: np.ndarray) -> np.ndarray:
         return np.insert(real_values, at, synthetic_values)
 
-    sid = with_synthetic(st_sid[syn], real_sid)
-    ts = with_synthetic(syn_ts, ts_in[real_idx])
-    source = with_synthetic(np.full(len(syn), -1, np.int64), real_idx)  # input row; -1 synthetic
-    high = with_synthetic(np.ones(len(syn), bool), high_in[real_idx])
-    crit = with_synthetic(syn_crit, crit_in[real_idx])
-    forced = with_synthetic(syn_fire, np.zeros(len(real_idx), bool))
-    carried_since = with_synthetic(syn_since, np.zeros(len(real_idx), np.int64))
-    synthetic = source < 0
-    n = len(sid)
     # The interval each real row stands for: since the series' previous row (in this frame, or
     # the last one evaluated before); 0 when unknown and for a synthetic row.
     r_ts = ts_in[real_idx]
@@ -275,43 +304,47 @@ def evaluate(
         if len(st_sid):
             prev[carried] = st_last[pos_c[real_idx][carried]]
     step = np.where(prev >= 0, r_ts - prev, 0)
-    interval = with_synthetic(np.zeros(len(syn), np.int64), step)
 
-    events = _empty_events()
-    flags_all = np.zeros(n, np.int8)
-    new_sid = np.empty(0, np.int64)
-    if n:
-        events, flags_all, new_state_parts = _machine(
-            rule, sid, ts, high, crit, forced, synthetic, carried_since, interval
-        )
-        new_sid = new_state_parts[0]
+    frame = _MachineInput(
+        sid=with_synthetic(st_sid[syn], real_sid),
+        ts=with_synthetic(syn_ts, r_ts),
+        source=with_synthetic(np.full(len(syn), -1, np.int64), real_idx),
+        high=with_synthetic(np.ones(len(syn), bool), high_in[real_idx]),
+        crit=with_synthetic(syn_crit, crit_in[real_idx]),
+        forced=with_synthetic(syn_fire, np.zeros(len(real_idx), bool)),
+        carried_since=with_synthetic(syn_since, np.zeros(len(real_idx), np.int64)),
+        interval=with_synthetic(np.zeros(len(syn), np.int64), step),
+    )
+    return frame, fresh
+
+
+def _event_rows(events: pd.DataFrame, source: np.ndarray, scores: pd.DataFrame) -> pd.DataFrame:
+    """The machine's events with the values of the input rows they happened at, in
+    (series, time, event order)."""
+    if not len(events):
+        return _empty_events()
+    rows = source[events.pop("_row").to_numpy()]
+    for name in ("value", "expected", "lower", "upper", "score"):
+        events[name] = _column(scores, name)[rows]
+    events["kind"] = np.nan_to_num(_column(scores, "kind", 0.0)[rows]).astype(np.int64)
+    events = events[list(EVENT_COLUMNS)]
+    events["_order"] = events["event"].map(_EVENT_ORDER)
+    return (
+        events.sort_values(["series_id", "ts_us", "_order"], kind="stable")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+
+
+def _next_state(st: pd.DataFrame, end_state: tuple[np.ndarray, ...] | None) -> pd.DataFrame:
+    """Freshly evaluated series' states, plus the carried series that had nothing new."""
+    st_sid = st["series_id"].to_numpy(dtype=np.int64)
+    new_sid = np.empty(0, np.int64) if end_state is None else end_state[0]
+    carried = st.iloc[np.flatnonzero(~np.isin(st_sid, new_sid))]
+    if end_state is None:
+        new_state = carried.reset_index(drop=True) if len(carried) else empty_state()
     else:
-        new_state_parts = None
-
-    flags = np.zeros(n_in, np.int8)
-    real = ~synthetic
-    flags[source[real]] = flags_all[real]
-
-    if len(events):
-        rows = source[events.pop("_row").to_numpy()]
-        for name in ("value", "expected", "lower", "upper", "score"):
-            events[name] = _column(scores, name)[rows]
-        events["kind"] = np.nan_to_num(_column(scores, "kind", 0.0)[rows]).astype(np.int64)
-        events = events[list(EVENT_COLUMNS)]
-        events["_order"] = events["event"].map(_EVENT_ORDER)
-        events = (
-            events.sort_values(["series_id", "ts_us", "_order"], kind="stable")
-            .drop(columns="_order")
-            .reset_index(drop=True)
-        )
-    else:
-        events = _empty_events()
-
-    # New state: freshly evaluated series, plus carried series that had nothing new.
-    keep = ~np.isin(st_sid, new_sid)
-    carried = st.iloc[np.flatnonzero(keep)]
-    if new_state_parts is not None:
-        fresh_state = _state_frame(*new_state_parts)
+        fresh_state = _state_frame(*end_state)
         # A synthetic row stands for the start of a run; the carried last high may be later.
         before = pd.Series(st["last_high_us"].to_numpy(), index=st_sid, dtype="Int64")
         carried_high = fresh_state["series_id"].map(before).astype("Int64")
@@ -322,10 +355,7 @@ def evaluate(
         )
         parts = [p for p in (carried, fresh_state) if len(p)]
         new_state = pd.concat(parts, ignore_index=True) if parts else empty_state()
-    else:
-        new_state = carried.reset_index(drop=True) if len(carried) else empty_state()
-    new_state = new_state.sort_values("series_id", kind="stable").reset_index(drop=True)
-    return Evaluation(events=events, state=new_state, flags=flags, fresh=fresh)
+    return new_state.sort_values("series_id", kind="stable").reset_index(drop=True)
 
 
 def late_events(
@@ -382,6 +412,190 @@ def late_events(
     return events
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where each series lies in the frame (sorted by series, then time)."""
+
+    starts: np.ndarray  # first row of each series
+    ends: np.ndarray  # one past its last row
+    row_series: np.ndarray  # each row's series number
+    row_series_end: np.ndarray  # each row's series end
+    key: np.ndarray  # a time key increasing over the whole frame
+
+
+def _layout(sid: np.ndarray, ts: np.ndarray) -> _Layout:
+    n = len(sid)
+    first_of_series = np.ones(n, bool)
+    first_of_series[1:] = sid[1:] != sid[:-1]
+    starts = np.flatnonzero(first_of_series)
+    ends = np.append(starts[1:], n)
+    row_series = np.cumsum(first_of_series) - 1
+    # A key increasing over the whole frame, so one searchsorted finds "first row of this
+    # series at or after t" for every series at once (a landing past the series means none).
+    span = ts[ends - 1] - ts[starts]
+    offset = np.concatenate([[0], np.cumsum(span + 1)[:-1]])
+    key = ts - ts[starts][row_series] + offset[row_series]
+    return _Layout(starts, ends, row_series, ends[row_series], key)
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Maximal stretches of high rows within a series, and what each one leads to."""
+
+    starts: np.ndarray  # first row of each run
+    ends: np.ndarray  # last row of each run
+    series_end: np.ndarray
+    fire: np.ndarray  # the row where the run has been high for `for` (past `ends`: never)
+    qualifies: np.ndarray  # the run fires
+    resolve_at: np.ndarray  # the first row >= last high + keep_firing_for
+    breaks: np.ndarray  # that row comes before the next run: an episode ends here
+    segment: np.ndarray  # runs joined by keep_firing_for share a segment number
+
+
+def _runs(
+    rule: AlertRule,
+    lay: _Layout,
+    high: np.ndarray,
+    forced: np.ndarray,
+    synthetic: np.ndarray,
+    interval: np.ndarray,
+) -> _Runs:
+    n = len(high)
+    for_us, keep_us = _us(rule.for_seconds), _us(rule.keep_firing_for_seconds)
+    first_of_series = np.zeros(n, bool)
+    first_of_series[lay.starts] = True
+    last_of_series = np.zeros(n, bool)
+    last_of_series[lay.ends - 1] = True
+    prev_high = np.zeros(n, bool)
+    prev_high[1:] = high[:-1]
+    next_high = np.zeros(n, bool)
+    next_high[:-1] = high[1:]
+    starts = np.flatnonzero(high & (first_of_series | ~prev_high))
+    ends = np.flatnonzero(high & (last_of_series | ~next_high))
+    series_end = lay.row_series_end[starts]
+    next_start = np.minimum(np.append(starts[1:], n), series_end)
+
+    # Does the run fire, and where: first row >= start + for (never the synthetic row itself).
+    key = lay.key
+    fire = np.searchsorted(key, key[starts] + for_us, side="left")
+    fire = np.where(synthetic[starts] & (fire == starts), fire + 1, fire)
+    # A row standing for an interval at least `for` long (hourly data, a 5-minute `for`) has
+    # been high for `for` on its own: its run fires at once.
+    fire = np.where((interval[starts] >= for_us) & ~synthetic[starts], starts, fire)
+    fire = np.where(forced[starts], starts, fire)
+
+    # After a run: the first later row >= last high + keep; it resolves if before the next run.
+    resolve_at = np.maximum(np.searchsorted(key, key[ends] + keep_us, side="left"), ends + 1)
+    breaks = resolve_at < next_start
+    continues = np.zeros(len(starts), bool)
+    if len(starts) > 1:
+        continues[1:] = (series_end[1:] == series_end[:-1]) & ~breaks[:-1]
+    segment = np.cumsum(~continues) - 1
+    return _Runs(starts, ends, series_end, fire, fire <= ends, resolve_at, breaks, segment)
+
+
+@dataclass(frozen=True)
+class _Episodes:
+    """One per segment whose runs fire: from the first firing row to its resolution."""
+
+    fire: np.ndarray
+    end: np.ndarray  # the resolving row, or the series end while it is still open
+    since: np.ndarray
+    resolved: np.ndarray
+    crit_at: np.ndarray  # first critical row at or after `fire` (n: none)
+    starts_critical: np.ndarray
+    escalates: np.ndarray
+    severity: np.ndarray
+
+
+def _episodes(
+    runs: _Runs,
+    ts: np.ndarray,
+    crit: np.ndarray,
+    forced: np.ndarray,
+    carried_since: np.ndarray,
+) -> _Episodes:
+    n = len(ts)
+    q_runs = np.flatnonzero(runs.qualifies)
+    segments, first_pos = np.unique(runs.segment[q_runs], return_index=True)
+    first_run = q_runs[first_pos]  # first qualifying run of each segment with an episode
+    last_run = np.searchsorted(runs.segment, segments, side="right") - 1
+    fire = runs.fire[first_run]
+    resolved = runs.breaks[last_run]
+    end = np.where(resolved, runs.resolve_at[last_run], runs.series_end[first_run])
+    begin = runs.starts[first_run]
+    since = np.where(forced[begin], carried_since[begin], ts[begin])
+
+    crit_pos = np.where(crit, np.arange(n), n)
+    crit_at = np.minimum.accumulate(crit_pos[::-1])[::-1][fire]
+    starts_critical = crit_at == fire
+    escalates = (crit_at > fire) & (crit_at < end)
+    severity = np.where(starts_critical | escalates, "critical", "warning")
+    return _Episodes(fire, end, since, resolved, crit_at, starts_critical, escalates, severity)
+
+
+def _events(ep: _Episodes, sid: np.ndarray, ts: np.ndarray, synthetic: np.ndarray) -> pd.DataFrame:
+    """firing (not at a synthetic row), escalated and resolved events, one row each."""
+    announce = ~synthetic[ep.fire]
+    parts = [
+        (
+            ep.fire[announce],
+            "firing",
+            np.where(ep.starts_critical, "critical", "warning")[announce],
+            ep.since[announce],
+        ),
+        (
+            ep.crit_at[ep.escalates],
+            "escalated",
+            np.full(ep.escalates.sum(), "critical"),
+            ep.since[ep.escalates],
+        ),
+        (ep.end[ep.resolved], "resolved", ep.severity[ep.resolved], ep.since[ep.resolved]),
+    ]
+    rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    return pd.DataFrame(
+        {
+            "series_id": sid[rows],
+            "ts_us": ts[rows],
+            "event": np.concatenate([np.full(len(p[0]), p[1], dtype=object) for p in parts]),
+            "severity": np.concatenate([np.asarray(p[2], dtype=object) for p in parts]),
+            "since_us": np.concatenate([p[3] for p in parts]).astype(np.int64),
+            "_row": rows,
+        }
+    )
+
+
+def _end_state(
+    lay: _Layout, runs: _Runs, ep: _Episodes, sid: np.ndarray, ts: np.ndarray, high: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Each series' state after its last row: (series id, phase, since, last high time,
+    severity, last seen, has since, has high)."""
+    n_series = len(lay.starts)
+    phase = np.full(n_series, "normal", dtype=object)
+    since = np.zeros(n_series, np.int64)
+    has_since = np.zeros(n_series, bool)
+    severity = np.full(n_series, None, dtype=object)
+    last_run = np.full(n_series, -1)
+    last_run[lay.row_series[runs.starts]] = np.arange(len(runs.starts))  # later runs win
+    has_high = last_run >= 0
+    last_high = np.zeros(n_series, np.int64)
+    last_high[has_high] = ts[runs.ends[last_run[has_high]]]
+
+    pending = has_high & high[lay.ends - 1]
+    phase[pending] = "pending"
+    since[pending] = ts[runs.starts[last_run[pending]]]
+    has_since |= pending
+    open_ep = ~ep.resolved
+    ep_series = lay.row_series[ep.fire[open_ep]]
+    phase[ep_series] = "firing"
+    since[ep_series] = ep.since[open_ep]
+    severity[ep_series] = ep.severity[open_ep]
+    has_since[ep_series] = True
+    # Only the rows' own timestamps count as "seen": a synthetic row is never the last one.
+    s_last_ts = ts[lay.ends - 1]
+    return sid[lay.starts], phase, since, last_high, severity, s_last_ts, has_since, has_high
+
+
 def _machine(
     rule: AlertRule,
     sid: np.ndarray,
@@ -393,132 +607,23 @@ def _machine(
     carried_since: np.ndarray,
     interval: np.ndarray,
 ) -> tuple[pd.DataFrame, np.ndarray, tuple[np.ndarray, ...]]:
+    """The alert state machine over every series at once, without a per-row loop.
+
+    Rows are sorted by series, then time. Steps: lay out the series; find the runs of high
+    rows, where each fires (`for`) and where it resolves (`keep_firing_for`); join runs into
+    episodes; emit their events; flag the rows inside an episode; and read each series'
+    state after its last row (carried into the next evaluation).
+    """
     n = len(sid)
-    idx = np.arange(n)
-    for_us, keep_us = _us(rule.for_seconds), _us(rule.keep_firing_for_seconds)
-
-    first_of_series = np.ones(n, bool)
-    first_of_series[1:] = sid[1:] != sid[:-1]
-    series_starts = np.flatnonzero(first_of_series)
-    series_ends = np.append(series_starts[1:], n)  # one past the last row
-    series_no = np.cumsum(first_of_series) - 1
-    row_series_end = series_ends[series_no]
-
-    # A key increasing over the whole frame, so one searchsorted finds "first row of this
-    # series at or after t" for every series at once (a landing past the series means none).
-    span = ts[series_ends - 1] - ts[series_starts]
-    offset = np.concatenate([[0], np.cumsum(span + 1)[:-1]])
-    key = ts - ts[series_starts][series_no] + offset[series_no]
-
-    prev_high = np.zeros(n, bool)
-    prev_high[1:] = high[:-1]
-    next_high = np.zeros(n, bool)
-    next_high[:-1] = high[1:]
-    last_of_series = np.zeros(n, bool)
-    last_of_series[series_ends - 1] = True
-    starts = np.flatnonzero(high & (first_of_series | ~prev_high))
-    ends = np.flatnonzero(high & (last_of_series | ~next_high))
-    run_series_end = row_series_end[starts]
-    n_runs = len(starts)
-
-    next_start = np.append(starts[1:], n)
-    next_start = np.minimum(next_start, run_series_end)
-
-    # Does the run fire, and where: first row >= start + for (never the synthetic row itself).
-    fire = np.searchsorted(key, key[starts] + for_us, side="left")
-    fire = np.where(synthetic[starts] & (fire == starts), fire + 1, fire)
-    # A row standing for an interval at least `for` long (hourly data, a 5-minute `for`) has
-    # been high for `for` on its own: its run fires at once.
-    fire = np.where((interval[starts] >= for_us) & ~synthetic[starts], starts, fire)
-    fire = np.where(forced[starts], starts, fire)
-    qualifies = fire <= ends
-
-    # After a run: the first later row >= last high + keep; it resolves if before the next run.
-    resolve_at = np.maximum(np.searchsorted(key, key[ends] + keep_us, side="left"), ends + 1)
-    breaks = resolve_at < next_start
-
-    continues = np.zeros(n_runs, bool)
-    if n_runs > 1:
-        same_series = run_series_end[1:] == run_series_end[:-1]
-        continues[1:] = same_series & ~breaks[:-1]
-    segment = np.cumsum(~continues) - 1
-
-    q_runs = np.flatnonzero(qualifies)
-    ep_segments, first_pos = np.unique(segment[q_runs], return_index=True)
-    ep_run = q_runs[first_pos]  # first qualifying run of each segment with an episode
-    ep_last_run = np.searchsorted(segment, ep_segments, side="right") - 1
-    ep_fire = fire[ep_run]
-    ep_resolved = breaks[ep_last_run]
-    ep_end = np.where(ep_resolved, resolve_at[ep_last_run], run_series_end[ep_run])
-    ep_since = np.where(forced[starts[ep_run]], carried_since[starts[ep_run]], ts[starts[ep_run]])
-
-    crit_pos = np.where(crit, idx, n)
-    next_crit = np.minimum.accumulate(crit_pos[::-1])[::-1]
-    ep_crit_at = next_crit[ep_fire]
-    ep_starts_critical = ep_crit_at == ep_fire
-    ep_escalates = (ep_crit_at > ep_fire) & (ep_crit_at < ep_end)
-    ep_severity = np.where(ep_starts_critical | ep_escalates, "critical", "warning")
-
+    lay = _layout(sid, ts)
+    runs = _runs(rule, lay, high, forced, synthetic, interval)
+    ep = _episodes(runs, ts, crit, forced, carried_since)
+    events = _events(ep, sid, ts, synthetic)
     flags_delta = np.zeros(n + 1, np.int64)
-    np.add.at(flags_delta, ep_fire, 1)
-    np.add.at(flags_delta, ep_end, -1)
+    np.add.at(flags_delta, ep.fire, 1)
+    np.add.at(flags_delta, ep.end, -1)
     flags = np.cumsum(flags_delta[:n]).astype(np.int8)
-
-    announce = ~synthetic[ep_fire]
-    ev_parts = [
-        (
-            ep_fire[announce],
-            "firing",
-            np.where(ep_starts_critical, "critical", "warning")[announce],
-            ep_since[announce],
-        ),
-        (
-            ep_crit_at[ep_escalates],
-            "escalated",
-            np.full(ep_escalates.sum(), "critical"),
-            ep_since[ep_escalates],
-        ),
-        (ep_end[ep_resolved], "resolved", ep_severity[ep_resolved], ep_since[ep_resolved]),
-    ]
-    rows = np.concatenate([p[0] for p in ev_parts]).astype(np.int64)
-    events = pd.DataFrame(
-        {
-            "series_id": sid[rows],
-            "ts_us": ts[rows],
-            "event": np.concatenate([np.full(len(p[0]), p[1], dtype=object) for p in ev_parts]),
-            "severity": np.concatenate([np.asarray(p[2], dtype=object) for p in ev_parts]),
-            "since_us": np.concatenate([p[3] for p in ev_parts]).astype(np.int64),
-            "_row": rows,
-        }
-    )
-
-    # State at the end of each series.
-    s_sid = sid[series_starts]
-    s_last_ts = ts[series_ends - 1]
-    n_series = len(series_starts)
-    phase = np.full(n_series, "normal", dtype=object)
-    since = np.zeros(n_series, np.int64)
-    has_since = np.zeros(n_series, bool)
-    severity = np.full(n_series, None, dtype=object)
-    run_series_no = series_no[starts]
-    last_run = np.full(n_series, -1)
-    last_run[run_series_no] = np.arange(n_runs)  # later runs overwrite earlier ones
-    has_high = last_run >= 0
-    last_high = np.zeros(n_series, np.int64)
-    last_high[has_high] = ts[ends[last_run[has_high]]]
-
-    pending = has_high & high[series_ends - 1]
-    phase[pending] = "pending"
-    since[pending] = ts[starts[last_run[pending]]]
-    has_since |= pending
-    open_ep = ~ep_resolved
-    ep_series = series_no[ep_fire[open_ep]]
-    phase[ep_series] = "firing"
-    since[ep_series] = ep_since[open_ep]
-    severity[ep_series] = ep_severity[open_ep]
-    has_since[ep_series] = True
-    # Only the rows' own timestamps count as "seen": a synthetic row is never the last one.
-    return events, flags, (s_sid, phase, since, last_high, severity, s_last_ts, has_since, has_high)
+    return events, flags, _end_state(lay, runs, ep, sid, ts, high)
 
 
 def alert_timeline(
