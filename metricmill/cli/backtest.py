@@ -1,6 +1,6 @@
 """`metricmill backtest FILE.csv --output SCORES.csv`: replay one series through detection.
 
-Registered in metricmill/cli.py with `app.add_typer(backtest_app)` (a top-level command).
+Registered by metricmill/cli/main.py with `app.add_typer(backtest_app)` (a top-level command).
 The replay refits baselines every UTC midnight (detector models weekly) from the rows before
 it, as the nightly flow would, and scores each day's rows; a labelled incident the rule alerted
 on before a refit is left out of it (alert and incident rows), as the nightly flow leaves out
@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from metricmill.cli.common import out, settings_from
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from metricmill.settings import Settings
+    from tasks.alert_engine import AlertRule
 
 backtest_app = typer.Typer()
 _DAY_S = 86_400
@@ -57,29 +63,23 @@ def backtest(
 ) -> None:
     """Replay a series walk-forward and write every row with anomaly_score and alert."""
     from storage.detection import read_backtest_csv, write_scores_csv
-    from tasks.alerting import default_rule
-    from tasks.backtest import alerts_for, evaluate_alerts, label_windows, replay
+    from tasks.backtest import alerts_for, replay
     from tasks.baseline import LearnParams
     from tasks.detectors import DETECTORS, detector_for
 
     settings = settings_from(ctx)
-    rule = default_rule(settings)
-    overrides: dict[str, float | None] = {
-        "threshold": threshold,
-        "for_seconds": for_seconds,
-        "keep_firing_for_seconds": keep_firing_for,
-        "min_abs_deviation": min_abs_deviation,
-        "min_baseline_level": min_baseline_level,
-    }
-    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-    rule = dataclasses.replace(rule, **given)
+    rule = _rule(
+        settings,
+        direction,
+        threshold=threshold,
+        for_seconds=for_seconds,
+        keep_firing_for_seconds=keep_firing_for,
+        min_abs_deviation=min_abs_deviation,
+        min_baseline_level=min_baseline_level,
+    )
     name = (detector or detector_for("backtest", settings.detectors)).strip().lower()
     if name not in DETECTORS:
         raise typer.BadParameter(f"unknown detector {name!r}: use one of {', '.join(DETECTORS)}")
-    if direction is not None and direction not in ("up", "down", "both"):
-        raise typer.BadParameter("--direction must be up, down or both")
-    if direction is not None:
-        rule = dataclasses.replace(rule, direction=direction)
     rows = read_backtest_csv(file)
     points = rows.assign(series_id=1)[["series_id", "ts_us", "value"]]
     scores = replay(
@@ -104,6 +104,27 @@ def backtest(
     if "label" in rows:
         columns.append("label")
     write_scores_csv(result[columns], output)
+    _print_summary(rows, scores, alert, output)
+    if "label" in rows:
+        _print_against_labels(rows, scores, alert, rule)
+
+
+def _rule(settings: Settings, direction: str | None, **overrides: float | None) -> AlertRule:
+    """The default rule with the options the user gave."""
+    from tasks.alerting import default_rule
+
+    if direction is not None and direction not in ("up", "down", "both"):
+        raise typer.BadParameter("--direction must be up, down or both")
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    if direction is not None:
+        given["direction"] = direction
+    return dataclasses.replace(default_rule(settings), **given)
+
+
+def _print_summary(
+    rows: pd.DataFrame, scores: pd.DataFrame, alert: np.ndarray, output: Path
+) -> None:
+    """What was read (duplicates, gaps, order), scored and written."""
     console = out()
     notes = [
         f"{rows.attrs.get('duplicates', 0)} duplicated timestamps (all rows kept, in file order)",
@@ -117,19 +138,27 @@ def backtest(
         f"{len(rows)} rows, {scored} scored (the first day only trains), "
         f"{int(alert.sum())} alerting; wrote {output}"
     )
-    if "label" in rows:
-        step = int(np.median(np.diff(rows["ts_us"].to_numpy()))) if len(rows) > 1 else 1
-        windows = label_windows(rows.assign(series_id=1), max(step, 1))
-        ev = evaluate_alerts(
-            scores, alert, windows, grace_us=int(rule.for_seconds * 1e6) + max(step, 1)
-        )
-        console.print(f"precision {_fmt(ev.precision)}")
-        console.print(
-            f"recall {_fmt(ev.recall)} ({int(ev.windows['detected'].sum())} of "
-            f"{len(ev.windows)} labelled windows)"
-        )
-        console.print(f"detection delay (median) {_fmt(ev.median_delay_s)} s")
-        console.print(f"false alerts per week {_fmt(ev.false_alerts / max(ev.series_weeks, 1e-9))}")
+
+
+def _print_against_labels(
+    rows: pd.DataFrame, scores: pd.DataFrame, alert: np.ndarray, rule: AlertRule
+) -> None:
+    """Precision, recall, delay and false alerts against the file's label column."""
+    from tasks.backtest import evaluate_alerts, label_windows
+
+    console = out()
+    step = int(np.median(np.diff(rows["ts_us"].to_numpy()))) if len(rows) > 1 else 1
+    windows = label_windows(rows.assign(series_id=1), max(step, 1))
+    ev = evaluate_alerts(
+        scores, alert, windows, grace_us=int(rule.for_seconds * 1e6) + max(step, 1)
+    )
+    console.print(f"precision {_fmt(ev.precision)}")
+    console.print(
+        f"recall {_fmt(ev.recall)} ({int(ev.windows['detected'].sum())} of "
+        f"{len(ev.windows)} labelled windows)"
+    )
+    console.print(f"detection delay (median) {_fmt(ev.median_delay_s)} s")
+    console.print(f"false alerts per week {_fmt(ev.false_alerts / max(ev.series_weeks, 1e-9))}")
 
 
 def _stamps(ts_us: np.ndarray) -> list[Any]:
