@@ -29,6 +29,21 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
         return detection.advance_watermarks(store, marks)
 
 
+@task(name="plot-opened-alerts")
+def plot_opened_alerts(settings: Settings, alert_ids: list[int]) -> None:
+    """The `detect-alert-plots` artifact: each alert this run opened, drawn as
+    `metricmill alerts show ID --plot` draws it (series, expected band, alert span)."""
+    from metricmill.alert_plot import alerts_markdown  # matplotlib: only when alerts open
+
+    with Store.open(settings=settings) as store:
+        markdown = alerts_markdown(store, alert_ids)
+    create_markdown_artifact(
+        key="detect-alert-plots",
+        markdown=markdown,
+        description=f"The series of each alert opened by this run ({len(alert_ids)})",
+    )
+
+
 @flow(
     name="detect",
     flow_run_name=run_name("detect"),
@@ -103,6 +118,17 @@ def detect(
     create_markdown_artifact(
         key="detect-summary", markdown=summary_markdown(report), description="What detect did"
     )
+    transitions = summary.transitions
+    opened = (
+        [int(i) for i in transitions.loc[transitions["event"] == "firing", "alert_id"]]
+        if len(transitions)
+        else []
+    )
+    if opened:
+        try:
+            plot_opened_alerts(settings, opened)
+        except Exception as exc:  # the alerts are stored and sent: a picture must not fail the run
+            logger.warning("could not attach the pictures of the alerts opened: %s", exc)
     logger.info("detect: %d points of %d series scored", report["scored"], report["series"])
     return report
 
