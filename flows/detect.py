@@ -12,6 +12,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.guard import exclusive
 from flows.naming import run_name
+from metricmill.secrets import redact
 from metricmill.selectors import parse_selector
 from metricmill.settings import Settings, load_settings
 from storage import detection
@@ -33,7 +34,7 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
 def plot_opened_alerts(settings: Settings, alert_ids: list[int]) -> None:
     """The `detect-alert-plots` artifact: each alert this run opened, drawn as
     `metricmill alerts show ID --plot` draws it (series, expected band, alert span)."""
-    from metricmill.alert_plot import alerts_markdown  # matplotlib: only when alerts open
+    from metricmill.alert_plot import alerts_markdown  # imported only when alerts open
 
     with Store.open(settings=settings) as store:
         markdown = alerts_markdown(store, alert_ids)
@@ -128,7 +129,7 @@ def detect(
         try:
             plot_opened_alerts(settings, opened)
         except Exception as exc:  # the alerts are stored and sent: a picture must not fail the run
-            logger.warning("could not attach the pictures of the alerts opened: %s", exc)
+            logger.warning("could not attach the alert pictures: %s", redact(str(exc)))
     logger.info("detect: %d points of %d series scored", report["scored"], report["series"])
     return report
 

@@ -4,13 +4,17 @@ and still validated by Prefect as before (null, omitted or a value of the type).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools.validation import validate
 
 from deployments.forms import form_schema
 from deployments.serve import build_deployments
+from metricmill.settings import load_settings
+from tests.settings_env import isolate_settings
 
 
 def _flow_parameters(
@@ -67,3 +71,12 @@ def test_every_served_deployment_has_no_null_branch_in_its_form() -> None:
     series = detect._parameter_openapi_schema.properties["series"]
     assert series["type"] == "string" and "default" not in series
     assert "label selector" in series["description"]
+
+
+def test_fields_the_form_left_empty_mean_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_settings(monkeypatch, home=tmp_path)
+    settings = load_settings(home="", database_url="  ")
+    assert settings.home == tmp_path  # METRICMILL_HOME, not the working directory
+    assert settings.database_url == load_settings().database_url
