@@ -50,6 +50,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runner import Runner
 from prefect.states import Cancelled, Crashed, Scheduled
 
+from deployments.forms import form_schema
 from deployments.schedules import SCHEDULES, FlowSchedule
 from flows.guard import SKIPPED, due_scheduled_runs
 from flows.naming import run_name_of
@@ -119,6 +120,8 @@ def build_deployments(
                 concurrency_limit=ONE_AT_A_TIME,
             ),
         )
+        # Optional parameters as plain inputs on the UI's custom-run form (deployments/forms.py).
+        deployment._parameter_openapi_schema = form_schema(deployment._parameter_openapi_schema)
         deployments.append(deployment)
     return deployments, missing
 

@@ -12,6 +12,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.guard import exclusive
 from flows.naming import run_name
+from metricmill.secrets import redact
 from metricmill.selectors import parse_selector
 from metricmill.settings import Settings, load_settings
 from storage import detection
@@ -27,6 +28,21 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
     with Store.open(settings=settings) as store:
         detection.clear_late(store, late_marks)
         return detection.advance_watermarks(store, marks)
+
+
+@task(name="plot-opened-alerts")
+def plot_opened_alerts(settings: Settings, alert_ids: list[int]) -> None:
+    """The `detect-alert-plots` artifact: each alert this run opened, drawn as
+    `metricmill alerts show ID --plot` draws it (series, expected band, alert span)."""
+    from metricmill.alert_plot import alerts_markdown  # imported only when alerts open
+
+    with Store.open(settings=settings) as store:
+        markdown = alerts_markdown(store, alert_ids)
+    create_markdown_artifact(
+        key="detect-alert-plots",
+        markdown=markdown,
+        description=f"The series of each alert opened by this run ({len(alert_ids)})",
+    )
 
 
 @flow(
@@ -103,6 +119,17 @@ def detect(
     create_markdown_artifact(
         key="detect-summary", markdown=summary_markdown(report), description="What detect did"
     )
+    transitions = summary.transitions
+    opened = (
+        [int(i) for i in transitions.loc[transitions["event"] == "firing", "alert_id"]]
+        if len(transitions)
+        else []
+    )
+    if opened:
+        try:
+            plot_opened_alerts(settings, opened)
+        except Exception as exc:  # the alerts are stored and sent: a picture must not fail the run
+            logger.warning("could not attach the alert pictures: %s", redact(str(exc)))
     logger.info("detect: %d points of %d series scored", report["scored"], report["series"])
     return report
 

@@ -510,10 +510,17 @@ def config_file_path(home: str | Path | None = None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from overrides, the environment and the TOML file; one clear error if invalid."""
+    """Settings from overrides, the environment and the TOML file; one clear error if invalid.
+
+    An override that is None or a blank string is not given (a field a custom-run form in the
+    Prefect UI left empty arrives as ""): the environment, the file or the default applies."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**{k: v for k, v in overrides.items() if v is not None and not _blank(v)})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

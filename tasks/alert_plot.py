@@ -1,11 +1,17 @@
 """The picture of one alert: its series around the alert, the expected band and the alert span.
 
-For `metricmill alerts show ID --plot FILE.png`. matplotlib is imported here only, when a
+For `metricmill alerts show ID --plot FILE.png`, and for the `detect-alert-plots` markdown
+artifact of a detect run that opens alerts (`alerts_markdown`: the pictures inline, as PNG data
+URLs the Prefect UI's markdown renderer shows). matplotlib is imported here only, when a
 picture is asked for (the CLI's start-up stays free of it).
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,10 +19,15 @@ from typing import Any
 
 import pandas as pd
 
+from storage import alerts as db
 from storage.store import Store
 
 BEFORE = timedelta(hours=3)
 AFTER = timedelta(hours=1)
+# A run that opens many alerts (a whole fleet at once) attaches this many pictures; the rest are
+# listed with the command that draws them.
+MAX_PLOTS = 10
+ARTIFACT_SIZE = (8.0, 3.2)  # inches, at 80 dpi: about 25 KB of PNG per alert
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,20 @@ def alert_window(store: Store, alert: dict[str, Any], now: datetime | None = Non
 
 def render(window: AlertWindow, title: str, path: Path) -> Path:
     """Write the picture as PNG to `path`."""
+    data = png(window, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def png(
+    window: AlertWindow,
+    title: str,
+    *,
+    size: tuple[float, float] = (10.0, 4.0),
+    dpi: int = 100,
+) -> bytes:
+    """The picture as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -87,7 +112,8 @@ def render(window: AlertWindow, title: str, path: Path) -> Path:
     def x(moment: datetime) -> float:  # matplotlib's date numbers (days), from naive UTC
         return float(mdates.date2num(moment.astimezone(UTC).replace(tzinfo=None)))
 
-    figure, axes = plt.subplots(figsize=(10, 4), dpi=100)
+    title = title.replace("$", r"\$")  # a label value with `$` is text, not mathtext
+    figure, axes = plt.subplots(figsize=size, dpi=dpi)
     try:
         span_start, span_end = window.span
         span_end = max(span_end, span_start + timedelta(minutes=1))
@@ -113,8 +139,58 @@ def render(window: AlertWindow, title: str, path: Path) -> Path:
         axes.legend(loc="upper left", fontsize=8)
         figure.autofmt_xdate()
         figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png")
+        sink = io.BytesIO()
+        figure.savefig(sink, format="png")
     finally:
         plt.close(figure)
-    return path
+    return sink.getvalue()
+
+
+def describe_series(detail: dict[str, Any]) -> str:
+    labels = detail.get("labels") or {}
+    inner = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(labels.items()))
+    return f"{detail.get('metric', '?')}{{{inner}}}"
+
+
+def alert_title(alert: dict[str, Any]) -> str:
+    return (
+        f"alert {alert['alert_id']} ({alert['severity']}, {alert['status']}): "
+        + describe_series(alert.get("detail") or {})
+    )
+
+
+def _code(text: str) -> str:
+    """`text` as markdown inline code (label values are anyone's text)."""
+    return "`" + text.replace("`", "'").replace("\n", " ") + "`"
+
+
+def alerts_markdown(store: Store, alert_ids: Sequence[int], now: datetime | None = None) -> str:
+    """A markdown report with the picture of each alert (the first MAX_PLOTS of them)."""
+    lines = [f"## Alerts opened by this run: {len(alert_ids)}", ""]
+    for number, alert_id in enumerate(alert_ids):
+        alert = db.get_alert(store.backend, int(alert_id))
+        if alert is None:  # deleted since: nothing to draw
+            continue
+        if number >= MAX_PLOTS:
+            lines.append(
+                f"- alert {alert_id}: {_code(describe_series(alert.get('detail') or {}))} "
+                f"(`metricmill alerts show {alert_id} --plot alert-{alert_id}.png`)"
+            )
+            continue
+        window = alert_window(store, alert, now)
+        picture = png(window, alert_title(alert), size=ARTIFACT_SIZE, dpi=80)
+        encoded = base64.b64encode(picture).decode("ascii")
+        band = "n/a" if window.band is None else f"{window.band[0]:.6g} .. {window.band[1]:.6g}"
+        value = alert.get("value")
+        shown = "n/a" if value is None or pd.isna(value) else f"{float(value):.6g}"
+        lines += [
+            f"### Alert {alert_id} ({alert['severity']}): "
+            f"{_code(describe_series(alert.get('detail') or {}))}",
+            "",
+            f"rule {_code(str(alert['rule']))}, value {shown}, expected band {band}, "
+            f"{len(window.points)} points drawn",
+            "",
+            f"![alert {alert_id}](data:image/png;base64,{encoded})",
+            "",
+        ]
+    return "\n".join(lines)

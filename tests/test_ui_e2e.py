@@ -263,6 +263,11 @@ def test_custom_run_form_shows_every_parameter_description(
         stop(serve)
     properties = deployment["parameter_openapi_schema"]["properties"]
     assert set(properties) == {"database_url", "home", "max_chunks"}
+    # Optional parameters are plain inputs: no "or null" branch for the form to open.
+    assert [properties[n].get("type") for n in ("database_url", "home", "max_chunks")] == [
+        "string", "string", "integer",
+    ]  # fmt: skip
+    assert not any("anyOf" in p for p in properties.values())
     # A sentence of each description, as the form shows it (the UI joins the docstring lines).
     expected = [
         " ".join(properties[name]["description"].split())[:40] for name in sorted(properties)
@@ -277,3 +282,5 @@ def test_custom_run_form_shows_every_parameter_description(
     for text in expected:
         assert text in shown, f"{text!r} not on the custom-run form:\n{form}"
     assert "max_chunks" in form
+    # What the form showed under every optional field while they were "X or null".
+    assert "Property is type" not in form, form
