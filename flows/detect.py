@@ -34,7 +34,7 @@ def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> i
 def plot_opened_alerts(settings: Settings, alert_ids: list[int]) -> None:
     """The `detect-alert-plots` artifact: each alert this run opened, drawn as
     `metricmill alerts show ID --plot` draws it (series, expected band, alert span)."""
-    from metricmill.alert_plot import alerts_markdown  # imported only when alerts open
+    from tasks.alert_plot import alerts_markdown  # imported only when alerts open
 
     with Store.open(settings=settings) as store:
         markdown = alerts_markdown(store, alert_ids)
