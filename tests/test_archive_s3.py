@@ -306,3 +306,21 @@ def test_unusable_object_store_is_one_error_line_and_deletes_nothing(
 
 def free_port() -> int:
     return s3server.free_port()
+
+
+def test_doctor_probes_the_object_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3: Any, endpoint: str
+) -> None:
+    from metricmill.cli_ops import check_directories
+
+    bucket = new_bucket(s3)
+    target = DbTarget("sqlite", f"sqlite:///{tmp_path}/home/metrics.db", "off")
+    settings = s3_settings(monkeypatch, tmp_path, target, endpoint, bucket)
+    found = {c.name: c for c in check_directories(settings)}["archive (object store)"]
+    assert found.ok is True and found.detail == f"s3://{bucket}/{PREFIX}"
+
+    gone = s3_settings(monkeypatch, tmp_path, target, endpoint, bucket + "-missing")
+    failed = {c.name: c for c in check_directories(gone)}["archive (object store)"]
+    assert failed.ok is False
+    assert failed.detail.startswith(f"archive s3://{bucket}-missing/{PREFIX} is not writable")
+    assert s3server.SECRET_ACCESS_KEY not in failed.detail
