@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pydantic_settings
 from pydantic import (
@@ -221,8 +221,6 @@ class Settings(BaseSettings):
     def _archive_location(cls, value: Any) -> Any:
         """A URL stays a string (checked here), anything else is a directory."""
         if isinstance(value, str) and "://" in value:
-            from storage.archive_root import check_archive_url
-
             return check_archive_url(value)
         return Path(value) if isinstance(value, str) else value
 
@@ -496,6 +494,31 @@ class Settings(BaseSettings):
     def exports(self) -> Path:
         assert self.export_dir is not None
         return self.export_dir
+
+
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_archive_url(url: str) -> str:
+    """An archive URL as given, or ValueError saying what is wrong with it (for settings)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError(
+            f"unsupported archive URL scheme {parts.scheme!r}: give a directory or "
+            "s3://BUCKET/PREFIX"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(
+            "the archive URL takes no credentials, query or fragment: set "
+            "METRICMILL_ARCHIVE_S3_ACCESS_KEY_ID and METRICMILL_ARCHIVE_S3_SECRET_ACCESS_KEY"
+        )
+    if not _BUCKET.fullmatch(parts.netloc):
+        raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (s3://BUCKET/PREFIX)")
+    prefix = parts.path.strip("/")
+    if any(piece in ("", ".", "..") for piece in prefix.split("/")) and prefix:
+        raise ValueError("the archive URL's prefix has an empty, '.' or '..' part")
+    return f"s3://{parts.netloc}/{prefix}".rstrip("/")
 
 
 def _secret_block(name: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 from abc import ABC, abstractmethod
 from datetime import datetime
 from pathlib import Path
@@ -27,39 +26,16 @@ from urllib.parse import urlsplit
 
 from metricmill.errors import MetricmillError
 from metricmill.secrets import redact, remember
+from metricmill.settings import check_archive_url
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
     from metricmill.settings import Settings
 
-# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
 
 class ArchiveError(MetricmillError):
     """The archive cannot be written or does not read back as written: nothing was deleted."""
-
-
-def check_archive_url(url: str) -> str:
-    """An archive URL as given, or ValueError saying what is wrong with it (for settings)."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3":
-        raise ValueError(
-            f"unsupported archive URL scheme {parts.scheme!r}: give a directory or "
-            "s3://BUCKET/PREFIX"
-        )
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(
-            "the archive URL takes no credentials, query or fragment: set "
-            "METRICMILL_ARCHIVE_S3_ACCESS_KEY_ID and METRICMILL_ARCHIVE_S3_SECRET_ACCESS_KEY"
-        )
-    if not _BUCKET.fullmatch(parts.netloc):
-        raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (s3://BUCKET/PREFIX)")
-    prefix = parts.path.strip("/")
-    if any(piece in ("", ".", "..") for piece in prefix.split("/")) and prefix:
-        raise ValueError("the archive URL's prefix has an empty, '.' or '..' part")
-    return f"s3://{parts.netloc}/{prefix}".rstrip("/")
 
 
 def _one_line(exc: BaseException) -> str:
