@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 from metricmill.cli import app
 from metricmill.settings import Settings
 from storage import retention
-from storage.archive import ArchiveError, manifest, read_archive, verify_archive
+from storage.archive import ArchiveError, manifest, read_archive, retain_until, verify_archive
 from storage.archive_root import S3Root, archive_root
 from storage.store import Store
 from tests import s3server
@@ -324,3 +324,24 @@ def test_doctor_probes_the_object_store(
     assert failed.ok is False
     assert failed.detail.startswith(f"archive s3://{bucket}-missing/{PREFIX} is not writable")
     assert s3server.SECRET_ACCESS_KEY not in failed.detail
+
+
+def test_object_lock_needs_an_object_store_and_a_hold_still_to_come(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    target = DbTarget("sqlite", f"sqlite:///{tmp_path}/home/metrics.db", "off")
+    settings = make_settings(
+        monkeypatch, tmp_path / "home", target, retention_days=30, archive_lock_days=30
+    )
+    with filled_store(settings) as store:
+        retention.add_rule(store.backend, "*", 7)
+        before = store.backend.table_counts()
+        with pytest.raises(ArchiveError, match="needs an object store with object lock"):
+            retention.apply(store)
+        assert store.backend.table_counts() == before
+    day = datetime(2026, 1, 10, tzinfo=UTC)
+    day_us = int(day.timestamp() * 1_000_000)
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    assert retain_until(day_us, 100, now) == day + timedelta(days=101)
+    assert retain_until(day_us, 30, now) is None  # the hold ended before the file was written
+    assert retain_until(day_us, 0, now) is None
