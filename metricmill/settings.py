@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pydantic_settings
 from pydantic import (
@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = None
     database_password_block: str | None = None
     landing_dir: Path | None = None
-    archive_dir: Path | None = None
+    # a directory, or an object-store URL s3://bucket/prefix (storage/archive_root.py)
+    archive_dir: Path | str | None = None
     quarantine_dir: Path | None = None
     export_dir: Path | None = None
     retention_days: int = 30
@@ -205,6 +206,37 @@ class Settings(BaseSettings):
     anonymize_key: SecretStr | None = None
     anonymize_key_block: str | None = None
     anonymize_coarsen_seconds: int = 0
+    # archives in object storage (archive_dir = s3://bucket/prefix): endpoint (empty: AWS),
+    # region, keys (empty: the AWS default chain), and compliance-mode object lock
+    archive_s3_endpoint: str | None = None
+    archive_s3_region: str | None = None
+    archive_s3_access_key_id: str | None = None
+    archive_s3_secret_access_key: SecretStr | None = None
+    archive_s3_secret_access_key_block: str | None = None
+    archive_s3_timeout_seconds: float = 30.0
+    archive_lock_days: int = 0
+
+    @field_validator("archive_dir", mode="before")
+    @classmethod
+    def _archive_location(cls, value: Any) -> Any:
+        """A URL stays a string (checked here), anything else is a directory."""
+        if isinstance(value, str) and "://" in value:
+            return check_archive_url(value)
+        return Path(value) if isinstance(value, str) else value
+
+    @field_validator("archive_s3_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"https?://[^/\s?#@]+/?", value):
+            raise ValueError("give the endpoint as http(s)://HOST[:PORT], without a path")
+        return value.rstrip("/") if value else None
+
+    @field_validator("archive_s3_timeout_seconds")
+    @classmethod
+    def _timeout_positive(cls, value: float) -> float:
+        if not 0 < value <= 3600:
+            raise ValueError("must be between 0 and 3600 seconds")
+        return value
 
     @field_validator(
         "retention_1m_days",
@@ -213,6 +245,7 @@ class Settings(BaseSettings):
         "retention_1d_days",
         "compress_after_days",
         "anonymize_coarsen_seconds",
+        "archive_lock_days",
     )
     @classmethod
     def _retention_not_negative(cls, value: int) -> int:
@@ -379,6 +412,8 @@ class Settings(BaseSettings):
             ("export_dir", "exports"),
         ):
             current = getattr(self, name)
+            if isinstance(current, str):  # an object-store URL (checked by its validator)
+                continue
             path = (self.home / default) if current is None else current.expanduser()
             setattr(self, name, path.resolve())
         return self
@@ -424,8 +459,10 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         """Create the home and working directories (not for in-memory use)."""
-        for path in (self.home, self.landing, self.archive, self.quarantine, self.exports):
+        for path in (self.home, self.landing, self.quarantine, self.exports):
             path.mkdir(parents=True, exist_ok=True)
+        if self.archive_url is None:
+            self.archive.mkdir(parents=True, exist_ok=True)
 
     # The directory fields are filled by the validator; these give them a non-optional type.
     @property
@@ -435,8 +472,18 @@ class Settings(BaseSettings):
 
     @property
     def archive(self) -> Path:
+        """The local archive directory (see archive_url for an object store)."""
+        if isinstance(self.archive_dir, str):
+            raise SettingsError(
+                f"the archive is in object storage ({self.archive_dir}), not a directory"
+            )
         assert self.archive_dir is not None
         return self.archive_dir
+
+    @property
+    def archive_url(self) -> str | None:
+        """The archive's object-store URL (s3://bucket/prefix); None for a local directory."""
+        return self.archive_dir if isinstance(self.archive_dir, str) else None
 
     @property
     def quarantine(self) -> Path:
@@ -447,6 +494,31 @@ class Settings(BaseSettings):
     def exports(self) -> Path:
         assert self.export_dir is not None
         return self.export_dir
+
+
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_archive_url(url: str) -> str:
+    """An archive URL as given, or ValueError saying what is wrong with it (for settings)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError(
+            f"unsupported archive URL scheme {parts.scheme!r}: give a directory or "
+            "s3://BUCKET/PREFIX"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(
+            "the archive URL takes no credentials, query or fragment: set "
+            "METRICMILL_ARCHIVE_S3_ACCESS_KEY_ID and METRICMILL_ARCHIVE_S3_SECRET_ACCESS_KEY"
+        )
+    if not _BUCKET.fullmatch(parts.netloc):
+        raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (s3://BUCKET/PREFIX)")
+    prefix = parts.path.strip("/")
+    if any(piece in ("", ".", "..") for piece in prefix.split("/")) and prefix:
+        raise ValueError("the archive URL's prefix has an empty, '.' or '..' part")
+    return f"s3://{parts.netloc}/{prefix}".rstrip("/")
 
 
 def _secret_block(name: str) -> str:
@@ -472,7 +544,7 @@ def secret_setting(value: SecretStr | None, block: str | None) -> str | None:
 
 _DAY_FIELDS = (
     "retention_days", "retention_1m_days", "retention_5m_days", "retention_1h_days",
-    "retention_1d_days", "compress_after_days", "baseline_window_days",
+    "retention_1d_days", "compress_after_days", "baseline_window_days", "archive_lock_days",
 )  # fmt: skip
 _SECOND_FIELDS = (
     "settle_seconds", "max_future_skew_seconds", "scrape_timeout_seconds",

@@ -14,6 +14,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,7 @@ from metricmill.errors import ExportPathError, MetricmillError
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import Settings
 from metricmill.types import datetime_to_us
+from storage.archive_root import ArchiveError, ArchiveRoot, archive_root, as_root
 from storage.backend import Backend
 from storage.export import confined_path
 from storage.frames import canonical_labels, series_key
@@ -41,8 +43,7 @@ ARCHIVE_SCHEMA = pa.schema(
 Checkpoint = Callable[[str, dict[str, Any]], None]
 
 
-class ArchiveError(MetricmillError):
-    """The archive cannot be written or does not read back as written: nothing was deleted."""
+__all__ = ["ArchiveError", "ArchiveRoot", "archive_root"]
 
 
 @dataclass(frozen=True)
@@ -149,17 +150,10 @@ def build_table(
     )
 
 
-def probe_writable(root: Path) -> None:
-    """Fail with the reason unless a file can be created in the archive directory."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ArchiveError(
-            f"archive directory {root} is not writable ({exc.strerror or exc}): nothing deleted"
-        ) from None
+def probe_writable(root: ArchiveRoot | Path, *, lock: bool = False) -> None:
+    """Fail with the reason unless a file can be created in the archive (and, with `lock`,
+    locked there): before a run deletes anything."""
+    as_root(root).probe(lock=lock)
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
@@ -174,34 +168,46 @@ def _write_atomic(target: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def retain_until(day_us: int, lock_days: int, now: datetime | None = None) -> datetime | None:
+    """When a compliance lock on a day's archive file ends: `lock_days` after the day's end
+    (the data's own age, as retention counts it); None when no lock, or when it would
+    already have ended."""
+    if lock_days <= 0:
+        return None
+    until = datetime.fromtimestamp((day_us + DAY_US) / 1e6, UTC) + timedelta(days=lock_days)
+    return until if until > (now or datetime.now(UTC)) else None
+
+
 def write_verified(
-    root: Path,
+    root: ArchiveRoot | Path,
     metric: str,
     day_us: int,
     rows: ArchiveRows,
     *,
     anonymized: bool = False,
     checkpoint: Checkpoint | None = None,
+    lock_days: int = 0,
 ) -> ArchivedFile:
-    """Write the rows to their content-named file, read it back and check sha256 and rows."""
+    """Write the rows to their content-named file, read it back and check sha256 and rows.
+
+    `lock_days`: write it under a compliance lock (object stores), see retain_until."""
+    store = as_root(root)
     relative = f"{partition_dir(metric, day_us)}/part-{rows.content_hash[:32]}.parquet"
-    target = root / relative
+    target = store.show(relative)
     sink = pa.BufferOutputStream()
     pq.write_table(rows.table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     sha = hashlib.sha256(data).hexdigest()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not (target.is_file() and _file_sha256(target) == sha):
-            _write_atomic(target, data)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ArchiveError(f"cannot write {target}: {reason}; nothing deleted") from None
+    present = store.read(relative)
+    if present is None or hashlib.sha256(present).hexdigest() != sha:
+        store.write(relative, data, retain_until(day_us, lock_days))
     if checkpoint is not None:
-        checkpoint("written", {"path": str(target)})
+        checkpoint("written", {"path": target, "relative": relative})
     # Byte-identical to what the writer produced (sha256), with a footer that parses and
     # counts the right rows: the file holds exactly these rows.
-    stored = target.read_bytes()
+    stored = store.read(relative)
+    if stored is None:
+        raise ArchiveError(f"{target} does not read back: it is missing after the write")
     if hashlib.sha256(stored).hexdigest() != sha:
         raise ArchiveError(f"{target} does not read back as written (sha256 differs)")
     try:
@@ -220,10 +226,6 @@ def write_verified(
         sha256=sha,
         anonymized=anonymized,
     )
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- manifest --------------------------------------------------------------------------------
@@ -271,11 +273,15 @@ def manifest_paths(backend: Backend, metric: str, start_us: int, end_us: int) ->
     return [r[0] for r in rows]
 
 
-def remove_orphans(backend: Backend, root: Path, directory: str, keep: str) -> list[str]:
+def remove_orphans(
+    backend: Backend, root: ArchiveRoot | Path, directory: str, keep: str
+) -> list[str]:
     """Delete files of a partition that no manifest row records (a run died before its
-    delete committed, so their rows are still in the database); returns what was removed."""
-    folder = root / directory
-    if not folder.is_dir():
+    delete committed, so their rows are still in the database); returns what was removed.
+    (Under an object lock a delete only hides the object: the locked version stays.)"""
+    store = as_root(root)
+    names = store.listdir(directory)
+    if not names:
         return []
     recorded = {
         r[0]
@@ -284,34 +290,38 @@ def remove_orphans(backend: Backend, root: Path, directory: str, keep: str) -> l
         )
     }
     removed = []
-    for path in folder.iterdir():
-        relative = f"{directory}/{path.name}"
-        stale_tmp = path.name.startswith(".part-")
-        if stale_tmp or (path.name.startswith("part-") and relative not in recorded | {keep}):
-            path.unlink(missing_ok=True)
+    for name in names:
+        relative = f"{directory}/{name}"
+        stale_tmp = name.startswith(".part-")
+        if stale_tmp or (name.startswith("part-") and relative not in recorded | {keep}):
+            store.delete(relative)
             removed.append(relative)
     return removed
 
 
-def verify_archive(backend: Backend, root: Path) -> list[tuple[str, str]]:
+def verify_archive(backend: Backend, root: ArchiveRoot | Path) -> list[tuple[str, str]]:
     """(path, problem) for every manifest file missing or not matching its checksum/rows,
-    and for files on disk that no manifest row records."""
+    and for files in the archive that no manifest row records."""
+    store = as_root(root)
     problems: list[tuple[str, str]] = []
     listed = manifest(backend)
     for path, rows, sha in zip(listed["path"], listed["rows"], listed["sha256"], strict=True):
-        file = root / path
-        if not file.is_file():
+        data = store.read(path)
+        if data is None:
             problems.append((path, "missing"))
-        elif _file_sha256(file) != sha:
+        elif hashlib.sha256(data).hexdigest() != sha:
             problems.append((path, "sha256 differs from the manifest"))
-        elif pq.read_metadata(file).num_rows != int(rows):
-            problems.append((path, "row count differs from the manifest"))
+        else:
+            try:
+                stored_rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            except (pa.ArrowException, OSError):
+                stored_rows = -1
+            if stored_rows != int(rows):
+                problems.append((path, "row count differs from the manifest"))
     known = set(listed["path"])
-    if root.is_dir():
-        for file in sorted(root.rglob("part-*.parquet")):
-            relative = file.relative_to(root).as_posix()
-            if relative not in known:
-                problems.append((relative, "not in the manifest (left by an interrupted run)"))
+    for relative in store.parts():
+        if relative not in known:
+            problems.append((relative, "not in the manifest (left by an interrupted run)"))
     return problems
 
 
@@ -330,12 +340,9 @@ def read_archive(
     `paths` (relative to the archive directory, e.g. from the manifest) limits the files read;
     without it every file of the metric's partition is read.
     """
-    root = settings.archive
-    if paths is None:
-        base = root / f"metric={quote(metric, safe='')}"
-        files = sorted(str(p) for p in base.rglob("part-*.parquet")) if base.is_dir() else []
-    else:
-        files = [str(root / p) for p in paths]
+    root = archive_root(settings)
+    relatives = list(paths) if paths is not None else root.parts(f"metric={quote(metric, safe='')}")
+    files, filesystem = root.dataset_source(relatives)
     columns = ["metric", "labels", "series_key", "ts", "value"]
     if not files:
         return pd.DataFrame(columns=columns)
@@ -345,7 +352,12 @@ def read_archive(
     if end_us is not None:
         upper = ds.field("ts") < pa.scalar(end_us, type=pa.int64()).cast(TS_TYPE)
         condition = upper if condition is None else condition & upper
-    table = ds.dataset(files, schema=ARCHIVE_SCHEMA, format="parquet").to_table(filter=condition)
+    try:
+        table = ds.dataset(
+            files, schema=ARCHIVE_SCHEMA, format="parquet", filesystem=filesystem
+        ).to_table(filter=condition)
+    except (pa.ArrowException, OSError) as exc:
+        raise ArchiveError(f"cannot read the archive {root.show()}: {exc}") from None
     keys = table.column("series_key").combine_chunks().dictionary_encode()
     codes = np.asarray(keys.indices, dtype=np.int64)
     _, first = np.unique(codes, return_index=True)

@@ -30,6 +30,7 @@ from storage.archive import (
     ArchivedFile,
     ArchiveRows,
     Checkpoint,
+    archive_root,
     build_table,
     partition_dir,
     probe_writable,
@@ -557,7 +558,7 @@ def apply(
     if checkpoint is not None:
         checkpoint("planned", {"groups": len(planned.groups)})
     if any(g.archive and len(g.ids) for g in planned.groups):
-        probe_writable(settings.archive)
+        probe_writable(archive_root(settings), lock=settings.archive_lock_days > 0)
     outcomes = {id(g): _outcome(g) for g in planned.groups}
     for group in planned.groups:
         outcomes[id(group)].held = _count(backend, group.level, group.held_ids, group.cutoff_us)
@@ -667,7 +668,7 @@ def _write_verified_day(
     """Inside the caller's transaction: one metric-day's rows (`where` over samples) written to
     their Parquet file, read back and verified, stray files of the partition removed, and the
     manifest row recorded. (rows, file); (0, None) when there are no rows."""
-    backend, root = store.backend, store.settings.archive
+    backend, root = store.backend, archive_root(store.settings)
     rows = backend.read_columns(
         f"SELECT {{columns}} FROM samples WHERE {where}",  # noqa: S608
         [
@@ -682,7 +683,13 @@ def _write_verified_day(
     sid, ts, values = rows["series_id"], rows["ts"], rows["value"]
     prepared = archive_table(planned.series, sid, ts, values, anonymizer)
     item = write_verified(
-        root, metric, day_us, prepared, anonymized=anonymizer is not None, checkpoint=checkpoint
+        root,
+        metric,
+        day_us,
+        prepared,
+        anonymized=anonymizer is not None,
+        checkpoint=checkpoint,
+        lock_days=store.settings.archive_lock_days,
     )
     remove_orphans(backend, root, partition_dir(metric, day_us), keep=item.path)
     if checkpoint is not None:

@@ -29,6 +29,7 @@ from metricmill.cli.common import GlobalOptions, out, row, settings_from, table
 from metricmill.demo import DemoData, Incident, generate, land_files
 from metricmill.errors import MetricmillError
 from metricmill.settings import Settings
+from storage.archive_root import archive_root
 
 demo_app: typer.Typer = typer.Typer()
 
@@ -295,8 +296,7 @@ def score_alerts(outcome: DemoOutcome) -> None:
         if int(alert_id) not in matched:
             metric, labels = info.get(int(sid), ("?", {}))
             outcome.false_alerts.append(f"{metric}{{host={labels.get('host', '?')}}}")
-    archive = outcome.settings.archive
-    outcome.archive_files = sum(1 for p in archive.rglob("*.parquet")) if archive.is_dir() else 0
+    outcome.archive_files = len(archive_root(outcome.settings).parts())
 
 
 def print_summary(outcome: DemoOutcome, prefix: str) -> None:

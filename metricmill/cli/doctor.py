@@ -41,19 +41,35 @@ class Check:
 
 def check_directories(settings: Settings) -> list[Check]:
     checks = []
-    for label, env, path in (
+    dirs = [
         ("home", "METRICMILL_HOME", settings.home),
         ("landing directory", "METRICMILL_LANDING_DIR", settings.landing),
-        ("archive directory", "METRICMILL_ARCHIVE_DIR", settings.archive),
+        ("archive directory", "METRICMILL_ARCHIVE_DIR", settings.archive_dir),
         ("quarantine directory", "METRICMILL_QUARANTINE_DIR", settings.quarantine),
         ("export directory", "METRICMILL_EXPORT_DIR", settings.exports),
-    ):
+    ]
+    for label, env, path in dirs:
+        if isinstance(path, str):  # the archive in object storage: write a probe object there
+            checks.append(check_archive_store(settings))
+            continue
+        assert path is not None
         problem = writable_problem(path)
         fix = f"make {path} writable for this user (chmod/chown), or set {env} elsewhere"
         checks.append(
             Check(label, problem is None, problem or str(path), "" if not problem else fix)
         )
     return checks
+
+
+def check_archive_store(settings: Settings) -> Check:
+    from storage.archive_root import ArchiveError, archive_root
+
+    try:
+        archive_root(settings).probe(lock=settings.archive_lock_days > 0)
+    except ArchiveError as exc:
+        fix = "check METRICMILL_ARCHIVE_S3_ENDPOINT, _REGION, the keys and the bucket"
+        return Check("archive (object store)", False, one_line(exc), fix)
+    return Check("archive (object store)", True, str(settings.archive_url))
 
 
 def check_landing(settings: Settings) -> list[Check]:

@@ -27,7 +27,7 @@ from metricmill.cli.common import (
 )
 from metricmill.errors import MetricmillError
 from metricmill.timeutil import parse_time
-from storage.archive import export_to_parquet, manifest, verify_archive
+from storage.archive import archive_root, export_to_parquet, manifest, verify_archive
 from storage.retention import (
     LEVELS,
     MAX_RETENTION_DAYS,
@@ -248,7 +248,7 @@ def archive_list(
 def archive_verify(ctx: typer.Context) -> None:
     """Check every archive file against its manifest row; exit 1 on any problem."""
     with open_store(ctx) as store:
-        problems = verify_archive(store.backend, store.settings.archive)
+        problems = verify_archive(store.backend, archive_root(store.settings))
         count = len(manifest(store.backend))
     for path, problem in problems:
         echo(f"{path}: {problem}", err=True)
