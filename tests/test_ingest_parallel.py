@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import traceback
 import uuid
@@ -27,6 +28,8 @@ from metricmill.devtools.pgcluster import PgCluster
 from metricmill.settings import load_settings
 from storage.landing import claim_files
 from storage.locks import flow_lock, lock_holders
+from storage.store import Store
+from tests.dbtargets import DbTarget
 from tests.settings_env import isolate_settings
 
 FILES = 400
@@ -329,3 +332,62 @@ def test_ingest_max_parallel_runs_must_be_positive(monkeypatch: pytest.MonkeyPat
     isolate_settings(monkeypatch, ingest_max_parallel_runs=0)
     with pytest.raises(Exception, match="METRICMILL_INGEST_MAX_PARALLEL_RUNS: must be a positive"):
         load_settings()
+
+
+def test_a_late_mark_sees_a_sample_committed_while_the_batch_was_writing(
+    pg_only_target: DbTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Series at t=10 min; a batch with t=15 starts (it reads last seen = 10) while another
+    writer holds the series row; that writer commits t=20. The batch's t=15 is then behind a
+    committed sample: it must leave a detect_late mark, and the span must end at 20."""
+    isolate_settings(monkeypatch, timescaledb=pg_only_target.timescaledb)
+    url = pg_only_target.url
+    base = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=2)
+
+    def sample(minutes: int) -> pd.DataFrame:
+        ts = base + pd.Timedelta(minutes=minutes)
+        return pd.DataFrame(
+            {"metric": ["late_m"], "labels": [{"h": "a"}], "ts": [ts], "value": [1.0]}
+        )
+
+    with Store.open(url) as store:
+        store.write_samples(sample(10), batch_id="first")
+    with psycopg.connect(url) as other:
+        [(sid,)] = other.execute("SELECT series_id FROM series").fetchall()
+        other.execute("SELECT 1 FROM series WHERE series_id = %s FOR UPDATE", (sid,))
+        errors: list[BaseException] = []
+
+        def write_behind() -> None:
+            try:
+                with Store.open(url) as store:
+                    store.write_samples(sample(15), batch_id="behind")
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=write_behind)
+        writer.start()
+        deadline = time.monotonic() + 60
+        with psycopg.connect(url, autocommit=True) as watch:
+            while not watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchall():
+                assert time.monotonic() < deadline and writer.is_alive(), errors
+                time.sleep(0.05)
+        # The other writer's sample at 20 commits while the batch waits for the series row.
+        other.execute(
+            "INSERT INTO samples (series_id, ts, value) VALUES (%s, %s, 2.0)",
+            (sid, base + pd.Timedelta(minutes=20)),
+        )
+        other.execute(
+            "UPDATE series SET last_seen = %s WHERE series_id = %s",
+            (base + pd.Timedelta(minutes=20), sid),
+        )
+        other.commit()
+        writer.join(60)
+    assert not errors and not writer.is_alive()
+    with psycopg.connect(url) as conn:
+        marks = conn.execute("SELECT series_id, from_ts FROM detect_late").fetchall()
+        span = conn.execute("SELECT first_seen, last_seen FROM series").fetchone()
+    assert marks == [(sid, base + pd.Timedelta(minutes=15))]
+    assert span == (base + pd.Timedelta(minutes=10), base + pd.Timedelta(minutes=20))
