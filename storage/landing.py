@@ -14,9 +14,10 @@ and takes no file, so files landed later can never be written before files claim
 
 Parallel runs (`claim_files(..., parallel=N)`, N > 1: `ingest_max_parallel_runs` on a
 PostgreSQL server): a run holds `processing/.lock` only while it claims, and takes its share of
-the settled files, `ceil(ready / N)` of them (at most `limit`), in landing order; it comes back
-for more when it is done with them. Runs then write side by side: landing order holds within a
-run's claim, not between the claims of different runs (see DESIGN.md, "Parallel ingest").
+the settled files, `ceil(ready / (N - runs holding claims now))` of them (at most `limit`), in
+landing order; it comes back for more when it is done with them. Runs then write side by side:
+landing order holds within a run's claim, not between the claims of different runs (see
+DESIGN.md, "Parallel ingest").
 
 Each claim keeps `.attempts` (JSON: file name -> runs that died while decoding it): a file that
 keeps killing the runs that take it up can be set aside instead of blocking the files behind it.
@@ -251,7 +252,7 @@ def _claim_locked(
     with os.scandir(landing) as entries:
         ready = [Path(e.path) for e in entries if _ready(e, settle_seconds, now)]
     if parallel > 1:  # this run's share, adopted files included; the others take the rest
-        share = -(-len(ready) // parallel)
+        share = -(-len(ready) // max(parallel - _runs_working(processing, claim), 1))
         limit = max(share if limit is None else min(limit, share), len(claim.files), 1)
     taken: list[Path] = []
     for path in landing_order(ready):
@@ -265,6 +266,19 @@ def _claim_locked(
         taken.append(target)
     claim.files += taken
     return claim
+
+
+def _runs_working(processing: Path, claim: Claim) -> int:
+    """How many other runs hold claims now (by the process id in the claim names): every claim
+    directory left after this run adopted the orphans belongs to a live run."""
+    ours = set(claim.directories)
+    return len(
+        {
+            d.name.split("-")[1] if d.name.count("-") >= 2 else d.name
+            for d in processing.iterdir()
+            if not d.name.startswith(".") and d.is_dir() and d not in ours
+        }
+    )
 
 
 def _orphaned_claims(processing: Path) -> Iterator[tuple[Path, IO[bytes]]]:
