@@ -1,6 +1,7 @@
 """Every flow as a scheduled deployment, served from one process (`metricmill serve`).
 
-Each deployment has a concurrency limit of 1 that cancels a newcomer while a run is active;
+Each deployment has a concurrency limit of 1 that cancels a newcomer while a run is active
+(ingest on a PostgreSQL server: `ingest_max_parallel_runs`);
 the flows' database lock (flows/guard.py) also stops manual and ad-hoc runs from overlapping.
 Runs that piled up while `serve` or the Prefect server was down are skipped except the newest:
 each time the runner fetches the runs it is about to claim, `claim_newest` keeps the newest of
@@ -52,9 +53,9 @@ from prefect.states import Cancelled, Crashed, Scheduled
 
 from deployments.forms import form_schema
 from deployments.schedules import SCHEDULES, FlowSchedule
-from flows.guard import SKIPPED, due_scheduled_runs
+from flows.guard import SKIPPED, due_scheduled_runs, parallel_runs
 from flows.naming import run_name_of
-from metricmill.settings import load_settings
+from metricmill.settings import Settings, load_settings
 from storage.locks import lock_holders
 
 logger = logging.getLogger("metricmill.serve")
@@ -104,6 +105,7 @@ def build_deployments(
     """
     deployments: list[RunnerDeployment] = []
     missing: list[str] = []
+    settings = load_settings()
     for schedule in selected(names):
         flow = load_flow(schedule.flow)
         if flow is None:
@@ -117,13 +119,25 @@ def build_deployments(
                 interval=every,
                 description=schedule.description,
                 tags=list(schedule.tags),
-                concurrency_limit=ONE_AT_A_TIME,
+                concurrency_limit=concurrency_of(schedule.flow, settings),
             ),
         )
         # Optional parameters as plain inputs on the UI's custom-run form (deployments/forms.py).
         deployment._parameter_openapi_schema = form_schema(deployment._parameter_openapi_schema)
         deployments.append(deployment)
     return deployments, missing
+
+
+def concurrency_of(flow: str, settings: Settings) -> ConcurrencyLimitConfig:
+    """A deployment's concurrency limit: one run at a time, except ingest on a PostgreSQL
+    server, which runs up to `ingest_max_parallel_runs` at once (the flow's lock has as many
+    slots: flows/guard.py). A newcomer past the limit is cancelled."""
+    runs = parallel_runs(settings, flow)
+    if runs == 1:
+        return ONE_AT_A_TIME
+    return ConcurrencyLimitConfig(
+        limit=runs, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+    )
 
 
 def _runs_in(client: SyncPrefectClient, deployment_id: UUID, kind: StateType) -> list[FlowRun]:

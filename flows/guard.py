@@ -4,7 +4,9 @@ Every flow function is decorated with `@exclusive("name")` (under `@flow`), whic
 inside `exclusive_run(settings, name)`:
 
 - another run of the same flow holds the flow's database lock (storage/locks.py): a manual run
-  while a scheduled one is busy, a second worker, a second `serve`: this run skips;
+  while a scheduled one is busy, a second worker, a second `serve`: this run skips (ingest on a
+  PostgreSQL server: `ingest_max_parallel_runs` runs may hold a slot of its lock each, and the
+  next one skips);
 - this run is a scheduled run of a deployment and a newer scheduled run of the same deployment
   is already due (runs piled up while the server or `serve` was down): this run skips, and the
   newest one does the work. Every flow catches up from the database, so one run is enough.
@@ -93,8 +95,20 @@ def exclusive_run(settings: Settings, name: str) -> Iterator[str | None]:
         # By the name it will run under (it is renamed when it starts: flows/naming.py).
         yield f"skipped: piled up; the newer run {run_name_of(name, newer)} does the work"
         return
-    with flow_lock(settings, name) as held:
-        yield None if held else f"skipped: another {name} run is in progress"
+    slots = parallel_runs(settings, name)
+    with flow_lock(settings, name, slots=slots) as held:
+        if held:
+            yield None
+        elif slots > 1:
+            yield f"skipped: {slots} other {name} runs are in progress (ingest_max_parallel_runs)"
+        else:
+            yield f"skipped: another {name} run is in progress"
+
+
+def parallel_runs(settings: Settings, name: str) -> int:
+    """How many runs of flow `name` may work at once: ingest runs up to
+    `ingest_max_parallel_runs` on a PostgreSQL server; every other flow, one."""
+    return settings.ingest_parallel_runs if name == "ingest" else 1
 
 
 def skipped(reason: str) -> State[None]:

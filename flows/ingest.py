@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -13,7 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 from flows.guard import exclusive
 from flows.naming import run_name
 from metricmill.secrets import redact
-from metricmill.settings import load_settings
+from metricmill.settings import Settings, load_settings
 from tasks.ingest import (
     SourceOutcome,
     claim_landing,
@@ -67,27 +68,26 @@ def ingest(
     if samples is not None and len(samples):  # a DataFrame has no truth value
         outcomes.append(ingest_records(settings, samples))
     if landing:
-        claim = claim_landing(settings)
-        if claim.busy:
-            logger.warning("another ingest run is working on the landing directory: no file taken")
-        try:
-            # A task per group of files: each group is checked and written as one unit, the
-            # groups written one after the other in landing order.
-            failures: list[BaseException] = []
-            with write_order() as order_key:
-                groups = [
-                    ingest_files.submit(settings, g, order_key=order_key, turn=turn)
-                    for turn, g in enumerate(group_files(claim.files))
-                ]
-                for group in groups:  # every group ends before the turnstile goes
-                    try:
-                        outcomes.extend(group.result())
-                    except Exception as exc:
-                        failures.append(exc)
-            if failures:
-                raise failures[0]  # the first: later groups only waited for it
-        finally:
-            claim.release()
+        if settings.ingest_max_parallel_runs > settings.ingest_parallel_runs:
+            logger.warning(
+                "ingest_max_parallel_runs = %d applies to PostgreSQL only: one run at a time "
+                "on SQLite",
+                settings.ingest_max_parallel_runs,
+            )
+        # One claim takes every settled file; with parallel runs, a claim is this run's share
+        # and the run comes back for more until the landing directory is empty.
+        while True:
+            claim = claim_landing(settings)
+            if claim.busy:
+                logger.warning(
+                    "another ingest run is working on the landing directory: no file taken"
+                )
+            try:
+                outcomes.extend(_ingest_claimed(claim.files, settings))
+            finally:
+                claim.release()
+            if settings.ingest_parallel_runs == 1 or not claim.files:
+                break
     errors: dict[str, str] = {}
     if scrape:
         # One failing target (after its retries) must not fail the run nor hide the others:
@@ -120,3 +120,23 @@ def ingest(
     )
     logger.info("ingested %d sources, %d rows", len(outcomes), sum(o.rows_in for o in outcomes))
     return rows
+
+
+def _ingest_claimed(files: list[Path], settings: Settings) -> list[SourceOutcome]:
+    """A task per group of claimed files: each group is checked and written as one unit, the
+    groups written one after the other in landing order."""
+    outcomes: list[SourceOutcome] = []
+    failures: list[BaseException] = []
+    with write_order() as order_key:
+        groups = [
+            ingest_files.submit(settings, g, order_key=order_key, turn=turn)
+            for turn, g in enumerate(group_files(files))
+        ]
+        for group in groups:  # every group ends before the turnstile goes
+            try:
+                outcomes.extend(group.result())
+            except Exception as exc:
+                failures.append(exc)
+    if failures:
+        raise failures[0]  # the first: later groups only waited for it
+    return outcomes

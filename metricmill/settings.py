@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     max_label_name_length: int = 128
     max_label_value_length: int = 2048
     line_protocol_precision: Literal["ns", "us", "ms", "s"] = "ns"
+    # ingest runs that may work at once (PostgreSQL/TimescaleDB; SQLite keeps one writer: 1)
+    ingest_max_parallel_runs: int = 1
     # bounds on one landed file, checked while it streams in (storage.limits)
     max_file_bytes: int = 1 << 30  # decompressed
     max_line_bytes: int = 1 << 20
@@ -386,7 +388,9 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value) if value else ""
 
-    @field_validator("retention_days", "max_new_series_per_batch", "max_labels")
+    @field_validator(
+        "retention_days", "max_new_series_per_batch", "max_labels", "ingest_max_parallel_runs"
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:
@@ -452,6 +456,14 @@ class Settings(BaseSettings):
         """repr() and str() show the URL masked (a settings object may end up in a log)."""
         for name, value in super().__repr_args__():
             yield name, (mask_url(value) if name == "database_url" else value)
+
+    @property
+    def ingest_parallel_runs(self) -> int:
+        """How many ingest runs may work at once: `ingest_max_parallel_runs` on a PostgreSQL
+        server, always 1 on SQLite (one writer per file: a higher setting is clamped)."""
+        if self.database_url.startswith("postgresql://"):
+            return self.ingest_max_parallel_runs
+        return 1
 
     @property
     def masked_database_url(self) -> str:
@@ -565,6 +577,7 @@ _UPPER_BOUNDS: tuple[tuple[tuple[str, ...], int], ...] = (
     (("max_new_series_per_batch", "rollup_check_max_rows", "detector_max_fit_rows"), 10**9),
     (("max_label_name_length", "max_label_value_length"), 1 << 20),
     (("rollup_chunk_hours",), 24 * 366),
+    (("ingest_max_parallel_runs",), 1024),  # an advisory lock slot each
     (("baseline_chunk_series", "detect_shards", "notify_retries"), 1_000_000),
 )
 

@@ -12,6 +12,13 @@ order the claims were made; within a claim, by modification time, then name. Onl
 a time claims from a landing directory (it holds `processing/.lock`): a second run finds it busy
 and takes no file, so files landed later can never be written before files claimed earlier.
 
+Parallel runs (`claim_files(..., parallel=N)`, N > 1: `ingest_max_parallel_runs` on a
+PostgreSQL server): a run holds `processing/.lock` only while it claims, and takes its share of
+the settled files, `ceil(ready / (N - runs holding claims now))` of them (at most `limit`), in
+landing order; it comes back for more when it is done with them. Runs then write side by side:
+landing order holds within a run's claim, not between the claims of different runs (see
+DESIGN.md, "Parallel ingest").
+
 Each claim keeps `.attempts` (JSON: file name -> runs that died while decoding it): a file that
 keeps killing the runs that take it up can be set aside instead of blocking the files behind it.
 """
@@ -176,15 +183,50 @@ def landing_order(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=key)
 
 
-def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = None) -> Claim:
-    """Claim settled files from `landing` and adopt the claims left by dead runs."""
+# How long a parallel run waits for another to finish claiming before it gives up (busy).
+CLAIM_WAIT_SECONDS = 30.0
+
+
+def _wait_for_lock(path: Path, seconds: float) -> IO[bytes] | None:
+    """The lock at `path`, waiting up to `seconds` while another process holds it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        handle = _take_lock(path)
+        if handle is not None or time.monotonic() >= deadline:
+            return handle
+        time.sleep(0.005)
+
+
+def claim_files(
+    landing: Path, *, settle_seconds: float, limit: int | None = None, parallel: int = 1
+) -> Claim:
+    """Claim settled files from `landing` and adopt the claims left by dead runs; with
+    `parallel` > 1, only this run's share of them (see above)."""
     real_directory(landing)
     processing = real_directory(landing / "processing")
     real_directory(landing / "done")  # refused before any file is taken, not after its write
-    claims_lock = _take_lock(processing / _CLAIMS_LOCK)
+    if parallel > 1:
+        claims_lock = _wait_for_lock(processing / _CLAIMS_LOCK, CLAIM_WAIT_SECONDS)
+    else:
+        claims_lock = _take_lock(processing / _CLAIMS_LOCK)
     if claims_lock is None:
         return Claim(busy=True)  # another run is claiming from, and working on, this landing
-    claim = Claim(_locks=[claims_lock])
+    try:
+        claim = _claim_locked(landing, processing, settle_seconds, limit, parallel)
+    except BaseException:
+        claims_lock.close()
+        raise
+    if parallel > 1:
+        claims_lock.close()  # claimed: the next run may take its share now
+    else:
+        claim._locks.insert(0, claims_lock)  # held for the run: nobody else claims meanwhile
+    return claim
+
+
+def _claim_locked(
+    landing: Path, processing: Path, settle_seconds: float, limit: int | None, parallel: int
+) -> Claim:
+    claim = Claim()
     for orphan in sorted(_orphaned_claims(processing), key=lambda o: _claim_key(o[0])):
         directory, handle = orphan
         claim.directories.append(directory)
@@ -209,6 +251,9 @@ def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = Non
     now = time.time()
     with os.scandir(landing) as entries:
         ready = [Path(e.path) for e in entries if _ready(e, settle_seconds, now)]
+    if parallel > 1:  # this run's share, adopted files included; the others take the rest
+        share = -(-len(ready) // max(parallel - _runs_working(processing, claim), 1))
+        limit = max(share if limit is None else min(limit, share), len(claim.files), 1)
     taken: list[Path] = []
     for path in landing_order(ready):
         if limit is not None and len(claim.files) + len(taken) >= limit:
@@ -221,6 +266,19 @@ def claim_files(landing: Path, *, settle_seconds: float, limit: int | None = Non
         taken.append(target)
     claim.files += taken
     return claim
+
+
+def _runs_working(processing: Path, claim: Claim) -> int:
+    """How many other runs hold claims now (by the process id in the claim names): every claim
+    directory left after this run adopted the orphans belongs to a live run."""
+    ours = set(claim.directories)
+    return len(
+        {
+            d.name.split("-")[1] if d.name.count("-") >= 2 else d.name
+            for d in processing.iterdir()
+            if not d.name.startswith(".") and d.is_dir() and d not in ours
+        }
+    )
 
 
 def _orphaned_claims(processing: Path) -> Iterator[tuple[Path, IO[bytes]]]:

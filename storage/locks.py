@@ -11,6 +11,11 @@
 
 `flow_lock(settings, name)` yields True when this run holds the lock, False when another run
 does; the caller then skips its work.
+
+`flow_lock(settings, name, slots=N)` lets N runs of the flow work at once (parallel ingest on a
+PostgreSQL server, `ingest_max_parallel_runs`): N advisory locks, slot 0 keyed as above and slot
+i by `hashtext('name/i')`; a run takes the first free one, and skips when all N are held. On
+SQLite there is one slot whatever N says (one writer per database file).
 """
 
 from __future__ import annotations
@@ -50,11 +55,19 @@ def lock_file_path(database_url: str, name: str) -> Path:
     return database.with_name(f"{database.name}.{name}.lock")
 
 
+def slot_key(name: str, slot: int) -> str:
+    """The text hashed into the advisory lock's second key for slot `slot` of flow `name`."""
+    return name if slot == 0 else f"{name}/{slot}"
+
+
 @contextmanager
-def flow_lock(settings: Settings, name: str) -> Iterator[bool]:
-    """Hold flow `name`'s lock for the block: True if taken, False if another run holds it."""
+def flow_lock(settings: Settings, name: str, *, slots: int = 1) -> Iterator[bool]:
+    """Hold one of flow `name`'s `slots` locks for the block: True if taken, False if other
+    runs hold them all."""
     if not _NAME.match(name):
         raise ValueError(f"not a flow lock name: {name!r}")
+    if slots < 1:
+        raise ValueError(f"a flow lock has at least one slot, not {slots}")
     url = settings.database_url
     if url == MEMORY_URL:
         with _memory_lock(name) as held:
@@ -63,7 +76,7 @@ def flow_lock(settings: Settings, name: str) -> Iterator[bool]:
         with _file_lock(lock_file_path(url, name)) as held:
             yield held
     else:
-        with _advisory_lock(url, name) as held:
+        with _advisory_lock(url, name, slots) as held:
             yield held
 
 
@@ -114,6 +127,8 @@ class _AdvisoryHolder:
     url: str
     name: str
     conn: psycopg.Connection[Any] | None
+    slots: int = 1
+    key: str = ""  # slot_key of the slot held (or last held)
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
@@ -131,14 +146,20 @@ class _AdvisoryHolder:
             ) from None
 
     def take(self) -> bool:
-        """Try for the lock on a fresh connection (kept while it is held)."""
+        """Try for a free slot on a fresh connection (kept while it is held): the slot held
+        before if any, then the others in order."""
         conn = self._connect()
-        row = conn.execute(
-            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
-        ).fetchone()
-        if row and row[0]:
-            self.conn = conn
-            return True
+        keys = [slot_key(self.name, slot) for slot in range(self.slots)]
+        if self.key in keys:
+            keys.remove(self.key)
+            keys.insert(0, self.key)
+        for key in keys:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, key)
+            ).fetchone()
+            if row and row[0]:
+                self.conn, self.key = conn, key
+                return True
         conn.close()
         return False
 
@@ -149,11 +170,11 @@ class _AdvisoryHolder:
             try:
                 # Re-entrant: taking it again on the holding session succeeds; undo the count.
                 row = self.conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.key)
                 ).fetchone()
                 if row and row[0]:
                     self.conn.execute(
-                        "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                        "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.key)
                     )
                     return
             except psycopg.Error:
@@ -162,7 +183,7 @@ class _AdvisoryHolder:
         if not with_database_retries(self.take):
             raise LockLost(
                 f"the {self.name} flow lock was lost (the database restarted?) and another "
-                "run holds it now; this run stops before writing"
+                "run holds it now (every slot of it); this run stops before writing"
             )
 
     def close(self) -> None:
@@ -171,7 +192,7 @@ class _AdvisoryHolder:
         try:
             if not self.conn.closed:
                 self.conn.execute(
-                    "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.name)
+                    "SELECT pg_advisory_unlock(%s, hashtext(%s))", (FLOW_LOCK_SPACE, self.key)
                 )
         except psycopg.Error as exc:
             # The session is gone, and its locks with it: nothing to release. Never let this
@@ -189,8 +210,8 @@ _holders: ContextVar[dict[tuple[str, str], _AdvisoryHolder]] = ContextVar("flow_
 
 
 @contextmanager
-def _advisory_lock(url: str, name: str) -> Iterator[bool]:
-    holder = _AdvisoryHolder(url, name, None)
+def _advisory_lock(url: str, name: str, slots: int = 1) -> Iterator[bool]:
+    holder = _AdvisoryHolder(url, name, None, slots)
     if not with_database_retries(holder.take):
         yield False
         return

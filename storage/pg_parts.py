@@ -314,6 +314,9 @@ def write_parts_together(
         assert batch.parts is not None and batch.part_rows_in is not None
         assert batch.part_duplicates is not None
         _create_series(backend, cur, batch, known, found)
+        raced = ~found & ~known.is_new  # created by a concurrent writer meanwhile: not new here
+        if raced.any():
+            new, _ = _new_series_per_part(batch, found | raced, n_parts, None)
         written, overwritten, unchanged = _write_samples(backend, cur, batch, known, n_parts)
         backend.execute_seen_update(cur, known, batch)
 

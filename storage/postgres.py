@@ -332,6 +332,7 @@ class PostgresBackend(Backend):
     def execute_seen_update(
         self, cur: psycopg.Cursor[Any], known: SeriesIds, batch: PreparedBatch
     ) -> None:
+        known = self._lock_seen_spans(cur, known)
         late = late_marks(known, batch)
         if len(late):
             cur.execute(
@@ -350,6 +351,28 @@ class PostgresBackend(Backend):
                 "WHERE s.series_id = u.sid",
                 (changed[:, 0].tolist(), changed[:, 1].tolist(), changed[:, 2].tolist()),
             )
+
+    def _lock_seen_spans(self, cur: psycopg.Cursor[Any], known: SeriesIds) -> SeriesIds:
+        """`known` with the stored series' first/last seen as committed now, their rows locked
+        (in id order) until the transaction ends. Concurrent writers of one series (parallel
+        ingest runs) take its span one after the other: late marks (detect_late) are decided
+        against every sample committed before, not against what the batch read at its start."""
+        stored = np.flatnonzero(~known.is_new)
+        if not len(stored):
+            return known
+        cur.execute(
+            f"SELECT series_id, {self.ts_out.format(col='first_seen')}, "  # noqa: S608
+            f"{self.ts_out.format(col='last_seen')} FROM series "
+            "WHERE series_id = ANY(%s::bigint[]) ORDER BY series_id FOR NO KEY UPDATE",
+            (known.ids[stored].tolist(),),
+        )
+        spans = {sid: (first, last) for sid, first, last in cur.fetchall()}
+        first_us, last_us = known.first_us.copy(), known.last_us.copy()
+        for pos, sid in zip(stored.tolist(), known.ids[stored].tolist(), strict=True):
+            first, last = spans.get(sid, (None, None))
+            if first is not None and last is not None:
+                first_us[pos], last_us[pos] = first, last
+        return SeriesIds(ids=known.ids, first_us=first_us, last_us=last_us, is_new=known.is_new)
 
     # -- reads ----------------------------------------------------------------------------
     def bucket_expr(self, step_us: int) -> str:

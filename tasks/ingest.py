@@ -160,11 +160,23 @@ def prepare_store(settings: Settings) -> None:
     Store.open(settings=settings).close()
 
 
+# A parallel run's claim holds at most this many files: it comes back for more, so the runs
+# share the landing out evenly however many files each round finds.
+PARALLEL_CLAIM_FILES = 128
+
+
 @task
 def claim_landing(settings: Settings) -> Claim:
-    """Claim settled files in the landing directory (and adopt those of dead runs)."""
+    """Claim settled files in the landing directory (and adopt those of dead runs): all of
+    them, or with parallel runs (`ingest_max_parallel_runs` on PostgreSQL) this run's share."""
     real_directory(settings.quarantine)
-    return claim_files(settings.landing, settle_seconds=settings.settle_seconds)
+    parallel = settings.ingest_parallel_runs
+    return claim_files(
+        settings.landing,
+        settle_seconds=settings.settle_seconds,
+        limit=PARALLEL_CLAIM_FILES if parallel > 1 else None,
+        parallel=parallel,
+    )
 
 
 # Files a task takes together: their bytes summed, and their number, at most (a file larger

@@ -1,0 +1,394 @@
+"""Parallel ingest runs on PostgreSQL (`ingest_max_parallel_runs`): four runs released at once
+over 400 landed files (replays, overlapping series and timestamps, rejected rows) end with the
+tables of one sequential run over the same files; one slot per run, the fifth skips; SQLite
+stays at one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg
+import pytest
+
+import flows.ingest
+from flows.guard import exclusive_run
+from metricmill.devtools.pgcluster import PgCluster
+from metricmill.settings import load_settings
+from storage.landing import claim_files
+from storage.locks import flow_lock, lock_holders
+from storage.store import Store
+from tests.dbtargets import DbTarget
+from tests.settings_env import isolate_settings
+
+FILES = 400
+RUNS = 4
+SERIES = 24
+TIMES = 30
+RUN_TIMEOUT = 240.0
+
+
+def _value(host: str, ts_s: int) -> float:
+    """One value per (series, ts), whichever file holds it: files overlap without conflicting,
+    so the stored table does not depend on which run writes a shared point first."""
+    return float((int(host[1:]) * 7919 + ts_s // 60) % 1000) / 10.0
+
+
+def _landing_files(seed: int) -> list[tuple[str, bytes]]:
+    """(name, content): every file shares series and timestamps with others, about one in six
+    repeats an earlier file byte for byte (a replay), one in five carries rejected rows."""
+    rng = random.Random(seed)
+    start_s = (int(time.time()) // 60) * 60 - 6 * 3600
+    files: list[tuple[str, bytes]] = []
+    for n in range(FILES):
+        if files and rng.random() < 0.16:
+            files.append((f"replay-{n:03d}.ndjson", rng.choice(files)[1]))
+            continue
+        rows = []
+        for _ in range(rng.randint(8, 30)):
+            host = f"h{rng.randrange(SERIES)}"
+            ts_s = start_s + 60 * rng.randrange(TIMES) + 3600 * rng.randrange(3)
+            labels = {"host": host, "dc": f"dc{int(host[1:]) % 3}"}
+            rows.append(
+                {"metric": "par_m", "labels": labels, "ts": ts_s, "value": _value(host, ts_s)}
+            )
+        if rng.random() < 0.2:
+            rows.append({"metric": "9-bad", "labels": {"n": str(n)}, "ts": start_s, "value": 1.0})
+            rows.append(
+                {
+                    "metric": "par_m",
+                    "labels": {"host": "future"},
+                    "ts": start_s + 86_400 * 3,
+                    "value": float(n),
+                }  # fmt: skip
+            )
+        body = "\n".join(json.dumps(r, sort_keys=True) for r in rows) + "\n"
+        files.append((f"file-{n:03d}.ndjson", body.encode()))
+    return files
+
+
+def _land(landing: Path, files: list[tuple[str, bytes]]) -> None:
+    landing.mkdir(parents=True, exist_ok=True)
+    base = time.time() - 60
+    for n, (name, data) in enumerate(files):
+        path = landing / name
+        path.write_bytes(data)
+        os.utime(path, (base + n / 1000, base + n / 1000))  # landing order: the list's
+
+
+class Children:
+    """Forked processes each running the ingest flow once (as a worker runs a deployment's
+    run); only these are reaped or killed."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.live: dict[int, Path] = {}
+
+    def start(self, home: Path, url: str, parallel: int, gate: int) -> int:
+        log = self.log_dir / f"run-{len(list(self.log_dir.iterdir())):02d}-{uuid.uuid4().hex[:6]}"
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                with open(log, "w", encoding="utf-8") as out:
+                    try:
+                        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+                            logging.getLogger(name).setLevel(logging.WARNING)
+                        os.environ["METRICMILL_INGEST_MAX_PARALLEL_RUNS"] = str(parallel)
+                        os.read(gate, 1)
+                        rows = flows.ingest.ingest(
+                            landing=True, scrape=False, database_url=url, home=str(home)
+                        )
+                        out.write(json.dumps(rows, default=str) + "\n")
+                        code = 0
+                    except BaseException:
+                        out.write(traceback.format_exc())
+            finally:
+                os._exit(code)
+        self.live[pid] = log
+        return pid
+
+    def run_all(self, home: Path, url: str, parallel: int, count: int) -> list[Any]:
+        """`count` runs released at once; each one's summary rows (None: it skipped)."""
+        read_end, write_end = os.pipe()
+        try:
+            pids = [self.start(home, url, parallel, read_end) for _ in range(count)]
+            os.write(write_end, b"g" * count)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            codes: dict[int, int] = {}
+            while len(codes) < count and time.monotonic() < deadline:
+                for pid in pids:
+                    if pid not in codes:
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                        if done:
+                            codes[pid] = os.waitstatus_to_exitcode(status)
+                time.sleep(0.01)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        logs = {pid: self.live.pop(pid) for pid in pids if pid in codes}
+        text = "\n---\n".join(log.read_text(encoding="utf-8")[-3000:] for log in logs.values())
+        assert sorted(codes) == sorted(pids), f"runs did not end in time:\n{text}"
+        assert all(c == 0 for c in codes.values()), f"exit codes {codes}:\n{text}"
+        return [json.loads(log.read_text(encoding="utf-8")) for log in logs.values()]
+
+    def close(self) -> None:
+        for pid in list(self.live):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            del self.live[pid]
+
+
+@pytest.fixture
+def children(
+    prefect_server: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Children]:
+    isolate_settings(monkeypatch, settle_seconds=0, timescaledb="off")
+    from tasks.quality import validate_batch  # built once here: the forked runs inherit it
+
+    now = int(time.time())
+    validate_batch(
+        pd.DataFrame({"metric": ["warm"], "labels": [{"a": "b"}], "ts": [now], "value": [1.0]})
+    )
+    runs = Children(tmp_path / "logs")
+    try:
+        yield runs
+    finally:
+        runs.close()
+
+
+@pytest.fixture
+def databases(pg_cluster: PgCluster) -> Iterator[list[str]]:
+    """Two fresh databases: the sequential run's and the parallel runs'."""
+    names = [f"par_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    for name in names:
+        pg_cluster.create_database(name)
+    try:
+        yield [pg_cluster.url(name) for name in names]
+    finally:
+        for name in names:
+            pg_cluster.drop_database(name)
+
+
+def _tables(url: str) -> dict[str, Any]:
+    """What must not depend on how the files were shared out: the samples by series key, the
+    series' seen spans, quarantined rows, the ledger per batch and its totals, pending rollups.
+    (Ids, file names of replays, creation times and per-batch split of written / unchanged
+    depend on which run wrote a shared point first; their totals do not.)"""
+    with psycopg.connect(url) as conn:
+
+        def rows(query: str) -> list[tuple[Any, ...]]:
+            return conn.execute(query).fetchall()
+
+        return {
+            "samples": Counter(
+                rows(
+                    "SELECT s.series_key, x.ts, x.value FROM samples x "
+                    "JOIN series s USING (series_id)"
+                )
+            ),
+            "series": sorted(rows("SELECT series_key, first_seen, last_seen FROM series")),
+            "spans_match_samples": rows(
+                "SELECT s.series_key FROM series s JOIN (SELECT series_id, min(ts) lo, max(ts) hi "
+                "FROM samples GROUP BY series_id) m USING (series_id) "
+                "WHERE s.first_seen <> m.lo OR s.last_seen <> m.hi"
+            ),
+            "quarantine": Counter(rows("SELECT batch_id, reason, row_data FROM quarantine")),
+            "ledger": sorted(
+                rows(
+                    "SELECT batch_id, status, rows_in, quarantined, min_ts, max_ts "
+                    "FROM ingest_batches"
+                )
+            ),
+            "ledger_totals": rows(
+                "SELECT count(*), sum(written), sum(overwritten), sum(unchanged), "
+                "sum(new_series) FROM ingest_batches"
+            ),
+            "rollup_pending": Counter(
+                rows("SELECT start_ts, end_ts, batch_id FROM rollup_pending")
+            ),
+        }
+
+
+@pytest.mark.timeout(600)
+def test_four_parallel_runs_end_with_the_tables_of_one_sequential_run(
+    children: Children, databases: list[str], tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("METRICMILL_PARALLEL_SEED") or time.time_ns() % 2**32)
+    files = _landing_files(seed)
+    sequential_url, parallel_url = databases
+    one, many = tmp_path / "one", tmp_path / "many"
+    _land(one / "landing", files)
+    _land(many / "landing", files)
+
+    [sequential] = children.run_all(one, sequential_url, parallel=1, count=1)
+    started = time.monotonic()
+    results = children.run_all(many, parallel_url, parallel=RUNS, count=RUNS)
+    took = time.monotonic() - started
+
+    # No run skipped: each held a slot of the ingest lock; between them they reported every
+    # file once, and at least two of them took files (they worked side by side).
+    assert all(r is not None for r in results), "a run skipped: it found no free slot"
+    reported = Counter(row["source"] for rows in results for row in rows)
+    assert reported == Counter(row["source"] for row in sequential), f"seed {seed}"
+    assert set(reported.values()) == {1}, f"seed {seed}"
+    shares = [len(rows) for rows in results]
+    assert sum(share > 0 for share in shares) >= 2, shares
+    replays = sum(row["replay"] for rows in results for row in rows)
+    assert replays == sum(row["replay"] for row in sequential) > 0
+
+    expected, got = _tables(sequential_url), _tables(parallel_url)
+    assert expected["samples"], "the sequential run stored nothing"
+    assert expected["quarantine"], "the files' rejected rows were not quarantined"
+    assert expected["spans_match_samples"] == []
+    for table in expected:
+        assert got[table] == expected[table], f"{table} differs (seed {seed})"
+    for home in (one, many):
+        landing = home / "landing"
+        assert sorted(p.name for p in landing.iterdir()) == ["done", "processing"]
+        assert [p for p in (landing / "processing").iterdir() if p.name != ".lock"] == []
+        assert len(list((landing / "done").iterdir())) == FILES
+    print(f"seed {seed}: {RUNS} runs took {shares} files in {took:.1f}s")
+
+
+def test_a_slot_per_run_and_the_next_run_skips(
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    name = f"slots_{uuid.uuid4().hex[:8]}"
+    pg_cluster.create_database(name)
+    try:
+        isolate_settings(monkeypatch, ingest_max_parallel_runs=2)
+        settings = load_settings(database_url=pg_cluster.url(name), home=tmp_path)
+        assert settings.ingest_parallel_runs == 2
+        with (
+            exclusive_run(settings, "ingest") as first,
+            exclusive_run(settings, "ingest") as second,
+        ):
+            assert first is None and second is None
+            assert lock_holders(settings) == ["ingest", "ingest"]
+            with exclusive_run(settings, "ingest") as third:
+                assert third is not None and "2 other ingest runs are in progress" in third
+            # Other flows keep one run at a time.
+            with (
+                exclusive_run(settings, "rollup") as rollup,
+                flow_lock(settings, "rollup") as again,
+            ):
+                assert rollup is None and again is False
+        with exclusive_run(settings, "ingest") as later:  # the slots are free again
+            assert later is None
+    finally:
+        pg_cluster.drop_database(name)
+
+
+def test_sqlite_keeps_one_ingest_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolate_settings(monkeypatch, ingest_max_parallel_runs=4)
+    settings = load_settings(database_url=f"sqlite:///{tmp_path}/m.db", home=tmp_path)
+    assert settings.ingest_max_parallel_runs == 4
+    assert settings.ingest_parallel_runs == 1  # clamped: one writer per SQLite file
+    with exclusive_run(settings, "ingest") as first, exclusive_run(settings, "ingest") as second:
+        assert first is None
+        assert second == "skipped: another ingest run is in progress"
+
+
+def test_parallel_claims_take_a_share_and_let_the_next_run_claim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("storage.landing.CLAIM_WAIT_SECONDS", 0.2)
+    landing = tmp_path / "landing"
+    _land(landing, [(f"f{n:02d}.ndjson", b"{}\n") for n in range(10)])
+    first = claim_files(landing, settle_seconds=0, parallel=4)
+    second = claim_files(landing, settle_seconds=0, parallel=4)  # not busy: first is claimed
+    try:
+        assert not second.busy
+        assert [p.name for p in first.files] == [f"f{n:02d}.ndjson" for n in range(3)]
+        # 7 left for the 3 runs besides the one holding a claim: 3 of them.
+        assert [p.name for p in second.files] == [f"f{n:02d}.ndjson" for n in range(3, 6)]
+        # One run at a time (parallel=1) holds the landing for its whole run.
+        solo = claim_files(landing, settle_seconds=0)
+        try:
+            assert len(solo.files) == 4
+            assert claim_files(landing, settle_seconds=0).busy
+            # A parallel run waits a while for the landing, then takes nothing.
+            assert claim_files(landing, settle_seconds=0, parallel=4).busy
+        finally:
+            solo.release()
+    finally:
+        first.release()
+        second.release()
+
+
+def test_ingest_max_parallel_runs_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    isolate_settings(monkeypatch, ingest_max_parallel_runs=0)
+    with pytest.raises(Exception, match="METRICMILL_INGEST_MAX_PARALLEL_RUNS: must be a positive"):
+        load_settings()
+
+
+def test_a_late_mark_sees_a_sample_committed_while_the_batch_was_writing(
+    pg_only_target: DbTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Series at t=10 min; a batch with t=15 starts (it reads last seen = 10) while another
+    writer holds the series row; that writer commits t=20. The batch's t=15 is then behind a
+    committed sample: it must leave a detect_late mark, and the span must end at 20."""
+    isolate_settings(monkeypatch, timescaledb=pg_only_target.timescaledb)
+    url = pg_only_target.url
+    base = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=2)
+
+    def sample(minutes: int) -> pd.DataFrame:
+        ts = base + pd.Timedelta(minutes=minutes)
+        return pd.DataFrame(
+            {"metric": ["late_m"], "labels": [{"h": "a"}], "ts": [ts], "value": [1.0]}
+        )
+
+    with Store.open(url) as store:
+        store.write_samples(sample(10), batch_id="first")
+    with psycopg.connect(url) as other:
+        [(sid,)] = other.execute("SELECT series_id FROM series").fetchall()
+        other.execute("SELECT 1 FROM series WHERE series_id = %s FOR UPDATE", (sid,))
+        errors: list[BaseException] = []
+
+        def write_behind() -> None:
+            try:
+                with Store.open(url) as store:
+                    store.write_samples(sample(15), batch_id="behind")
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=write_behind)
+        writer.start()
+        deadline = time.monotonic() + 60
+        with psycopg.connect(url, autocommit=True) as watch:
+            while not watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchall():
+                assert time.monotonic() < deadline and writer.is_alive(), errors
+                time.sleep(0.05)
+        # The other writer's sample at 20 commits while the batch waits for the series row.
+        other.execute(
+            "INSERT INTO samples (series_id, ts, value) VALUES (%s, %s, 2.0)",
+            (sid, base + pd.Timedelta(minutes=20)),
+        )
+        other.execute(
+            "UPDATE series SET last_seen = %s WHERE series_id = %s",
+            (base + pd.Timedelta(minutes=20), sid),
+        )
+        other.commit()
+        writer.join(60)
+    assert not errors and not writer.is_alive()
+    with psycopg.connect(url) as conn:
+        marks = conn.execute("SELECT series_id, from_ts FROM detect_late").fetchall()
+        span = conn.execute("SELECT first_seen, last_seen FROM series").fetchone()
+    assert marks == [(sid, base + pd.Timedelta(minutes=15))]
+    assert span == (base + pd.Timedelta(minutes=10), base + pd.Timedelta(minutes=20))
