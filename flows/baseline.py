@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect_dask import DaskTaskRunner
 
 from flows.guard import exclusive
 from flows.naming import run_name
-from metricmill.settings import load_settings
-from tasks.baseline import BaselineOutcome, learn_all
+from metricmill.settings import Settings, load_settings
+from tasks.baseline import (
+    BaselineOutcome,
+    fit_and_merge,
+    learn_all,
+    learn_shard,
+    log_outcome,
+    run_window,
+)
 
 
 @flow(
@@ -41,7 +50,10 @@ def baseline(
             they are. Empty: every series.
     """
     settings = load_settings(database_url=database_url, home=home)
-    outcome = learn_all(settings, window_days, series)
+    if settings.detect_dask_address or settings.detect_shards > 1:
+        outcome = learn_sharded(settings, window_days, series)
+    else:
+        outcome = learn_all(settings, window_days, series)
     create_markdown_artifact(
         key="baseline-summary",
         markdown=summary_markdown(outcome),
@@ -55,6 +67,41 @@ def baseline(
         "models": outcome.models,
         "seconds_per_1000_series": round(outcome.seconds_per_1000, 3),
     }
+
+
+def learn_sharded(
+    settings: Settings, window_days: int | None, series: str | None
+) -> BaselineOutcome:
+    """The series split into `detect_shards` shards (series_id % shards), a task per shard on
+    a Dask cluster (the one at detect_dask_address, else a local one), as the detect flow
+    scores them; the models are fitted once, on the shards' samples, after all are done."""
+    started = time.perf_counter()
+    shards = settings.detect_shards
+    window = run_window(settings, window_days)
+    runner = (
+        DaskTaskRunner(address=settings.detect_dask_address)
+        if settings.detect_dask_address
+        else DaskTaskRunner(cluster_kwargs={"n_workers": shards, "processes": False})
+    )
+    with runner:  # chosen from settings at run time, so entered here, not in the decorator
+        futures = [
+            runner.submit(
+                learn_shard,
+                {
+                    "settings": settings,
+                    "window": window,
+                    "series": series,
+                    "shard": s,
+                    "shards": shards,
+                },
+            )
+            for s in range(shards)
+        ]
+        parts = [f.result() for f in futures]
+    outcome = fit_and_merge(settings, parts, series)
+    outcome.seconds = time.perf_counter() - started
+    log_outcome(outcome)
+    return outcome
 
 
 def summary_markdown(outcome: BaselineOutcome) -> str:

@@ -8,7 +8,8 @@ class, never user input, so composing them into statement text is safe.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,6 +19,8 @@ import pandas as pd
 
 from storage.frames import PreparedBatch, SeriesDef
 from storage.schema import LATEST_VERSION, ROLLUP_TABLES
+
+_PLAIN_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -420,15 +423,41 @@ class Backend:
             )
 
     # -- reads ---------------------------------------------------------------------------
-    def find_series(self, metric: str | None) -> list[tuple[int, str, dict[str, str]]]:
-        if metric is None:
-            rows = self.execute("SELECT series_id, metric, labels FROM series ORDER BY series_id")
-        else:
-            rows = self.execute(
-                "SELECT series_id, metric, labels FROM series WHERE metric = %s ORDER BY series_id",
-                (metric,),
-            )
+    def find_series(
+        self, metric: str | None, having: Mapping[str, str] | None = None
+    ) -> list[tuple[int, str, dict[str, str]]]:
+        """(series_id, metric, labels) of a metric's series (all series without one). With
+        `having`, the database may leave out series whose labels do not hold those pairs (a
+        narrowing for speed: callers still match the labels themselves)."""
+        where, params = [], []
+        if metric is not None:
+            where.append("metric = %s")
+            params.append(metric)
+        if having:
+            clause, values = self.labels_hold(having)
+            if clause:
+                where.append(clause)
+                params.extend(values)
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.execute(
+            f"SELECT series_id, metric, labels FROM series{condition} ORDER BY series_id",  # noqa: S608
+            params,
+        )
         return [(int(r[0]), r[1], self.parse_labels(r[2])) for r in rows]
+
+    def metric_exists(self, metric: str) -> bool:
+        return bool(self.execute("SELECT 1 FROM series WHERE metric = %s LIMIT 1", (metric,)))
+
+    def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """An SQL condition (values bound) true where a series' labels hold these pairs; here
+        one json_extract per plain label name (names that need quoting in a JSON path are
+        left to the caller's own match)."""
+        clauses, params = [], []
+        for name, value in pairs.items():
+            if _PLAIN_LABEL.fullmatch(name):
+                clauses.append("json_extract(labels, %s) = %s")
+                params += [f"$.{name}", value]
+        return " AND ".join(clauses), params
 
     def series_info(self, ids: list[int]) -> list[tuple[Any, ...]]:
         return self.execute(

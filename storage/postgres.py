@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from metricmill.errors import DatabaseUnavailable, SchemaError
 from metricmill.settings import mask_url
@@ -124,6 +125,10 @@ class PostgresBackend(Backend):
     ts_in = "(timestamptz 'epoch' + %s::float8 * interval '1 microsecond')"
     ts_out = "(extract(epoch from {col}) * 1000000)::bigint"
     ids_in = "= ANY(%s::bigint[])"
+
+    def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """JSONB containment: one condition for all pairs, any label name."""
+        return "labels @> %s", [Jsonb(dict(pairs))]
 
     def __init__(self, url: str, timescaledb: TimescaleMode = "auto") -> None:
         super().__init__(url)

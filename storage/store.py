@@ -286,8 +286,12 @@ class Store:
             raise QueryError('no metric given: name one, e.g. cpu_usage or cpu_usage{host="a"}')
         if parsed.metric and metric and parsed.metric != metric:
             raise QueryError(f"selector names metric {parsed.metric!r} but {metric!r} was asked")
-        candidates = self.backend.find_series(name)
-        if not candidates:
+        # Label equalities narrow the read in the database, so a query of one series of a
+        # metric with 100,000 does not parse them all; an empty value also matches a missing
+        # label, so it is only matched here. No candidate left: tell an unknown metric apart.
+        having = {k: v for k, v in parsed.equalities.items() if v != ""}
+        candidates = self.backend.find_series(name, having)
+        if not candidates and (not having or not self.backend.metric_exists(name)):
             raise QueryError(f"unknown metric {name!r}")
         return name, {sid: labels for sid, _, labels in candidates if parsed.matches(labels)}
 

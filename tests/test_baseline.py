@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from distributed import LocalCluster
 
+import tasks.baseline
 from flows.baseline import baseline
 from metricmill.settings import load_settings
 from storage import detection
@@ -248,3 +250,37 @@ def test_baseline_flow_learns_skips_fits_and_refits_a_broken_model(
         assert notes == ["model for web.latency failed to load (UnpicklingError); refitted"]
         again, notes_again = load_models(store, settings, ["web.latency"])
         assert notes_again == [] and again["web.latency"].n_samples > 0
+
+
+def test_baseline_flow_sharded_on_a_local_dask_cluster_learns_what_one_process_learns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With detect_shards 2 and a Dask cluster, each shard learns its series (series_id % 2)
+    in a task of its own; the stored baselines are those of a run in one process."""
+    url = f"sqlite:///{tmp_path}/metrics.db"
+    isolate_settings(monkeypatch, home=tmp_path)
+    settings = load_settings(database_url=url, home=tmp_path)
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    # Both runs see the same window even if the clock passes an hour between them.
+    monkeypatch.setattr(tasks.baseline, "_now_us", lambda: now_us)
+    with Store.open(settings=settings) as store:
+        write_history(store, now_us)
+    single = baseline(database_url=url, home=str(tmp_path))
+    with Store.open(settings=settings) as store:
+        alone = detection.read_baselines(store)
+        store.backend.execute("DELETE FROM baselines")
+        assert detection.read_baselines(store).empty
+
+    monkeypatch.setenv("METRICMILL_DETECT_SHARDS", "2")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        monkeypatch.setenv("METRICMILL_DETECT_DASK_ADDRESS", cluster.scheduler_address)
+        sharded = baseline(database_url=url, home=str(tmp_path))
+    for key in ("series", "seasons", "skipped"):
+        assert sharded[key] == single[key], key
+    assert [m["metric"] for m in sharded["models"]] == ["queue.depth", "web.latency"]
+    with Store.open(settings=settings) as store:
+        together = detection.read_baselines(store)
+    assert len(alone) == 24 + 24 + 1
+    pd.testing.assert_frame_equal(together, alone)

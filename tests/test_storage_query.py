@@ -167,6 +167,24 @@ def test_series_match_a_metric_glob_and_a_selector(store: Store) -> None:
     assert mem["last_seen"].tolist() == [T0 + timedelta(hours=2)]
 
 
+def test_label_equalities_narrow_the_series_read_in_the_database(store: Store) -> None:
+    """A query of one series of a metric reads that series' row, not every series of the
+    metric; label names a JSON path would have to quote and empty values still match."""
+    found = store.backend.find_series("http_requests", {"host": "a", "env": "prod"})
+    assert [labels["host"] for _, _, labels in found] == ["a"]
+    assert store.backend.find_series("http_requests", {"host": "zz"}) == []
+    assert len(store.backend.find_series("http_requests")) == 3
+
+    store.write_samples(
+        [sample("odd", 0, 1.0, **{'a-b."c': "x"}), sample("odd", 0, 2.0, **{'a-b."c': "y"})]
+    )
+    assert store.query("odd", {'a-b."c': "y"}, **WINDOW)["value"].tolist() == [2.0]
+    assert hosts(store.query("http_requests", {"host": "c", "job": ""}, **WINDOW)) == {"c"}
+    assert store.query("http_requests", {"host": "zz"}, **WINDOW).empty
+    with pytest.raises(QueryError, match="no_such_metric"):
+        store.query("no_such_metric", {"host": "a"}, **WINDOW)
+
+
 def test_unknown_metric_is_a_query_error(store: Store) -> None:
     with pytest.raises(QueryError, match="no_such_metric"):
         store.query("no_such_metric", **WINDOW)
