@@ -46,7 +46,8 @@ from metricmill.synthetic import ANOMALY_KINDS, labelled_set, seasonal_series
 from storage.detection import BacktestInputError, read_backtest_csv
 from tasks.alert_engine import AlertRule
 from tasks.backtest import alerts_for, evaluate_alerts, label_windows, replay
-from tasks.baseline import DAY_US, BaselineTable, _sample_rows, fit_models, learn_baselines
+from tasks.baseline import DAY_US, BaselineTable, fit_models, learn_baselines
+from tasks.baseline_run import _sample_rows
 from tasks.detect import score_points
 from tasks.detectors import FittedModel
 

@@ -47,7 +47,7 @@ from prefect.logging import disable_run_logger
 from benchmarks._common import format_table, log, median, print_machine, ratio_line, throwaway_pg
 from metricmill.settings import Settings, load_settings
 from storage.store import Store
-from tasks.baseline import fit_and_merge, learn_all, learn_shard, run_window
+from tasks.baseline_run import fit_and_merge, learn_all, learn_shard, run_window
 from tasks.detect import score_shard
 
 METRIC = "scale_metric"

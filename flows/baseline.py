@@ -13,7 +13,7 @@ from prefect_dask import DaskTaskRunner
 from flows.guard import exclusive
 from flows.naming import run_name
 from metricmill.settings import Settings, load_settings
-from tasks.baseline import (
+from tasks.baseline_run import (
     BaselineOutcome,
     fit_and_merge,
     learn_all,

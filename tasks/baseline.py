@@ -22,21 +22,17 @@ per day, extrapolated at most two days beyond the window).
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
 
-from metricmill.settings import Settings
-from storage import alerts as alerts_db
 from storage import detection
-from storage.schema import CALIBRATION_COLUMNS, ROLLUP_LEVELS
-from storage.store import Store
+from storage.schema import CALIBRATION_COLUMNS
 from tasks import calibration as cal
 from tasks.detectors import FittedModel, features, fit_per_metric
+from tasks.grouping import group_quantiles
 
 HOUR_US = 3_600_000_000
 DAY_US = 86_400_000_000
@@ -80,63 +76,6 @@ def slot_of(ts_us: np.ndarray, season: np.ndarray) -> np.ndarray:
     how = (hours + 72) % 168  # 1970-01-01 was a Thursday
     slot = np.where(season == 2, how, hod + 24 * ((season == 3) & (how >= 120)))
     return slot * (season > 0)
-
-
-def group_order(keys: np.ndarray) -> np.ndarray | None:
-    """A stable row order that makes each key's rows contiguous; None when they already are."""
-    if len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1])):
-        return None
-    return np.argsort(keys, kind="stable")
-
-
-def sort_segments(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """`values` with each run [starts[i], starts[i] + counts[i]) sorted ascending (NaN last).
-
-    One argsort over all rows was the baseline's main cost; sorting many short rows of a
-    padded matrix is several times cheaper. Runs are padded (with NaN, which sorts last and is
-    never read back) to the longest run of their power-of-two size class, so padding at most
-    doubles the cells; one matrix sort per class."""
-    if not len(values):
-        return np.empty(0)
-    if bool(np.all(counts == counts[0])):  # equal runs: the rows are the matrix already
-        return np.sort(values.reshape(len(counts), int(counts[0])), axis=1).ravel()
-    out = np.empty(len(values))
-    size_class = np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
-    classes = np.unique(size_class)
-    for c in classes:  # a loop over size classes (at most ~30), not groups
-        groups = np.flatnonzero(size_class == c)
-        lengths = counts[groups]
-        width = int(lengths.max())
-        before = np.cumsum(lengths) - lengths
-        step = np.arange(int(lengths.sum()))
-        cell = step + np.repeat(np.arange(len(groups)) * width - before, lengths)
-        src = step if len(classes) == 1 else step + np.repeat(starts[groups] - before, lengths)
-        grid = np.full(len(groups) * width, np.nan)
-        grid[cell] = values[src]
-        grid = np.sort(grid.reshape(len(groups), width), axis=1).ravel()
-        out[src] = grid[cell]
-    return out
-
-
-def group_quantiles(
-    keys: np.ndarray, values: np.ndarray, qs: tuple[float, ...]
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Unique keys, their counts and, per q, the linear-interpolated quantile of each group."""
-    order = group_order(keys)
-    k = keys if order is None else keys[order]
-    v = values if order is None else values[order]
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.empty(0, np.int64)
-    uniq = k[starts]
-    counts = np.diff(np.r_[starts, len(k)])
-    v = sort_segments(v.astype(np.float64, copy=False), starts, counts)
-    start = starts
-    out = []
-    for q in qs:
-        pos = start + q * (counts - 1)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, start + counts - 1)
-        out.append(v[lo] + (v[hi] - v[lo]) * (pos - lo))
-    return uniq, counts, out
 
 
 def _theil_sen_per_day(code: np.ndarray, ts: np.ndarray, value: np.ndarray, n: int) -> np.ndarray:
@@ -620,192 +559,3 @@ def fit_models(
         fitted_to=int(points["ts_us"].max()),
         max_rows=max_rows,
     )
-
-
-# -- Prefect tasks --------------------------------------------------------------------------
-@dataclass
-class BaselineOutcome:
-    """What one baseline run learned: the rows of the run's summary."""
-
-    seasons: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    skipped_series: list[dict[str, object]] = field(default_factory=list)
-    models: list[dict[str, object]] = field(default_factory=list)
-    series: int = 0
-    rows: int = 0
-    excluded_rows: int = 0
-    seconds: float = 0.0
-    budget: float = 0.5
-    thresholds: list[float] = field(default_factory=list)  # effective (both), one per series
-
-    @property
-    def seconds_per_1000(self) -> float:
-        return self.seconds / self.series * 1000 if self.series else 0.0
-
-
-@dataclass
-class ShardLearned:
-    """One shard's part of a baseline run: its counts and its sample for the models."""
-
-    outcome: BaselineOutcome
-    fit_buckets: list[pd.DataFrame] = field(default_factory=list)
-    fit_baselines: list[pd.DataFrame] = field(default_factory=list)
-
-
-def run_window(settings: Settings, window_days: int | None = None) -> tuple[int, int]:
-    """(start, end) in µs of the run's window: whole hours, ending at the last full hour."""
-    end_us = _now_us() // HOUR_US * HOUR_US
-    return end_us - (window_days or settings.baseline_window_days) * DAY_US, end_us
-
-
-@task(name="learn-baselines-shard")
-def learn_shard(
-    settings: Settings,
-    window: tuple[int, int],
-    series: str | None = None,
-    shard: int = 0,
-    shards: int = 1,
-) -> ShardLearned:
-    """Learn and write the baselines of the series in this shard (series_id % shards == shard)
-    over `window`, chunk by chunk; keep a sample of whole series for the per-metric models."""
-    start_us, end_us = window
-    level = settings.baseline_level
-    part = ShardLearned(BaselineOutcome(budget=settings.alert_budget_per_week))
-    outcome = part.outcome
-    with Store.open(settings=settings) as store:
-        ids = detection.series_with_history(store, start_us=start_us, end_us=end_us, level=level)
-        ids = [i for i in ids if int(i) % shards == shard]
-        if series and series.strip():
-            wanted = set(store.series(None, series)["series_id"].astype(int))
-            ids = [i for i in ids if int(i) in wanted]
-        incidents = alerts_db.incident_windows(store.backend)  # confirmed incidents
-        chunk = settings.baseline_chunk_series
-        for offset in range(0, len(ids), chunk):  # a query per chunk of series
-            chunk_ids = ids[offset : offset + chunk]
-            buckets = detection.history(
-                store, start_us=start_us, end_us=end_us, level=level, series_ids=chunk_ids
-            )
-            kept = detection.exclude_windows(buckets, incidents)
-            outcome.excluded_rows += len(buckets) - len(kept)
-            learned = learn_baselines(
-                kept,
-                bucket_us=ROLLUP_LEVELS[level],
-                params=LearnParams(alert_budget_per_week=settings.alert_budget_per_week),
-            )
-            outcome.rows += detection.write_baselines(store, learned.baselines)
-            for name, count in learned.seasons.items():
-                outcome.seasons[name] = outcome.seasons.get(name, 0) + count
-            for reason, count in learned.skipped["reason"].value_counts().items():
-                outcome.skipped[str(reason)] = outcome.skipped.get(str(reason), 0) + int(count)
-            outcome.skipped_series.extend(
-                {"series_id": int(i), "reason": str(r)}
-                for i, r in learned.skipped[["series_id", "reason"]].itertuples(index=False)
-            )
-            outcome.series += len(chunk_ids)
-            firsts = learned.baselines.drop_duplicates("series_id")
-            if "threshold_both" in firsts:
-                outcome.thresholds.extend(float(v) for v in firsts["threshold_both"].dropna())
-            sample = _sample_rows(kept, settings.detector_max_fit_rows)
-            part.fit_buckets.append(sample)
-            # Only the sampled series' baselines are needed to fit the models.
-            chosen = learned.baselines["series_id"].isin(sample["series_id"].unique())
-            part.fit_baselines.append(learned.baselines[chosen])
-    return part
-
-
-@task(name="fit-models")
-def fit_and_merge(
-    settings: Settings, parts: list[ShardLearned], series: str | None = None
-) -> BaselineOutcome:
-    """The shards' counts added up, and (on a full run) the per-metric models fitted on their
-    samples and stored. With a selector the models are left as they are: a model fitted on a
-    few series of a metric would replace the one fitted on all of them."""
-    outcome = BaselineOutcome(budget=settings.alert_budget_per_week)
-    for part in parts:
-        got = part.outcome
-        for name, count in got.seasons.items():
-            outcome.seasons[name] = outcome.seasons.get(name, 0) + count
-        for reason, count in got.skipped.items():
-            outcome.skipped[reason] = outcome.skipped.get(reason, 0) + count
-        outcome.skipped_series.extend(got.skipped_series)
-        outcome.series += got.series
-        outcome.rows += got.rows
-        outcome.excluded_rows += got.excluded_rows
-        outcome.thresholds.extend(got.thresholds)
-    outcome.skipped_series.sort(key=lambda r: int(str(r["series_id"])))
-    fit_buckets = [frame for part in parts for frame in part.fit_buckets]
-    if fit_buckets and not (series and series.strip()):
-        with Store.open(settings=settings) as store:
-            metrics = detection.series_metrics(store).set_index("series_id")["metric"]
-            models = fit_models(
-                pd.concat(fit_buckets, ignore_index=True),  # fit_models sorts the rows
-                pd.concat([f for p in parts for f in p.fit_baselines], ignore_index=True),
-                metrics,
-                settings.detectors,
-                max_rows=settings.detector_max_fit_rows,
-            )
-            detection.write_models(store, _model_rows(models))
-        outcome.models = [
-            {"metric": m, "detector": f.detector, "n_samples": f.n_samples}
-            for m, f in sorted(models.items())
-        ]
-    return outcome
-
-
-@task(name="learn-baselines")
-def learn_all(
-    settings: Settings, window_days: int | None = None, series: str | None = None
-) -> BaselineOutcome:
-    """Learn baselines for every series with rollups in the window and fit per-metric models,
-    in this process (the flow shards the same work across a Dask cluster; see flows/baseline).
-
-    With `series` (a label selector such as `cpu{host="a"}` or `{env="prod"}`), only the
-    matching series are relearned and the per-metric models are left as they are."""
-    started = time.perf_counter()
-    part = learn_shard.fn(settings, run_window(settings, window_days), series)
-    outcome = fit_and_merge.fn(settings, [part], series)
-    outcome.seconds = time.perf_counter() - started
-    log_outcome(outcome)
-    return outcome
-
-
-def log_outcome(outcome: BaselineOutcome) -> None:
-    get_run_logger().info(
-        "baselines for %d series (%s), %d skipped, %d models",
-        outcome.series,
-        outcome.seasons,
-        sum(outcome.skipped.values()),
-        len(outcome.models),
-    )
-
-
-def _sample_rows(buckets: pd.DataFrame, budget: int) -> pd.DataFrame:
-    """Whole series (features look back along a series) up to about `budget` rows per chunk."""
-    if len(buckets) <= budget:
-        return buckets
-    ids = buckets["series_id"].unique()
-    per_series = max(1, len(buckets) // len(ids))
-    take = max(1, budget // per_series)
-    chosen = np.random.default_rng(0).choice(ids, size=min(take, len(ids)), replace=False)
-    return buckets[buckets["series_id"].isin(chosen)]
-
-
-def _model_rows(models: dict[str, FittedModel]) -> list[dict[str, object]]:
-    now = _now_us()
-    return [
-        {
-            "scope": f"metric:{metric}",
-            "detector": fitted.detector,
-            "model": fitted.to_bytes(),
-            "params": {"features": ["value", "residual", "diff", "spread"]},
-            "n_samples": fitted.n_samples,
-            "fitted_from": fitted.fitted_from,
-            "fitted_to": fitted.fitted_to,
-            "fitted_at": now,
-        }
-        for metric, fitted in models.items()
-    ]
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000

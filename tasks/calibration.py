@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks.grouping import group_quantiles
+
 BLOCK_US = 300_000_000  # the 5m rollup bucket
 SUB_BLOCKS = 8  # 40 minutes per sub-window, three sub-windows: two hours of context
 AGILE_US = 3 * SUB_BLOCKS * BLOCK_US
@@ -159,7 +161,6 @@ def fit_tail(code: np.ndarray, z: np.ndarray, n_series: int) -> tuple[np.ndarray
     90% quantile let the bulk of ordinary residuals set its slope and paged 1.12 times per
     series-week at recall 0.50; above the 97% quantile, 0.99 at 0.51 (0.95: 1.11 at 0.53;
     0.98: 1.09 at 0.57). One value for every series: no per-file choice."""
-    from tasks.baseline import group_quantiles  # the shared grouped-quantile routine
 
     ok = np.isfinite(z)
     u = np.zeros(n_series)

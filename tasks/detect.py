@@ -294,7 +294,7 @@ def load_models(
 def _refit(
     store: Store, settings: Settings, metrics: list[str], window_days: int | None
 ) -> dict[str, FittedModel]:
-    from tasks.baseline import _model_rows  # the same rows the nightly flow writes
+    from tasks.baseline_run import _model_rows  # the same rows the nightly flow writes
 
     catalog = detection.series_metrics(store)
     ids = catalog.loc[catalog["metric"].isin(metrics), "series_id"].tolist()

@@ -311,7 +311,7 @@ def free_port() -> int:
 def test_doctor_probes_the_object_store(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3: Any, endpoint: str
 ) -> None:
-    from metricmill.cli_ops import check_directories
+    from metricmill.cli.doctor import check_directories
 
     bucket = new_bucket(s3)
     target = DbTarget("sqlite", f"sqlite:///{tmp_path}/home/metrics.db", "off")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from distributed import LocalCluster
 
-import tasks.baseline
+import tasks.baseline_run
 from flows.baseline import baseline
 from metricmill.settings import load_settings
 from storage import detection
@@ -262,7 +262,7 @@ def test_baseline_flow_sharded_on_a_local_dask_cluster_learns_what_one_process_l
     settings = load_settings(database_url=url, home=tmp_path)
     now_us = int(datetime.now(UTC).timestamp() * 1e6)
     # Both runs see the same window even if the clock passes an hour between them.
-    monkeypatch.setattr(tasks.baseline, "_now_us", lambda: now_us)
+    monkeypatch.setattr(tasks.baseline_run, "_now_us", lambda: now_us)
     with Store.open(settings=settings) as store:
         write_history(store, now_us)
     single = baseline(database_url=url, home=str(tmp_path))
