@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ui_e2e import BIN, clean_env, get_json, prefect_api, start, stop, wait_until
+from tests.test_ui_e2e import (
+    BIN,
+    clean_env,
+    forget_deployment,
+    prefect_api,
+    registered,
+    start,
+    stop,
+)
 
 __all__ = ["prefect_api"]  # the fixture, imported for the tests below
 
@@ -22,14 +30,11 @@ def test_serve_stops_on_a_signal_with_one_line(
     log = tmp_path / "serve.log"
     env = clean_env(PREFECT_API_URL=prefect_api)
     args = [str(BIN / "metricmill"), "--home", str(tmp_path / "home"), "serve", "--flow", "rollup"]
+    # The server is the module's: the deployment is registered afresh by this test's serve.
+    forget_deployment(prefect_api, "rollup/every-5-minutes")
     serve = start(args, env, log)
     try:
-        wait_until(
-            "metricmill serve to register rollup/every-5-minutes",
-            lambda: get_json(f"{prefect_api}/deployments/name/rollup/every-5-minutes"),
-            120,
-            log,
-        )
+        registered(prefect_api, "rollup/every-5-minutes", serve, log)
         # Registered: the runner starts its loop next. Signal it once it polls the API.
         time.sleep(5)
         assert serve.poll() is None, log.read_text()

@@ -107,9 +107,14 @@ def get_json(url: str) -> Any:
     return response.json() if response.status_code == 200 else None
 
 
-@pytest.fixture
-def prefect_api(tmp_path: Path) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME."""
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME.
+
+    One per module: starting it is the slow part, and each test waits for the deployment it
+    needs to be registered afresh (`registered`), so sharing it changes no test's outcome.
+    """
+    tmp_path = tmp_path_factory.mktemp("prefect-api")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     log = tmp_path / "prefect-server.log"
@@ -126,6 +131,27 @@ def prefect_api(tmp_path: Path) -> Iterator[str]:
         yield api
     finally:
         stop(server)
+
+
+def forget_deployment(api: str, name: str) -> None:
+    """Delete the deployment `name` ("flow/deployment") from the server, if it is there."""
+    found = get_json(f"{api}/deployments/name/{name}")
+    if found:
+        httpx.delete(f"{api}/deployments/{found['id']}", timeout=30).raise_for_status()
+    assert get_json(f"{api}/deployments/name/{name}") is None, f"{name} is still registered"
+
+
+def registered(api: str, name: str, process: subprocess.Popen[bytes], log: Path) -> Any:
+    """The deployment `name` once `process` (a serve started after `forget_deployment`) has
+    registered it; fails at once if that process exits first."""
+
+    def check() -> Any:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            pytest.fail(f"serve exited ({process.returncode}) before registering {name}\n{tail}")
+        return get_json(f"{api}/deployments/name/{name}")
+
+    return wait_until(f"metricmill serve to register {name}", check, 120, log)
 
 
 def page_text(chromium: str, url: str, expected: list[str], profile: Path, timeout: float) -> str:
@@ -186,14 +212,10 @@ def test_served_deployment_run_and_its_artifact_show_in_the_prefect_ui(
     serve_log = tmp_path / "serve.log"
     env = clean_env(PREFECT_API_URL=prefect_api)
     home = tmp_path / "home"
+    forget_deployment(prefect_api, "ingest/every-minute")
     serve = start([str(BIN / "metricmill"), "--home", str(home), "serve"], env, serve_log)
     try:
-        deployment = wait_until(
-            "metricmill serve to register ingest/every-minute",
-            lambda: get_json(f"{prefect_api}/deployments/name/ingest/every-minute"),
-            120,
-            serve_log,
-        )
+        deployment = registered(prefect_api, "ingest/every-minute", serve, serve_log)
         assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
         ts = (datetime.now(UTC) - timedelta(minutes=5)).replace(second=0, microsecond=0)
         samples = [
@@ -251,14 +273,10 @@ def test_custom_run_form_shows_every_parameter_description(
     serve_log = tmp_path / "serve.log"
     env = clean_env(PREFECT_API_URL=prefect_api)
     args = [str(BIN / "metricmill"), "--home", str(tmp_path / "home"), "serve", "--flow", "rollup"]
+    forget_deployment(prefect_api, "rollup/every-5-minutes")
     serve = start(args, env, serve_log)
     try:
-        deployment = wait_until(
-            "metricmill serve to register rollup/every-5-minutes",
-            lambda: get_json(f"{prefect_api}/deployments/name/rollup/every-5-minutes"),
-            120,
-            serve_log,
-        )
+        deployment = registered(prefect_api, "rollup/every-5-minutes", serve, serve_log)
     finally:
         stop(serve)
     properties = deployment["parameter_openapi_schema"]["properties"]
