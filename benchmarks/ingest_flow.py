@@ -203,7 +203,7 @@ def run_flow(server: PgServer, sources: list[Path], tmp: Path, work: Workload) -
 
     log("starting the Prefect test harness (not timed)")
     started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         harness_seconds = time.perf_counter() - started
         log(f"  harness up after {harness_seconds:.1f}s; warming up GX (not timed)")
         gx_warmup_seconds = warm_up_gx()
