@@ -203,7 +203,7 @@ def run_flow(server: PgServer, sources: list[Path], tmp: Path, work: Workload) -
 
     log("starting the Prefect test harness (not timed)")
     started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=600):
         harness_seconds = time.perf_counter() - started
         log(f"  harness up after {harness_seconds:.1f}s; warming up GX (not timed)")
         gx_warmup_seconds = warm_up_gx()
@@ -315,7 +315,9 @@ class _Group:
 
 
 def load_group(paths: list[Path], stages: Stages | None = None) -> _Group:
+    from storage.frames import with_parsed_timestamps
     from storage.readers import read_landed_file
+    from tasks.ingest import combine_files
 
     started = time.perf_counter()
     datas = [p.read_bytes() for p in paths]
@@ -331,9 +333,8 @@ def load_group(paths: list[Path], stages: Stages | None = None) -> _Group:
     if stages:
         stages.decode += seconds
     started = time.perf_counter()
-    sizes = [len(d.frame) for d in decoded]
-    frame = pd.concat([d.frame for d in decoded], ignore_index=True)
-    parts = np.repeat(np.arange(len(paths)), sizes)
+    frames = [with_parsed_timestamps(d.frame) for d in decoded]
+    frame, parts, _ = combine_files(frames)  # as tasks.ingest._check_together does
     if stages:
         stages.combine += time.perf_counter() - started
     return _Group([p.name for p in paths], digests, frame, parts, [d.rejected for d in decoded])
@@ -546,7 +547,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
     entries = [
         ("read + sha256", stages.read_hash),
         ("read_landed_file (NDJSON reader)", stages.decode),
-        ("concat into one frame per group", stages.combine),
+        ("ISO times parsed, one frame per group", stages.combine),
         ("validate_batch (GX), once per group", stages.validate_gx),
         ("Store.open", stages.open_store),
         ("Store.write_sample_parts", stages.write),

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -207,6 +208,50 @@ def canonical_labels(labels: Any) -> tuple[str | None, str | None]:
     return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":")), None
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+# canonical JSON of label sets of text (their items as given -> JSON), shared by batches: the
+# same series come back batch after batch. Emptied when full.
+_CANONICAL_CACHE: dict[tuple[tuple[str, str], ...], str] = {}
+_CANONICAL_CACHE_SIZE = 200_000
+
+
+def canonical_label_sets(objs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """`canonical_labels` of each object: (canonical JSON or None, reason or None) arrays.
+
+    Dicts of text keys and values (what readers give) that are all usable are done together:
+    one check of the text for NUL and lone surrogates, one encoder, remembered across calls.
+    Anything else goes through `canonical_labels` one object at a time."""
+    m = len(objs)
+    canon = np.empty(m, dtype=object)
+    reasons = np.full(m, None, dtype=object)
+    if m and set(map(type, objs)) == {dict}:
+        keys = list(chain.from_iterable(objs))
+        values = list(chain.from_iterable(map(dict.values, objs)))
+        if set(map(type, keys)) <= {str} and set(map(type, values)) <= {str} and all(keys):
+            text = "\x01".join(keys) + "\x01" + "\x01".join(values)
+            usable = "\x00" not in text
+            if usable:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    usable = False
+            if usable:
+                cache = _CANONICAL_CACHE
+                if len(cache) + m > _CANONICAL_CACHE_SIZE:
+                    cache.clear()
+                encode = _CANONICAL_JSON.encode
+                for pos, obj in enumerate(objs):
+                    items = tuple(obj.items())
+                    found = cache.get(items)
+                    if found is None:
+                        found = cache[items] = encode(obj)
+                    canon[pos] = found
+                return canon, reasons
+    for pos, obj in enumerate(objs):
+        canon[pos], reasons[pos] = canonical_labels(obj)
+    return canon, reasons
+
+
 def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """A DataFrame with columns metric, labels, ts, value (aliases name/timestamp/time accepted)."""
     if isinstance(samples, pd.DataFrame):
@@ -278,6 +323,13 @@ def with_parsed_timestamps(frame: pd.DataFrame) -> pd.DataFrame:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return frame
     return frame.assign(ts=pd.Series(parsed.to_pandas(), index=frame.index))
+
+
+def typed_timestamps(column: pd.Series) -> pd.Series:
+    """Sample times as datetime64[us, UTC] by `timestamps_us`'s rule (unparseable: NaT)."""
+    us, unparseable = timestamps_us(column)
+    parsed = pd.Series(us.astype("datetime64[us]"), index=column.index).dt.tz_localize("UTC")
+    return parsed.mask(unparseable)
 
 
 def timestamps_us(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -418,16 +470,19 @@ def prepare(
     label_objs = frame["labels"].to_numpy(dtype=object)
     object_ids = np.fromiter(map(id, label_objs), dtype=np.int64, count=n)
     _, first_index, obj_codes = np.unique(object_ids, return_index=True, return_inverse=True)
-    canon_per_obj = np.empty(len(first_index), dtype=object)
-    reason_per_obj = np.empty(len(first_index), dtype=object)
-    for pos, row in enumerate(first_index):
-        canon_per_obj[pos], reason_per_obj[pos] = canonical_labels(label_objs[row])
+    canon_per_obj, reason_per_obj = canonical_label_sets(label_objs[first_index].tolist())
     label_reason = reason_per_obj[obj_codes]
     reject(label_reason != None, label_reason)  # noqa: E711
 
     good_idx = np.flatnonzero(pd.isna(reason))
-    canon = canon_per_obj[obj_codes[good_idx]]
-    label_codes, label_uniques = pd.factorize(canon)
+    # label-set codes in order of first appearance among the good rows, found per object
+    good_objs = obj_codes[good_idx]
+    seen_objs, first_seen = np.unique(good_objs, return_index=True)
+    by_appearance = seen_objs[np.argsort(first_seen, kind="stable")]
+    set_codes, label_uniques = pd.factorize(canon_per_obj[by_appearance])
+    code_of_obj = np.zeros(len(canon_per_obj), dtype=np.int64)
+    code_of_obj[by_appearance] = set_codes
+    label_codes = code_of_obj[good_objs]
     width = max(len(label_uniques), 1)
     pair = metric_codes_all[good_idx].astype(np.int64) * width + label_codes
     pair_uniques, codes = np.unique(pair, return_inverse=True)

@@ -26,6 +26,7 @@ from storage.backend import (
     batch_spans,
     hour_ranges,
     row_json,
+    unique_sorted,
 )
 from storage.frames import PreparedBatch
 from storage.postgres import PostgresBackend, binary_copy_payload
@@ -69,7 +70,7 @@ def _lookup_series(
     cur.execute(
         f"SELECT series_key, series_id, {backend.ts_out.format(col='first_seen')}, "  # noqa: S608
         f"{backend.ts_out.format(col='last_seen')} FROM series "
-        "WHERE series_key = ANY(%s::text[])",
+        "WHERE series_key = ANY(%b::text[])",  # binary: no per-key quoting in Python
         (list(position),),
     )
     for key, sid, first, last in cur.fetchall():
@@ -88,7 +89,7 @@ def _new_series_per_part(
     more than `limit` is guarded and creates none."""
     assert batch.parts is not None
     n_series = max(len(batch.series), 1)
-    pairs = np.unique(batch.parts * n_series + batch.codes)
+    pairs = unique_sorted(batch.parts * n_series + batch.codes)
     pair_part, pair_code = pairs // n_series, pairs % n_series
     missing = ~found[pair_code]
     bounds = np.searchsorted(pair_part, np.arange(n_parts + 1))

@@ -343,7 +343,7 @@ class PostgresBackend(Backend):
             cur.execute(
                 "INSERT INTO detect_late (series_id, from_ts) "  # noqa: S608
                 f"SELECT u.sid, {self.ts_in.replace('%s', 'u.lo')} "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS u(sid, lo)",
+                "FROM unnest(%b::bigint[], %b::bigint[]) AS u(sid, lo)",
                 (late[:, 0].tolist(), late[:, 1].tolist()),
             )
         changed = series_seen_changes(known, batch)
@@ -352,7 +352,7 @@ class PostgresBackend(Backend):
                 "UPDATE series s SET "  # noqa: S608 - constant fragments only
                 f"first_seen = LEAST(s.first_seen, {self.ts_in.replace('%s', 'u.lo')}), "
                 f"last_seen = GREATEST(s.last_seen, {self.ts_in.replace('%s', 'u.hi')}) "
-                "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS u(sid, lo, hi) "
+                "FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[]) AS u(sid, lo, hi) "
                 "WHERE s.series_id = u.sid",
                 (changed[:, 0].tolist(), changed[:, 1].tolist(), changed[:, 2].tolist()),
             )

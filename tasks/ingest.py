@@ -32,7 +32,7 @@ from expectations.ingest_batch import (
 from metricmill.secrets import redact
 from metricmill.settings import ScrapeTarget, Settings
 from storage.exposition import parse_exposition
-from storage.frames import to_frame, with_parsed_timestamps
+from storage.frames import to_frame, typed_timestamps, with_parsed_timestamps
 from storage.landing import (
     Claim,
     attempts,
@@ -226,20 +226,57 @@ class _Landed:
     seconds: float = 0.0
 
 
+def combine_files(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray, bool]:
+    """One frame of several files' rows for one quality check, the part (file number) of each
+    row, and whether the times were read per file.
+
+    Files whose times came in different forms (ISO text parsed to datetimes in one, epoch
+    numbers in another) would meet in an object column of boxed values, which pandas builds
+    and the check then reads back value by value: most of a run's time. Their times are then
+    read per file, by the rule the check applies (`storage.frames.typed_timestamps`), into one
+    datetime column, and the rows the check rejects are shown as their file had them
+    (`rejected_as_received`)."""
+    sizes = np.array([len(frame) for frame in frames], dtype=np.int64)
+    parts = np.repeat(np.arange(len(frames), dtype=np.int64), sizes)
+    filled = [frame for frame in frames if len(frame)]
+    if not filled:
+        return frames[0].iloc[0:0], parts, False
+    retime = len({str(frame["ts"].dtype) for frame in filled}) > 1
+    if retime:
+        filled = [frame.assign(ts=typed_timestamps(frame["ts"])) for frame in filled]
+    return pd.concat(filled, ignore_index=True), parts, retime
+
+
+def rejected_as_received(
+    frames: list[pd.DataFrame], parts: np.ndarray, checked: QualityResult
+) -> list[tuple[dict[str, Any], str]]:
+    """The check's rejected rows (in its order) rendered from the files' own frames."""
+    sizes = np.array([len(frame) for frame in frames], dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    positions = checked.rejected_positions
+    reasons = [reason for _, reason in checked.rejected]
+    out: list[tuple[dict[str, Any], str]] = []
+    for part in sorted(set(parts[positions].tolist())):
+        mine = np.flatnonzero(parts[positions] == part)
+        codes = np.full(int(sizes[part]), None, dtype=object)
+        codes[positions[mine] - starts[part]] = [reasons[i] for i in mine.tolist()]
+        out += rejected_rows(frames[part], codes)
+    return out
+
+
 def _check_together(
     settings: Settings, files: list[_Landed]
 ) -> tuple[pd.DataFrame, np.ndarray, list[list[tuple[dict[str, Any], str]]], str]:
     """One frame of the files' rows, checked by the GX suite once: (good rows, the part of each
     good row, rejected rows per file, the quality markdown)."""
     frames = [with_parsed_timestamps(f.decoded.frame) for f in files]
-    sizes = np.array([len(frame) for frame in frames], dtype=np.int64)
-    parts = np.repeat(np.arange(len(files), dtype=np.int64), sizes)
     rejected: list[list[tuple[dict[str, Any], str]]] = [list(f.decoded.rejected) for f in files]
-    if not sizes.sum():
-        return frames[0].iloc[0:0], parts, rejected, ""
-    combined = pd.concat([fr for fr in frames if len(fr)], ignore_index=True)
+    combined, parts, retimed = combine_files(frames)
+    if not len(combined):
+        return combined, parts, rejected, ""
     checked = validate_batch(combined, quality_limits(settings), parts=parts)
-    for row, part in zip(checked.rejected, parts[checked.rejected_positions].tolist(), strict=True):
+    rows = rejected_as_received(frames, parts, checked) if retimed else checked.rejected
+    for row, part in zip(rows, parts[checked.rejected_positions].tolist(), strict=True):
         rejected[part].append(row)
     names = ", ".join(f"`{f.path.name}`" for f in files)
     markdown = checked.markdown()

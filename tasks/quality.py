@@ -48,7 +48,7 @@ from expectations.ingest_batch import (
     check_required_columns,
     suite_parameters,
 )
-from storage.frames import timestamps_us
+from storage.frames import canonical_label_sets, typed_timestamps
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -227,7 +227,12 @@ def _plain_label_facts(
         key_len[filled] = np.maximum.reduceat(lengths, starts)
         lengths = np.fromiter(map(len, flat_values), dtype=np.int64, count=len(flat_values))
         value_len[filled] = np.maximum.reduceat(lengths, starts)
-    # identity: group equal item tuples first, then canonicalise (sort) once per group
+    # identity: the store's canonical JSON (remembered across batches, so the store's own
+    # canonicalisation of the same sets finds it ready)
+    canonical_sets, _ = canonical_label_sets(objs)
+    if not pd.isna(canonical_sets).any():
+        return np.asarray(pd.factorize(canonical_sets)[0]), count, key_len, value_len
+    # (text the store rejects: group equal item tuples, then canonicalise once per group)
     items = pd.Series(list(map(tuple, map(dict.items, objs))), dtype=object)
     raw_codes, raw_uniques = pd.factorize(items)
     canonical = np.array(
@@ -268,9 +273,7 @@ def _value_column(column: pd.Series) -> np.ndarray:
 
 def _ts_column(column: pd.Series) -> pd.Series:
     """Sample times as datetime64[us, UTC], read by the store's own rule (storage.frames)."""
-    us, unparseable = timestamps_us(column)
-    parsed = pd.Series(us.astype("datetime64[us]"), index=column.index).dt.tz_localize("UTC")
-    return parsed.mask(unparseable)
+    return typed_timestamps(column)
 
 
 def _conflicting(
