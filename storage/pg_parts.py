@@ -13,7 +13,7 @@ part's is a replay of it. A single batch is a batch of one part: there is no oth
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -29,7 +29,10 @@ from storage.backend import (
     unique_sorted,
 )
 from storage.frames import PreparedBatch
-from storage.postgres import PostgresBackend, binary_copy_payload
+from storage.pg_copy import binary_copy_payload
+
+if TYPE_CHECKING:
+    from storage.postgres import PostgresBackend
 
 _PART_STAGE = "sample_part_stage"
 
