@@ -42,6 +42,16 @@ from storage.retry import with_database_retries
 # The advisory lock's first key: the namespace of metricmill's flow locks ("mm" in ASCII), so
 # other applications' advisory locks on the same database never collide with ours.
 FLOW_LOCK_SPACE = 0x6D6D
+
+# Transaction-level advisory locks (one bigint key each; every id metricmill uses is here).
+# `init`s on one database migrate one at a time.
+SCHEMA_LOCK = 7423001
+# First connections create the TimescaleDB extension one at a time (the catalog would race).
+EXTENSION_LOCK = 7423002
+# Rollup transactions, and retention's deleting transactions, one at a time. Shared on purpose:
+# a retention transaction reads rollup_pending to keep unrolled rows, so it must not run while a
+# rollup transaction has claimed ranges it has not yet written.
+ROLLUP_RETENTION_LOCK = 7423004
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _APP_PREFIX = "metricmill flow lock "  # the holder's application_name, for lock_holders
 _memory_locks: dict[str, threading.Lock] = {}

@@ -22,6 +22,7 @@ from storage.backend import (
     series_seen_changes,
 )
 from storage.frames import PreparedBatch
+from storage.locks import EXTENSION_LOCK, SCHEMA_LOCK
 from storage.pg_copy import parse_array_copy
 from storage.schema import LATEST_VERSION, POSTGRES_TYPES, ROLLUP_TABLES, migrations
 
@@ -142,7 +143,7 @@ class PostgresBackend(Backend):
             try:
                 # Concurrent first connections would race on the catalog: serialise them.
                 with self.transaction():
-                    self.execute("SELECT pg_advisory_xact_lock(7423002)")
+                    self.execute("SELECT pg_advisory_xact_lock(%s)", (EXTENSION_LOCK,))
                     self.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
                 self.timescale_version = self.execute(
                     "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
@@ -194,7 +195,7 @@ class PostgresBackend(Backend):
         steps = migrations(POSTGRES_TYPES, "{col}")
         with self.transaction():
             # Serialise concurrent `init`s on one database.
-            self.execute("SELECT pg_advisory_xact_lock(7423001)")
+            self.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             self.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version "
                 "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"

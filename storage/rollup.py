@@ -28,6 +28,7 @@ import pandas as pd
 from metricmill.errors import QueryError
 from metricmill.types import US_PER_SECOND, datetime_to_us, us_to_datetime
 from storage.backend import Backend
+from storage.locks import ROLLUP_RETENTION_LOCK
 from storage.schema import ROLLUP_LEVELS, ROLLUP_TABLES
 
 LEVELS: tuple[str, ...] = tuple(ROLLUP_LEVELS)  # finest first
@@ -47,7 +48,6 @@ STAT_COLUMNS = [
     "last_ts",
 ]
 STATS_FRAME_COLUMNS = ["series_id", "ts_us", *STAT_COLUMNS]
-_ADVISORY_LOCK = 7423004  # serialises rollup transactions on one PostgreSQL database
 Span = tuple[int, int]
 
 
@@ -270,7 +270,7 @@ class PostgresDialect(Dialect):
             FROM {source_rows}"""  # noqa: S608
 
     def lock(self) -> None:
-        self.backend.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK,))
+        self.backend.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_RETENTION_LOCK,))
         # With the span's size known, a level's estimated cost (its edge lookups counted once
         # per group) passes jit_inline_above_cost: compiling then took longer than the work.
         self.backend.execute("SET LOCAL jit = off")

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from storage.backend import Backend
+from storage.locks import ROLLUP_RETENTION_LOCK
 from storage.schema import ROLLUP_LEVELS
 
 if TYPE_CHECKING:
@@ -21,9 +22,6 @@ TIME_COLUMN = {"raw": "ts", **{level: "bucket" for level in ROLLUP_LEVELS}}
 
 
 _WIDTH_US = {"raw": 1, **ROLLUP_LEVELS}
-
-
-_RULES_LOCK = 7423004  # advisory lock: one retention transaction at a time (PostgreSQL)
 
 
 def _plus(backend: Backend, column: str, us: int) -> str:
@@ -77,7 +75,7 @@ def lock_holds(backend: Backend, series: pd.DataFrame, first: str | None = None)
         if first is not None:
             backend.execute(first)  # before any SELECT: the snapshot sees what it waited for
         backend.execute("LOCK TABLE retention_rules IN SHARE MODE")
-        backend.execute("SELECT pg_advisory_xact_lock(%s)", (_RULES_LOCK,))
+        backend.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_RETENTION_LOCK,))
     held = held_mask(series, list_rules(backend))
     return set(series["series_id"].to_numpy()[held].tolist())
 
