@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from metricmill.errors import MetricmillError
+from metricmill.types import Reason
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -60,20 +61,6 @@ HELPER_COLUMNS: tuple[str, ...] = (
 # suite parameters ($PARAMETER) filled in per validation run
 TS_MIN_PARAM = "ts_min"
 TS_MAX_PARAM = "ts_max"
-
-
-class QualityReason:
-    """Quarantine reason codes of this suite (shared codes match `metricmill.types.Reason`)."""
-
-    INVALID_METRIC_NAME = "invalid_metric_name"
-    NON_FINITE_VALUE = "non_finite_value"
-    INVALID_TIMESTAMP = "invalid_timestamp"
-    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
-    TIMESTAMP_TOO_OLD = "timestamp_too_old"
-    TOO_MANY_LABELS = "too_many_labels"
-    LABEL_NAME_TOO_LONG = "label_name_too_long"
-    LABEL_VALUE_TOO_LONG = "label_value_too_long"
-    CONFLICTING_VALUES = "conflicting_values_in_batch"
 
 
 class BatchUnusable(MetricmillError):
@@ -122,7 +109,7 @@ class Check(NamedTuple):
         return "|".join(self.reasons)
 
 
-_R = QualityReason
+_R = Reason
 # Suite order: the first failing check names a row's reason.
 CHECKS: tuple[Check, ...] = (
     Check("expect_column_values_to_match_regex", "metric", (_R.INVALID_METRIC_NAME,)),
@@ -173,7 +160,7 @@ def build_suite(limits: QualityLimits) -> gx.ExpectationSuite:
     def meta(*reasons: str) -> dict[str, Any]:
         return {"reason": "|".join(reasons)}
 
-    r = QualityReason
+    r = Reason
     expectations = [
         expect.ExpectColumnValuesToMatchRegex(
             column="metric", regex=METRIC_NAME_PATTERN, meta=meta(r.INVALID_METRIC_NAME)

@@ -15,7 +15,8 @@ MAX_TS_US = (2**63 - 1) // 1000
 
 
 class Reason:
-    """Reason codes recorded with every rejected (quarantined) row."""
+    """Reason codes recorded with every rejected (quarantined) row: the one vocabulary of the
+    readers, the write path and the Great Expectations suite."""
 
     NON_FINITE_VALUE = "non_finite_value"
     INVALID_VALUE = "invalid_value"
@@ -28,6 +29,13 @@ class Reason:
     CONFLICTING_VALUES = "conflicting_values_in_batch"
     CARDINALITY_LIMIT = "cardinality_limit"
     MALFORMED_LINE = "malformed_line"
+    # the ingest-batch suite's own checks (expectations/ingest_batch.py)
+    INVALID_METRIC_NAME = "invalid_metric_name"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"
+    TOO_MANY_LABELS = "too_many_labels"
+    LABEL_NAME_TOO_LONG = "label_name_too_long"
+    LABEL_VALUE_TOO_LONG = "label_value_too_long"
 
 
 @dataclass

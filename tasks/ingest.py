@@ -26,11 +26,11 @@ from prefect.tasks import Task
 from expectations.ingest_batch import (
     BatchUnusable,
     QualityLimits,
-    QualityReason,
     check_required_columns,
 )
 from metricmill.secrets import redact
 from metricmill.settings import ScrapeTarget, Settings
+from metricmill.types import Reason
 from storage.exposition import parse_exposition
 from storage.frames import to_frame, typed_timestamps, with_parsed_timestamps
 from storage.landing import (
@@ -307,7 +307,7 @@ def _past_their_rule(store: Store, settings: Settings, good: pd.DataFrame) -> np
 
 def _too_old(frame: pd.DataFrame, old: np.ndarray) -> list[tuple[dict[str, Any], str]]:
     reasons = np.full(len(frame), None, dtype=object)
-    reasons[old] = QualityReason.TIMESTAMP_TOO_OLD
+    reasons[old] = Reason.TIMESTAMP_TOO_OLD
     return rejected_rows(frame, reasons)
 
 

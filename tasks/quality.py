@@ -43,11 +43,11 @@ from expectations.ingest_batch import (
     BatchUnusable,
     Check,
     QualityLimits,
-    QualityReason,
     build_suite,
     check_required_columns,
     suite_parameters,
 )
+from metricmill.types import Reason
 from storage.frames import canonical_label_sets, typed_timestamps
 
 if TYPE_CHECKING:
@@ -346,9 +346,9 @@ def _label_limit_exceeded(labels: _LabelColumns, limits: QualityLimits) -> pd.Se
             labels.max_value_len > limits.max_label_value_length,
         ],
         [
-            QualityReason.TOO_MANY_LABELS,
-            QualityReason.LABEL_NAME_TOO_LONG,
-            QualityReason.LABEL_VALUE_TOO_LONG,
+            Reason.TOO_MANY_LABELS,
+            Reason.LABEL_NAME_TOO_LONG,
+            Reason.LABEL_VALUE_TOO_LONG,
         ],
         default="",
     )

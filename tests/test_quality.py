@@ -16,9 +16,9 @@ from expectations.ingest_batch import (
     SUITE_VERSION,
     BatchUnusable,
     QualityLimits,
-    QualityReason,
     build_suite,
 )
+from metricmill.types import Reason
 from tasks.quality import QualityResult, validate_batch, validate_batch_pandas
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -54,25 +54,25 @@ GOOD = [
 ]
 
 BAD_CASES = {
-    "bad metric name": (sample(metric="cpu usage"), QualityReason.INVALID_METRIC_NAME),
-    "metric with trailing newline": (sample(metric="cpu\n"), QualityReason.INVALID_METRIC_NAME),
-    "NaN value": (sample(value=float("nan")), QualityReason.NON_FINITE_VALUE),
-    "+inf value": (sample(value=float("inf")), QualityReason.NON_FINITE_VALUE),
-    "-inf value": (sample(value=float("-inf")), QualityReason.NON_FINITE_VALUE),
-    "ts in 2099": (sample(ts="2099-01-01T00:00:00Z"), QualityReason.TIMESTAMP_IN_FUTURE),
+    "bad metric name": (sample(metric="cpu usage"), Reason.INVALID_METRIC_NAME),
+    "metric with trailing newline": (sample(metric="cpu\n"), Reason.INVALID_METRIC_NAME),
+    "NaN value": (sample(value=float("nan")), Reason.NON_FINITE_VALUE),
+    "+inf value": (sample(value=float("inf")), Reason.NON_FINITE_VALUE),
+    "-inf value": (sample(value=float("-inf")), Reason.NON_FINITE_VALUE),
+    "ts in 2099": (sample(ts="2099-01-01T00:00:00Z"), Reason.TIMESTAMP_IN_FUTURE),
     "ts 60 days old": (
         sample(ts=RECENT - pd.Timedelta(days=60)),
-        QualityReason.TIMESTAMP_TOO_OLD,
+        Reason.TIMESTAMP_TOO_OLD,
     ),
-    "missing ts": (sample(ts=None), QualityReason.INVALID_TIMESTAMP),
+    "missing ts": (sample(ts=None), Reason.INVALID_TIMESTAMP),
     "40 labels": (
         sample(labels={f"k{i}": "v" for i in range(40)}),
-        QualityReason.TOO_MANY_LABELS,
+        Reason.TOO_MANY_LABELS,
     ),
-    "200-char label key": (sample(labels={"k" * 200: "v"}), QualityReason.LABEL_NAME_TOO_LONG),
+    "200-char label key": (sample(labels={"k" * 200: "v"}), Reason.LABEL_NAME_TOO_LONG),
     "1 MB label value": (
         sample(labels={"blob": "x" * (1 << 20)}),
-        QualityReason.LABEL_VALUE_TOO_LONG,
+        Reason.LABEL_VALUE_TOO_LONG,
     ),
 }
 
@@ -105,7 +105,7 @@ def test_conflicting_values_for_same_series_and_ts_are_both_rejected() -> None:
         ]
     )
     result = validate_batch(df, LIMITS)
-    assert [r for _, r in result.rejected] == [QualityReason.CONFLICTING_VALUES] * 2
+    assert [r for _, r in result.rejected] == [Reason.CONFLICTING_VALUES] * 2
     assert [raw["value"] for raw, _ in result.rejected] == [1.0, 2.0]
     assert list(result.good.index) == [2, 3]
 
@@ -121,7 +121,7 @@ def test_identical_duplicate_rows_are_not_conflicting() -> None:
 def test_a_non_finite_duplicate_does_not_make_the_finite_row_conflicting() -> None:
     df = frame([sample(value=1.0), sample(value=float("nan"))])
     result = validate_batch(df, LIMITS)
-    assert [r for _, r in result.rejected] == [QualityReason.NON_FINITE_VALUE]
+    assert [r for _, r in result.rejected] == [Reason.NON_FINITE_VALUE]
     assert list(result.good.index) == [0]
 
 
@@ -134,7 +134,7 @@ def test_first_failing_expectation_in_suite_order_names_the_reason() -> None:
         labels={f"k{i}": "v" for i in range(40)},
     )
     result = validate_batch(frame([row, GOOD[0]]), LIMITS)
-    assert [r for _, r in result.rejected] == [QualityReason.INVALID_METRIC_NAME]
+    assert [r for _, r in result.rejected] == [Reason.INVALID_METRIC_NAME]
     counts = [e["unexpected_count"] for e in result.summary["expectations"]]
     # regex, value not null, value finite, ts not null, ts window, label limits, conflicts
     assert counts == [1, 1, 0, 0, 1, 1, 0]
@@ -206,7 +206,7 @@ def test_summary_and_markdown_report_counts() -> None:
             check.reason,
         )
     failed = {e["reason"]: e["unexpected_count"] for e in s["expectations"] if not e["success"]}
-    assert failed == {QualityReason.INVALID_METRIC_NAME: 1, QualityReason.NON_FINITE_VALUE: 1}
+    assert failed == {Reason.INVALID_METRIC_NAME: 1, Reason.NON_FINITE_VALUE: 1}
 
     md = result.markdown()
     assert "rejected: **2**" in md and "good: **3**" in md
@@ -219,7 +219,7 @@ def test_quarantine_row_is_source_row_when_given() -> None:
     df = frame([GOOD[0], BAD_CASES["NaN value"][0]])
     df["source_row"] = [{"line": 1}, {"line": 2, "raw": "{...}"}]
     result = validate_batch(df, LIMITS)
-    assert result.rejected == [({"line": 2, "raw": "{...}"}, QualityReason.NON_FINITE_VALUE)]
+    assert result.rejected == [({"line": 2, "raw": "{...}"}, Reason.NON_FINITE_VALUE)]
     assert "source_row" in result.good.columns
 
 
@@ -228,11 +228,9 @@ def test_window_follows_limits_now_with_one_cached_suite() -> None:
     later = QualityLimits(now=NOW + timedelta(days=40))
     assert hash(later) == hash(LIMITS) and later == LIMITS  # `now` is not part of the cache key
     assert validate_batch(df, LIMITS).rejected == []
-    assert [r for _, r in validate_batch(df, later).rejected] == [QualityReason.TIMESTAMP_TOO_OLD]
+    assert [r for _, r in validate_batch(df, later).rejected] == [Reason.TIMESTAMP_TOO_OLD]
     earlier = QualityLimits(now=NOW - timedelta(days=1))
-    assert [r for _, r in validate_batch(df, earlier).rejected] == [
-        QualityReason.TIMESTAMP_IN_FUTURE
-    ]
+    assert [r for _, r in validate_batch(df, earlier).rejected] == [Reason.TIMESTAMP_IN_FUTURE]
 
 
 def test_custom_label_limits() -> None:
@@ -246,9 +244,9 @@ def test_custom_label_limits() -> None:
         ]
     )
     expected = [
-        QualityReason.TOO_MANY_LABELS,
-        QualityReason.LABEL_NAME_TOO_LONG,
-        QualityReason.LABEL_VALUE_TOO_LONG,
+        Reason.TOO_MANY_LABELS,
+        Reason.LABEL_NAME_TOO_LONG,
+        Reason.LABEL_VALUE_TOO_LONG,
     ]
     assert [r for _, r in validate_batch(df, limits).rejected] == expected
     assert [r for _, r in validate_batch_pandas(df, limits).rejected] == expected
