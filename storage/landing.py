@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -47,6 +48,9 @@ _CLAIMS_LOCK = ".lock"  # processing/.lock: held by the run claiming from this l
 
 class LandingError(MetricmillError):
     """The landing tree is not usable as it is (a directory that is a symlink, say)."""
+
+
+REASON_SUFFIX = ".reason"  # beside a quarantined file: its reason code, then the detail
 
 
 def real_directory(path: Path) -> Path:
@@ -351,10 +355,64 @@ def move_quarantined(path: Path, quarantine: Path, *, reason: str, detail: str, 
     """Move an unusable file to the quarantine directory with a `.reason` file beside it."""
     real_directory(quarantine)
     target = _unique_target(quarantine, path.name, tag)
-    reason_file = target.with_name(target.name + ".reason")
+    reason_file = target.with_name(target.name + REASON_SUFFIX)
     # Never through a link someone left in the quarantine directory.
     fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(f"{reason}\n{detail}\n")
     os.replace(path, target)
     return target
+
+
+# -- the quarantine directory: a file, and beside it NAME.reason holding `code\ndetail\n` --
+REASON_SUFFIX = ".reason"
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A file in the quarantine directory, with the reason written beside it."""
+
+    path: Path
+    reason: str
+    detail: str
+
+    @property
+    def reason_file(self) -> Path:
+        return self.path.with_name(self.path.name + REASON_SUFFIX)
+
+    @property
+    def since(self) -> datetime | None:
+        """When it was quarantined (its reason file was written)."""
+        try:
+            return datetime.fromtimestamp(self.reason_file.stat().st_mtime, UTC)
+        except FileNotFoundError:
+            return None
+
+
+def quarantined_files(directory: Path) -> list[QuarantinedFile]:
+    """The files in a quarantine directory, each with its reason (oldest name first)."""
+    if not directory.is_dir():
+        return []
+    paths = sorted(
+        p for p in directory.iterdir() if p.is_file() and not p.name.endswith(REASON_SUFFIX)
+    )
+    return [read_quarantined_file(p) for p in paths]
+
+
+def read_quarantined_file(path: Path) -> QuarantinedFile:
+    """A quarantined file and what its `.reason` file says (first line: the code; then detail)."""
+    reason_file = path.with_name(path.name + REASON_SUFFIX)
+    try:
+        text = reason_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    reason, _, detail = text.partition("\n")
+    return QuarantinedFile(path, reason.strip() or "(no .reason file)", " ".join(detail.split()))
+
+
+def find_quarantined_file(directory: Path, name: str) -> QuarantinedFile | None:
+    """The quarantined file called `name` (a bare file name, not a path), if there is one."""
+    if not name or Path(name).name != name or name.endswith(REASON_SUFFIX):
+        return None
+    path = directory / name
+    return read_quarantined_file(path) if path.is_file() else None

@@ -23,13 +23,13 @@ from metricmill.cli.common import (
     settings_from,
     table,
 )
-from metricmill.cli.quarantine import quarantined_files
 from metricmill.errors import MetricmillError
 from metricmill.settings import (
     MEMORY_URL,
     Settings,
 )
 from metricmill.types import datetime_to_us
+from storage.landing import quarantined_files
 
 ops_app: typer.Typer = typer.Typer()
 
@@ -171,7 +171,7 @@ def status(ctx: typer.Context) -> None:
     row(pipeline, "pending rollup ranges", pending)
     alerts = ", ".join(f"{sev}: {n}" for sev, n in sorted(snap.open_alerts.items())) or "none"
     row(pipeline, "open alerts", alerts)
-    files = quarantined_files(settings)
+    files = quarantined_files(settings.quarantine)
     row(pipeline, "quarantine", f"{snap.quarantined_rows} rows pending replay, {len(files)} files")
     stuck, errors = stuck_files(settings)
     if stuck:

@@ -6,9 +6,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
@@ -35,66 +32,14 @@ from metricmill.cli.common import (
 from metricmill.errors import MetricmillError
 from metricmill.secrets import PASSWORD_ENV, split_password
 from metricmill.settings import Settings
+from storage.landing import QuarantinedFile, find_quarantined_file, quarantined_files
 from storage.store import Store
 
 quarantine_app = typer.Typer(
     help="Rows and files the ingest flow set aside: list, show, replay.", no_args_is_help=True
 )
 
-_REASON_SUFFIX = ".reason"
 _SAMPLE_KEYS = ({"metric", "name"}, {"ts", "timestamp", "time"}, {"value"})
-
-
-@dataclass(frozen=True)
-class QuarantinedFile:
-    """A file in the quarantine directory, with the reason written beside it."""
-
-    path: Path
-    reason: str
-    detail: str
-
-    @property
-    def reason_file(self) -> Path:
-        return self.path.with_name(self.path.name + _REASON_SUFFIX)
-
-    @property
-    def since(self) -> datetime | None:
-        """When it was quarantined (its reason file was written)."""
-        try:
-            return datetime.fromtimestamp(self.reason_file.stat().st_mtime, UTC)
-        except FileNotFoundError:
-            return None
-
-
-def quarantined_files(settings: Settings) -> list[QuarantinedFile]:
-    directory = settings.quarantine
-    if not directory.is_dir():
-        return []
-    paths = sorted(
-        p for p in directory.iterdir() if p.is_file() and not p.name.endswith(_REASON_SUFFIX)
-    )
-    return [read_quarantined_file(p) for p in paths]
-
-
-def read_quarantined_file(path: Path) -> QuarantinedFile:
-    reason_file = path.with_name(path.name + _REASON_SUFFIX)
-    try:
-        text = reason_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""
-    reason, _, detail = text.partition("\n")
-    return QuarantinedFile(path, reason.strip() or "(no .reason file)", " ".join(detail.split()))
-
-
-def find_quarantined_file(settings: Settings, name: str) -> QuarantinedFile | None:
-    """The quarantined file called `name` (a bare file name, not a path), if there is one."""
-    if not name or Path(name).name != name or name.endswith(_REASON_SUFFIX):
-        return None
-    path = settings.quarantine / name
-    return read_quarantined_file(path) if path.is_file() else None
-
-
-# Ids are 64-bit integers in every backend: a larger number names nothing.
 
 
 def quarantine_entry_or_fail(store: Store, target: str) -> dict[str, Any]:
@@ -143,7 +88,7 @@ def quarantine_list(
             {"kind": "file", "id": item.path.name, "source": str(item.path),
              "reason": item.reason, "detail": item.detail or None, "row": None,
              "created": format_time(item.since), "replayed": None}
-            for item in quarantined_files(settings)
+            for item in quarantined_files(settings.quarantine)
         ]  # fmt: skip
         names = ["kind", "id", "source", "reason", "detail", "row", "created", "replayed"]
         print_records(format, records, names)
@@ -157,7 +102,7 @@ def quarantine_list(
     ):
         shown = detail if detail else preview(data)
         row(rows, entry_id, source, reason, shown, format_time(created), format_time(replayed))
-    files = quarantined_files(settings)
+    files = quarantined_files(settings.quarantine)
     grid = table(
         "file", "reason", "detail", "quarantined",
         title=f"quarantined files in {settings.quarantine}", caption=counted(len(files), "file"),
@@ -176,7 +121,7 @@ def quarantine_show(
 ) -> None:
     """One entry as JSON (the row as received), or a quarantined file's reason and path."""
     settings = settings_from(ctx)
-    found = find_quarantined_file(settings, target)
+    found = find_quarantined_file(settings.quarantine, target)
     if found is not None:
         echo(f"file:   {printable(str(found.path))}")
         echo(f"reason: {printable(found.reason)}")
@@ -201,7 +146,7 @@ def quarantine_replay(
     """
     settings = settings_from(ctx)
     options = ctx.find_object(GlobalOptions) or GlobalOptions()
-    found = find_quarantined_file(settings, target)
+    found = find_quarantined_file(settings.quarantine, target)
     if found is not None:
         replay_file(settings, options, found)
     else:
