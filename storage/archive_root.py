@@ -88,7 +88,8 @@ class LocalRoot(ArchiveRoot):
     def probe(self, *, lock: bool = False) -> None:
         if lock:
             raise ArchiveError(
-                "METRICMILL_ARCHIVE_LOCK_DAYS needs an object store with object lock "
+                "archive lock days (METRICMILL_ARCHIVE_LOCK_DAYS or a retention rule's "
+                "--lock-days) need an object store with object lock "
                 f"(archive_dir = s3://BUCKET/PREFIX), not the directory {self.root}: "
                 "nothing deleted"
             )
@@ -243,8 +244,9 @@ class S3Root(ArchiveRoot):
             text = _one_line(exc)
             if "ObjectLockConfigurationNotFound" in text:
                 text = (
-                    f"bucket {self.bucket} has no object lock, which METRICMILL_ARCHIVE_LOCK_DAYS "
-                    "needs (create the bucket with object lock enabled)"
+                    f"bucket {self.bucket} has no object lock, which archive lock days need "
+                    "(METRICMILL_ARCHIVE_LOCK_DAYS or a retention rule's --lock-days; create "
+                    "the bucket with object lock enabled)"
                 )
             raise ArchiveError(
                 f"archive {self.url} is not writable ({text}): nothing deleted"

@@ -318,6 +318,10 @@ CREATE TABLE IF NOT EXISTS detect_late (
 )""",
 ]
 
+# 9: a retention rule's own compliance-lock days for the archive files it writes (None: the
+# `archive_lock_days` setting).
+_V9: list[str] = ["ALTER TABLE retention_rules ADD COLUMN archive_lock_days INTEGER"]
+
 
 def _render(statements: list[str], types: Types) -> list[str]:
     true, false = ("TRUE", "FALSE") if types.bool == "BOOLEAN" else ("1", "0")
@@ -352,7 +356,8 @@ def migrations(types: Types, time_expr: str) -> dict[int, list[str]]:
         6: _render(_V6, types),
         7: _render(_V7, types),
         8: _render(_V8, types),
+        9: _render(_V9, types),
     }
 
 
-LATEST_VERSION = 8
+LATEST_VERSION = 9

@@ -5,6 +5,7 @@ queries and `archive verify` there; compliance object lock; bad URLs and endpoin
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -259,6 +260,62 @@ def test_object_lock_keeps_archived_objects_until_their_hold_ends(
         assert hashlib.sha256(body).hexdigest() == item.sha256
 
 
+def test_a_rule_sets_its_own_lock_days_over_the_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_target: DbTarget, s3: Any, endpoint: str
+) -> None:
+    """Per rule: container_cpu_* keeps its files 45 days (`--lock-days 45`, over the setting's
+    400), mem_* is not locked at all (`--lock-days 0`), the rest takes the setting's 400."""
+    bucket = new_bucket(s3, lock=True)
+    settings = s3_settings(
+        monkeypatch, tmp_path, db_target, endpoint, bucket, archive_lock_days=400
+    )
+    with filled_store(settings):
+        pass
+    monkeypatch.setenv("METRICMILL_DATABASE_URL", db_target.url)  # the CLI's store: the same
+    added = [
+        cli(settings.home, "retention", "add", "container_cpu_*", "--days", "7", "--lock-days",
+            "45", "--priority", "2"),
+        cli(settings.home, "retention", "add", "mem_*", "--days", "7", "--lock-days", "0",
+            "--priority", "1"),
+        cli(settings.home, "retention", "add", "*", "--days", "7"),
+    ]  # fmt: skip
+    assert [r.exit_code for r in added] == [0, 0, 0], [r.output for r in added]
+    assert "archive files locked 45 days" in added[0].stdout
+    listed = cli(settings.home, "retention", "list", "--format", "json")
+    locks = {r["pattern"]: r["lock_days"] for r in map(json.loads, listed.stdout.splitlines())}
+    assert locks == {"container_cpu_*": 45, "mem_*": 0, "*": 400}
+
+    with Store.open(settings=settings) as store:
+        report = retention.apply(store)
+        assert verify_archive(store.backend, archive_root(settings)) == []
+    metrics = {item.path.split("/")[0] for item in report.files}
+    assert metrics == {"metric=container_cpu_usage", "metric=mem_used_bytes"}
+    for item in report.files:
+        head = s3.head_object(Bucket=bucket, Key=f"{PREFIX}/{item.path}")
+        day = datetime.strptime(item.path.split("date=")[1][:10], "%Y-%m-%d").replace(tzinfo=UTC)
+        if item.path.startswith("metric=container_cpu_usage/"):
+            assert head["ObjectLockMode"] == "COMPLIANCE"
+            assert head["ObjectLockRetainUntilDate"] == day + timedelta(days=1 + 45)
+        else:
+            assert "ObjectLockMode" not in head, item.path
+
+
+def test_rule_lock_days_are_checked_in_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cases = [
+        (["--days", "7", "--lock-days", "30", "--no-archive"], "this rule archives nothing"),
+        (["--legal-hold", "--lock-days", "30"], "this rule archives nothing"),
+        (["--days", "7", "--level", "1h", "--lock-days", "30"], "this rule archives nothing"),
+        (["--days", "7", "--lock-days", "-1"], "--lock-days"),
+    ]
+    for extra, message in cases:
+        result = cli(home, "retention", "add", "cpu_*", *extra)
+        assert result.exit_code != 0, (extra, result.output)
+        assert message in result.output, (extra, result.output)
+        assert "Traceback" not in result.output
+    assert "cpu_*" not in cli(home, "retention", "list").stdout
+
+
 def test_object_lock_on_a_bucket_without_it_fails_before_deleting(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3: Any, endpoint: str
 ) -> None:
@@ -336,7 +393,7 @@ def test_object_lock_needs_an_object_store_and_a_hold_still_to_come(
     with filled_store(settings) as store:
         retention.add_rule(store.backend, "*", 7)
         before = store.backend.table_counts()
-        with pytest.raises(ArchiveError, match="needs an object store with object lock"):
+        with pytest.raises(ArchiveError, match="need an object store with object lock"):
             retention.apply(store)
         assert store.backend.table_counts() == before
     day = datetime(2026, 1, 10, tzinfo=UTC)

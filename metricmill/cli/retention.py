@@ -73,18 +73,26 @@ def retention_list(ctx: typer.Context, format: FormatOption = ListFormat.table) 
                 "id": rule.rule_id, "pattern": rule.metric_pattern, "labels": rule.labels or {},
                 "level": rule.level, "days": rule.retention_days, "priority": rule.priority,
                 "archive": rule.archive, "legal_hold": rule.legal_hold,
+                "lock_days": rule.lock_days(settings.archive_lock_days) if rule.archives else None,
             }
             for rule in rules
         ]  # fmt: skip
-        columns = ["id", "pattern", "labels", "level", "days", "priority", "archive", "legal_hold"]
+        columns = [
+            "id", "pattern", "labels", "level", "days", "priority", "archive", "legal_hold",
+            "lock_days",
+        ]  # fmt: skip
         print_records(format, records, columns)
         return
-    grid = table("id", "pattern", "labels", "level", "days", "priority", "archive", "legal hold")
+    grid = table(
+        "id", "pattern", "labels", "level", "days", "priority", "archive", "legal hold", "lock"
+    )  # fmt: skip
     for rule in rules:
+        lock = rule.lock_days(settings.archive_lock_days) if rule.archives else 0
         row(
             grid, rule.rule_id, rule.metric_pattern, rule.labels or "", rule.level,
             rule.retention_days if rule.retention_days is not None else "-", rule.priority,
             "yes" if rule.archive else "no", "HOLD" if rule.legal_hold else "",
+            f"{lock}d" if lock else "-",
         )  # fmt: skip
     out().print(grid)
     defaults = ", ".join(
@@ -112,17 +120,28 @@ def retention_add(
     level: Annotated[str, typer.Option(help=f"One of {', '.join(LEVELS)}")] = "raw",
     archive: Annotated[bool, typer.Option(help="Archive raw data to Parquet first")] = True,
     legal_hold: Annotated[bool, typer.Option(help="Keep matching series, every level")] = False,
+    lock_days: Annotated[
+        int | None,
+        typer.Option(
+            help="Compliance-lock this rule's archive files for this many days after their day "
+            "(object stores with object lock; default: METRICMILL_ARCHIVE_LOCK_DAYS; 0: none)"
+        ),
+    ] = None,
 ) -> None:
     """Add a retention rule or a legal hold."""
     if days is not None:
         check_range("--days", days, 1, MAX_RETENTION_DAYS)
+    if lock_days is not None:
+        check_range("--lock-days", lock_days, 0, MAX_RETENTION_DAYS)
     check_range("--priority", priority, -(10**9), 10**9)
     with open_store(ctx) as store:
         rule = add_rule(
             store.backend, pattern, days, parse_labels(label), priority,
-            level=level, archive=archive, legal_hold=legal_hold,
+            level=level, archive=archive, legal_hold=legal_hold, archive_lock_days=lock_days,
         )  # fmt: skip
     kind = "legal hold" if rule.legal_hold else f"rule ({rule.level}, {rule.retention_days} days)"
+    if rule.archive_lock_days:
+        kind += f", archive files locked {rule.archive_lock_days} days"
     echo(f"added {kind} {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
 
 

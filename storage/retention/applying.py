@@ -19,7 +19,12 @@ from storage.backend import Backend
 if TYPE_CHECKING:
     from storage.store import Store
 
-from storage.retention.archiving import archive_group, archive_whole_chunks, drop_whole_chunks
+from storage.retention.archiving import (
+    archive_group,
+    archive_whole_chunks,
+    drop_whole_chunks,
+    group_lock_days,
+)
 from storage.retention.planning import Group, Plan, plan
 from storage.retention.report import Outcome, RetentionReport
 from storage.retention.rules import LEVEL_TABLES, LEVELS
@@ -82,7 +87,12 @@ def apply(
     if checkpoint is not None:
         checkpoint("planned", {"groups": len(planned.groups)})
     if any(g.archive and len(g.ids) for g in planned.groups):
-        probe_writable(archive_root(settings), lock=settings.archive_lock_days > 0)
+        locking = any(
+            group_lock_days(g, settings.archive_lock_days) > 0
+            for g in planned.groups
+            if g.archive and len(g.ids)
+        )
+        probe_writable(archive_root(settings), lock=locking)
     outcomes = {id(g): _outcome(g) for g in planned.groups}
     for group in planned.groups:
         outcomes[id(group)].held = count_rows(backend, group.level, group.held_ids, group.cutoff_us)

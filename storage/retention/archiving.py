@@ -49,6 +49,7 @@ def archive_group(
     """Per metric and UTC day: select, write, verify, record, delete — one transaction each."""
     backend = store.backend
     members = planned.series[planned.series["series_id"].isin(group.ids)]
+    lock_days = group_lock_days(group, store.settings.archive_lock_days)
     for metric, chosen in members.groupby("metric", sort=True):
         ids = chosen["series_id"].tolist()
         first = backend.execute(
@@ -60,8 +61,9 @@ def archive_group(
             continue
         for day in range(int(first) - int(first) % DAY_US, group.cutoff_us, DAY_US):
             archived, deleted, item = _archive_day(
-                store, planned, str(metric), ids, day, group.cutoff_us, anonymizer, checkpoint
-            )
+                store, planned, str(metric), ids, day, group.cutoff_us, lock_days,
+                anonymizer, checkpoint,
+            )  # fmt: skip
             outcome.archived += archived
             outcome.deleted += deleted
             if item is not None:
@@ -75,6 +77,7 @@ def _archive_day(
     ids: list[int],
     day_us: int,
     cutoff_us: int,
+    lock_days: int,
     anonymizer: Anonymizer | None,
     checkpoint: Checkpoint | None,
 ) -> tuple[int, int, ArchivedFile | None]:
@@ -88,7 +91,7 @@ def _archive_day(
         where = older_than(backend, "raw", lower=True)
         params = [backend.id_list(free), day_us, end_us]
         archived, item = _write_verified_day(
-            store, planned, metric, day_us, where, params, anonymizer, checkpoint
+            store, planned, metric, day_us, where, params, lock_days, anonymizer, checkpoint
         )
         if item is None:
             return 0, 0, None
@@ -108,12 +111,14 @@ def _write_verified_day(
     day_us: int,
     where: str,
     params: list[Any],
+    lock_days: int,
     anonymizer: Anonymizer | None,
     checkpoint: Checkpoint | None,
 ) -> tuple[int, ArchivedFile | None]:
     """Inside the caller's transaction: one metric-day's rows (`where` over samples) written to
-    their Parquet file, read back and verified, stray files of the partition removed, and the
-    manifest row recorded. (rows, file); (0, None) when there are no rows."""
+    their Parquet file (under a compliance lock of `lock_days` after the day, when above 0),
+    read back and verified, stray files of the partition removed, and the manifest row
+    recorded. (rows, file); (0, None) when there are no rows."""
     backend, root = store.backend, archive_root(store.settings)
     rows = backend.read_columns(
         f"SELECT {{columns}} FROM samples WHERE {where}",  # noqa: S608
@@ -135,13 +140,19 @@ def _write_verified_day(
         prepared,
         anonymized=anonymizer is not None,
         checkpoint=checkpoint,
-        lock_days=store.settings.archive_lock_days,
+        lock_days=lock_days,
     )
     remove_orphans(backend, root, partition_dir(metric, day_us), keep=item.path)
     if checkpoint is not None:
         checkpoint("verified", {"path": item.path})
     record_manifest(backend, item)
     return len(sid), item
+
+
+def group_lock_days(group: Group, default: int) -> int:
+    """Days a group's archive files are locked for: its rule's own, else `default` (the
+    `archive_lock_days` setting); the default group (no rule) takes the setting."""
+    return default if group.rule is None else group.rule.lock_days(default)
 
 
 def archive_table(
@@ -229,9 +240,15 @@ def archive_whole_chunks(
                     f"AND samples.ts < {backend.ts_in}"
                 )
                 params = [backend.id_list(present), start, end]
-                rows, item = _write_verified_day(
-                    store, planned, metric, start, where, params, anonymizer, checkpoint
+                # one file per metric holds the series of every rule present: the longest
+                # lock among them
+                lock_days = max(
+                    group_lock_days(group_of[i], store.settings.archive_lock_days) for i in present
                 )
+                rows, item = _write_verified_day(
+                    store, planned, metric, start, where, params, lock_days, anonymizer,
+                    checkpoint,
+                )  # fmt: skip
                 archived += rows
                 if item is not None:
                     report.files.append(item)

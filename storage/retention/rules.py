@@ -43,6 +43,9 @@ class RetentionRule:
     priority: int
     archive: bool
     legal_hold: bool
+    # Days an archived file stays under a compliance lock after its day ends (object stores);
+    # None: the `archive_lock_days` setting.
+    archive_lock_days: int | None = None
 
     @property
     def name(self) -> str:
@@ -58,7 +61,17 @@ class RetentionRule:
             "priority": self.priority,
             "archive": self.archive,
             "legal_hold": self.legal_hold,
+            "archive_lock_days": self.archive_lock_days,
         }
+
+    @property
+    def archives(self) -> bool:
+        """Whether this rule archives what it deletes (raw data, archive on, not a hold)."""
+        return self.archive and self.level == "raw" and not self.legal_hold
+
+    def lock_days(self, default: int) -> int:
+        """Days this rule's archive files are locked for: its own, else `default`."""
+        return default if self.archive_lock_days is None else self.archive_lock_days
 
 
 def _label_text(labels: Mapping[str, str]) -> str:
@@ -96,11 +109,14 @@ def validate_rule(
     priority: int,
     level: str,
     legal_hold: bool,
+    archive: bool = True,
+    archive_lock_days: int | None = None,
 ) -> dict[str, str]:
     """Checks a rule's fields; returns its labels as a plain dict of strings."""
     glob_regex(metric_pattern)
     if level not in LEVELS:
         raise RetentionRuleError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+    _check_lock_days(archive_lock_days, level=level, archive=archive, legal_hold=legal_hold)
     if legal_hold:
         if retention_days is not None:
             raise RetentionRuleError(
@@ -128,6 +144,24 @@ def validate_rule(
     return clean
 
 
+def _check_lock_days(lock_days: int | None, *, level: str, archive: bool, legal_hold: bool) -> None:
+    """A rule's own archive lock only means something where the rule archives: raw data,
+    archive on, no legal hold (a hold keeps the rows, nothing is archived)."""
+    if lock_days is None:
+        return
+    if isinstance(lock_days, bool) or not isinstance(lock_days, int):
+        raise RetentionRuleError(f"archive_lock_days must be a whole number, not {lock_days!r}")
+    if not 0 <= lock_days <= MAX_RETENTION_DAYS:
+        raise RetentionRuleError(
+            f"archive_lock_days must be between 0 and {MAX_RETENTION_DAYS}, not {lock_days}"
+        )
+    if legal_hold or level != "raw" or not archive:
+        raise RetentionRuleError(
+            "archive_lock_days applies to a rule that archives raw data (level raw, archive on, "
+            "no legal hold): this rule archives nothing"
+        )
+
+
 def add_rule(
     backend: Backend,
     metric_pattern: str,
@@ -138,14 +172,18 @@ def add_rule(
     level: str = "raw",
     archive: bool = True,
     legal_hold: bool = False,
+    archive_lock_days: int | None = None,
 ) -> RetentionRule:
     """Validate and store a rule; returns it with its id."""
-    clean = validate_rule(metric_pattern, retention_days, labels, priority, level, legal_hold)
+    clean = validate_rule(
+        metric_pattern, retention_days, labels, priority, level, legal_hold,
+        archive, archive_lock_days,
+    )  # fmt: skip
     with backend.transaction():
         rows = backend.execute(
             "INSERT INTO retention_rules (metric_pattern, labels, level, retention_days, "
-            "priority, archive, legal_hold) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-            "RETURNING rule_id",
+            "priority, archive, legal_hold, archive_lock_days) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING rule_id",
             (
                 metric_pattern,
                 json.dumps(clean, sort_keys=True),
@@ -154,11 +192,13 @@ def add_rule(
                 priority,
                 _bool(backend, archive),
                 _bool(backend, legal_hold),
+                archive_lock_days,
             ),
         )
     return RetentionRule(
-        int(rows[0][0]), metric_pattern, clean, level, retention_days, priority, archive, legal_hold
-    )
+        int(rows[0][0]), metric_pattern, clean, level, retention_days, priority, archive,
+        legal_hold, archive_lock_days,
+    )  # fmt: skip
 
 
 def _bool(backend: Backend, value: bool) -> bool | int:
@@ -168,7 +208,8 @@ def _bool(backend: Backend, value: bool) -> bool | int:
 def list_rules(backend: Backend) -> list[RetentionRule]:
     rows = backend.execute(
         "SELECT rule_id, metric_pattern, labels, level, retention_days, priority, archive, "
-        "legal_hold FROM retention_rules ORDER BY level, priority DESC, rule_id"
+        "legal_hold, archive_lock_days FROM retention_rules "
+        "ORDER BY level, priority DESC, rule_id"
     )
     return [
         RetentionRule(
@@ -180,6 +221,7 @@ def list_rules(backend: Backend) -> list[RetentionRule]:
             int(r[5]),
             bool(r[6]),
             bool(r[7]),
+            None if r[8] is None else int(r[8]),
         )
         for r in rows
     ]
