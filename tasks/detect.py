@@ -29,6 +29,7 @@ from prefect import get_run_logger, task
 
 from metricmill.settings import Settings
 from storage import detection
+from storage.schema import CALIBRATION_COLUMNS
 from storage.store import Store
 from tasks import calibration as cal
 from tasks.alert_engine import SCORE_COLUMNS
@@ -87,7 +88,6 @@ def _shape_features(
 def _reach(table: BaselineTable, side: str) -> np.ndarray:
     """Per series of the table: how many scales from expected its effective threshold on one
     side lies (at least the default rule's threshold)."""
-    from tasks.baseline import CALIBRATION_COLUMNS
 
     def column(name: str) -> np.ndarray:
         return table.calibration[CALIBRATION_COLUMNS.index(name)]
