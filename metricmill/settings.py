@@ -1,23 +1,17 @@
-"""One settings object: METRICMILL_* environment variables, then an optional TOML file."""
+"""One settings object: METRICMILL_* environment variables, then an optional TOML file.
+
+The model is here; what its fields check and normalise is in settings_checks, where the values
+come from (the file, Prefect Secret blocks) and how a failure reads in settings_loading. Every
+name importable from this module before that split still is."""
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import pydantic_settings
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,97 +20,31 @@ from pydantic_settings import (
 )
 
 from metricmill.errors import SettingsError
-from metricmill.secrets import (
-    install_log_redaction,
-    quote_password,
-    redact,
-    remember,
-    split_password,
+from metricmill.secrets import install_log_redaction, remember, split_password
+from metricmill.settings_checks import (
+    MEMORY_URL,
+    UPPER_BOUNDS,
+    ScrapeTarget,
+    check_archive_url,
+    mask_url,
+    normalise_database_url,
 )
+from metricmill.settings_loading import config_file_path, load, load_past_errors, secret_setting
+
+__all__ = [
+    "MEMORY_URL",
+    "ScrapeTarget",
+    "Settings",
+    "check_archive_url",
+    "config_file_path",
+    "load_settings",
+    "load_settings_past_errors",
+    "mask_url",
+    "normalise_database_url",
+    "secret_setting",
+]
 
 install_log_redaction()  # settings are where passwords enter: from here on, logs hide them
-
-MEMORY_URL = "sqlite:///:memory:"
-_SQLITE_SCHEMES = {"sqlite", "sqlite+pysqlite"}
-_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"}
-# sqlite:///PATH with nothing to decode: read without SQLAlchemy, whose import costs more than
-# half a second of every CLI command's start-up.
-_PLAIN_SQLITE_URL = re.compile(r"sqlite(?:\+pysqlite)?:///(?P<path>[^?#%]*)")
-
-
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-
-
-class ScrapeTarget(BaseModel):
-    """One scrape target, as Prometheus's static_configs put it: a URL, the `job` label its
-    samples get, and labels added to each of them (a plain URL string means job "scrape")."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str
-    job: str = "scrape"
-    labels: dict[str, str] = {}
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError(f"not an http(s) URL: {redact(value)!r}")
-        return value
-
-    @field_validator("job")
-    @classmethod
-    def _job(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("job must not be empty")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
-                raise ValueError(f"label name {name!r} is not a Prometheus label name")
-            if name in {"job", "instance"}:
-                raise ValueError(f"label {name!r} is set by the target: use its 'job' key")
-        return value
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log (see `redact`)."""
-    return url if url == MEMORY_URL else redact(url)
-
-
-def normalise_database_url(url: str) -> str:
-    """Canonical form of a database URL: sqlite:///ABS_PATH, sqlite:///:memory: or postgresql://…"""
-    url = url.strip()
-    if url in {"memory", "memory://", ":memory:", "sqlite://", "sqlite:///:memory:"}:
-        return MEMORY_URL
-    plain = _PLAIN_SQLITE_URL.fullmatch(url)
-    if plain is not None:
-        database = plain["path"]
-        if not database or database == ":memory:":
-            return MEMORY_URL
-        return f"sqlite:///{Path(database).expanduser().resolve()}"
-    from sqlalchemy.engine import make_url  # only for URLs that need its parser
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(quote_password(url))
-    except (ArgumentError, ValueError) as exc:
-        raise ValueError(f"not a database URL: {mask_url(url)!r}") from exc
-    scheme = parsed.drivername
-    if scheme in _SQLITE_SCHEMES:
-        if not parsed.database or parsed.database == ":memory:":
-            return MEMORY_URL
-        path = Path(parsed.database).expanduser().resolve()
-        return f"sqlite:///{path}"
-    if scheme in _POSTGRES_SCHEMES:
-        return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    raise ValueError(
-        f"unsupported database {scheme!r} in {mask_url(url)!r}: "
-        "use sqlite:///PATH, memory:// or postgresql://USER@HOST:PORT/DB"
-    )
 
 
 class Settings(BaseSettings):
@@ -442,7 +370,7 @@ class Settings(BaseSettings):
     def _within_bounds(self) -> Settings:
         """Sane upper bounds: a value past them is a typo, and would overflow a date or a
         buffer somewhere far from the setting that caused it."""
-        for names, high in _UPPER_BOUNDS:
+        for names, high in UPPER_BOUNDS:
             for name in names:
                 if getattr(self, name) > high:
                     raise ValueError(f"METRICMILL_{name.upper()}: must be at most {high:,}")
@@ -508,151 +436,16 @@ class Settings(BaseSettings):
         return self.export_dir
 
 
-# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-def check_archive_url(url: str) -> str:
-    """An archive URL as given, or ValueError saying what is wrong with it (for settings)."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3":
-        raise ValueError(
-            f"unsupported archive URL scheme {parts.scheme!r}: give a directory or "
-            "s3://BUCKET/PREFIX"
-        )
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(
-            "the archive URL takes no credentials, query or fragment: set "
-            "METRICMILL_ARCHIVE_S3_ACCESS_KEY_ID and METRICMILL_ARCHIVE_S3_SECRET_ACCESS_KEY"
-        )
-    if not _BUCKET.fullmatch(parts.netloc):
-        raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (s3://BUCKET/PREFIX)")
-    prefix = parts.path.strip("/")
-    if any(piece in ("", ".", "..") for piece in prefix.split("/")) and prefix:
-        raise ValueError("the archive URL's prefix has an empty, '.' or '..' part")
-    return f"s3://{parts.netloc}/{prefix}".rstrip("/")
-
-
-def _secret_block(name: str) -> str:
-    """The value of a Prefect Secret block, "" when it holds none (Prefect is imported only
-    when a block is named). ValueError when it cannot be loaded."""
-    from prefect.blocks.system import Secret
-
-    try:
-        block: Any = Secret.load(name, _sync=True)  # type: ignore[call-arg]
-        value = block.get()
-    except Exception as exc:  # missing block, unreachable API: a setting that cannot be used
-        raise ValueError(f"cannot load the Prefect Secret block {name!r}: {exc}") from None
-    return "" if value is None else str(value)
-
-
-def secret_setting(value: SecretStr | None, block: str | None) -> str | None:
-    """A secret setting's value, else that of the Prefect Secret block the setting beside it
-    names; None when neither gives one. ValueError when the block cannot be loaded."""
-    if value is not None and value.get_secret_value():
-        return value.get_secret_value()
-    return (_secret_block(block) or None) if block else None
-
-
-_DAY_FIELDS = (
-    "retention_days", "retention_1m_days", "retention_5m_days", "retention_1h_days",
-    "retention_1d_days", "compress_after_days", "baseline_window_days", "archive_lock_days",
-)  # fmt: skip
-_SECOND_FIELDS = (
-    "settle_seconds", "max_future_skew_seconds", "scrape_timeout_seconds",
-    "anonymize_coarsen_seconds", "alert_for_seconds", "alert_keep_firing_for_seconds",
-    "alert_repeat_interval_seconds", "notify_timeout_seconds", "notify_backoff_seconds",
-)  # fmt: skip
-# (fields, the largest value each may take)
-_UPPER_BOUNDS: tuple[tuple[tuple[str, ...], int], ...] = (
-    (_DAY_FIELDS, 36_500),  # a century: further back than any sample can be
-    (_SECOND_FIELDS, 366 * 86_400),
-    (("detect_lookback_minutes",), 366 * 24 * 60),
-    (("max_file_bytes",), 1 << 40),
-    (("max_line_bytes",), 1 << 30),
-    # JSON nested deeper than this would recurse past Python's limit in the json module
-    (("max_nesting_depth",), 256),
-    (("max_row_labels", "max_labels"), 100_000),
-    (("max_bad_lines",), 100_000_000),
-    (("max_new_series_per_batch", "rollup_check_max_rows", "detector_max_fit_rows"), 10**9),
-    (("max_label_name_length", "max_label_value_length"), 1 << 20),
-    (("rollup_chunk_hours",), 24 * 366),
-    (("ingest_max_parallel_runs",), 1024),  # an advisory lock slot each
-    (("baseline_chunk_series", "detect_shards", "notify_retries"), 1_000_000),
-)
-
-
-def config_file_path(home: str | Path | None = None) -> Path | None:
-    """METRICMILL_CONFIG if set (it must exist), else HOME/metricmill.toml when present."""
-    explicit = os.environ.get("METRICMILL_CONFIG")
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise SettingsError(f"METRICMILL_CONFIG points at {path}, which is not a file")
-        return path
-    home_dir = Path(home or os.environ.get("METRICMILL_HOME", "~/.metricmill")).expanduser()
-    candidate = home_dir / "metricmill.toml"
-    return candidate if candidate.is_file() else None
-
-
-def _blank(value: Any) -> bool:
-    return isinstance(value, str) and not value.strip()
-
-
 def load_settings(**overrides: Any) -> Settings:
     """Settings from overrides, the environment and the TOML file; one clear error if invalid.
 
     An override that is None or a blank string is not given (a field a custom-run form in the
     Prefect UI left empty arrives as ""): the environment, the file or the default applies."""
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None and not _blank(v)})
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"])
-            message = err["msg"].removeprefix("Value error, ")
-            # err["msg"] never contains the input value; URLs are masked by the validator.
-            problems.append(f"METRICMILL_{field.upper()}: {message}" if field else message)
-        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
-    except pydantic_settings.SettingsError as exc:
-        # A list or dict setting that is not JSON: pydantic-settings names the field in quotes.
-        text = str(exc)
-        field = text.split('"')[1] if text.count('"') >= 2 else "?"
-        raise SettingsError(
-            f"invalid settings: METRICMILL_{field.upper()}: not valid JSON "
-            '(a list is written ["a", "b"], a mapping {"key": "value"})'
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        where = config_file_path(overrides.get("home"))
-        raise SettingsError(f"invalid settings: {where}: not TOML: {exc}") from None
+    return load(Settings, overrides)
 
 
 def load_settings_past_errors(**overrides: Any) -> tuple[Settings | None, list[str]]:
     """Settings with every invalid field at its default, and the names of those fields, for
     `metricmill doctor` to run its other checks when a setting is wrong. (None, names) when
     the settings cannot be read even so (a TOML file that does not parse, a cross-field rule)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    replaced: dict[str, Any] = {}
-    hidden: dict[str, str] = {}  # variables that do not even parse, out of the environment
-    try:
-        for _ in range(2 * len(Settings.model_fields) + 1):
-            try:
-                return Settings(**(given | replaced)), sorted(replaced)
-            except ValidationError as exc:
-                fields = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
-            except pydantic_settings.SettingsError as exc:
-                text = str(exc)
-                fields = {text.split('"')[1]} if text.count('"') >= 2 else set()
-                for name in list(os.environ):
-                    if name.upper() in {f"METRICMILL_{f.upper()}" for f in fields}:
-                        hidden[name] = os.environ.pop(name)
-            except tomllib.TOMLDecodeError:
-                return None, sorted(replaced)
-            fields = {f for f in fields if f in Settings.model_fields and f not in replaced}
-            if not fields:
-                return None, sorted(replaced)
-            for name in fields:
-                replaced[name] = Settings.model_fields[name].get_default(call_default_factory=True)
-        return None, sorted(replaced)
-    finally:
-        os.environ.update(hidden)
+    return load_past_errors(Settings, overrides)

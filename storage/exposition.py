@@ -193,6 +193,34 @@ def _text_lines(source: str | bytes) -> list[str | bytes]:
     return list(source.split("\n"))
 
 
+def _read_comment(body: str, families: dict[str, str], sampled: set[str]) -> None:
+    """A comment line: a ``# TYPE`` line records its family's type in ``families`` (or is
+    rejected: malformed, after samples of its family, or contradicting an earlier one); any
+    other comment is ignored."""
+    words = body[1:].split(None, 3)
+    if not words or words[0] != "TYPE":
+        return
+    if len(words) != 3 or not _METRIC_NAME.fullmatch(words[1]) or words[2] not in METRIC_TYPES:
+        raise LineRejected(MALFORMED_LINE)
+    family = words[1]
+    if family not in families and (
+        family in sampled or any(family + e in sampled for e in _FAMILY_SUFFIXES)
+    ):
+        raise LineRejected(MALFORMED_LINE)  # a TYPE line after its samples
+    if families.setdefault(family, words[2]) != words[2]:
+        raise LineRejected(MALFORMED_LINE)  # conflicting second TYPE line
+
+
+def _timestamp_us(token: str) -> int:
+    """A sample's timestamp token (integer milliseconds) in microseconds."""
+    if not _TIMESTAMP.fullmatch(token):
+        raise LineRejected(INVALID_TIMESTAMP)
+    ts = int(token) * 1000
+    if ts < _US_MIN or ts > _US_MAX:
+        raise LineRejected(TIMESTAMP_OUT_OF_RANGE)
+    return ts
+
+
 def parse_exposition(
     text: str | bytes, *, scrape_time: datetime, extra_labels: dict[str, str] | None = None
 ) -> ExpositionResult:
@@ -230,21 +258,7 @@ def parse_exposition(
             continue
         try:
             if body[0] == "#":
-                words = body[1:].split(None, 3)
-                if words and words[0] == "TYPE":
-                    if (
-                        len(words) != 3
-                        or not _METRIC_NAME.fullmatch(words[1])
-                        or words[2] not in METRIC_TYPES
-                    ):
-                        raise LineRejected(MALFORMED_LINE)
-                    family = words[1]
-                    if family not in families and (
-                        family in sampled or any(family + e in sampled for e in _FAMILY_SUFFIXES)
-                    ):
-                        raise LineRejected(MALFORMED_LINE)  # a TYPE line after its samples
-                    if families.setdefault(family, words[2]) != words[2]:
-                        raise LineRejected(MALFORMED_LINE)  # conflicting second TYPE line
+                _read_comment(body, families, sampled)
                 continue
 
             name, sample_labels, value_token, ts_token = _parse_sample(body)
@@ -257,14 +271,7 @@ def parse_exposition(
                 continue
             if families:
                 _check_family(name, sample_labels, value, families)
-            if ts_token is None:
-                ts = scrape_us
-            elif _TIMESTAMP.fullmatch(ts_token):
-                ts = int(ts_token) * 1000
-                if ts < _US_MIN or ts > _US_MAX:
-                    raise LineRejected(TIMESTAMP_OUT_OF_RANGE)
-            else:
-                raise LineRejected(INVALID_TIMESTAMP)
+            ts = scrape_us if ts_token is None else _timestamp_us(ts_token)
         except LineRejected as error:
             rejected.append(({"line": line, "line_no": line_no}, error.reason))
             continue

@@ -83,41 +83,18 @@ def replay(
     points = points.sort_values(["series_id", "ts_us"], kind="stable").reset_index(drop=True)
     if points.empty:
         return empty_scores()
-    ts = points["ts_us"].to_numpy(np.int64)
-    sid = points["series_id"].to_numpy(np.int64)
-    labels = points["_confirmed"].to_numpy(bool) if confirmed is not None else None
-    points = points[["series_id", "ts_us", "value"]]
-    buckets = buckets_of(points)
-    b_ts = buckets["ts_us"].to_numpy(np.int64)
-    b_sid = buckets["series_id"].to_numpy(np.int64)
-    row_bucket = _bucket_rows(sid, ts, b_sid, b_ts)
-    left_out = np.zeros(len(buckets), dtype=bool)
-    if labels is not None and confirm_with is None:
-        left_out[row_bucket[labels]] = True
-    metric_of = pd.Series(metric, index=np.unique(sid))
+    h = _history(points, confirmed is not None, confirm_with)
+    metric_of = pd.Series(metric, index=np.unique(h.sid))
     patterns = detectors or {"*": "ecod"}
-    first_day = int(ts.min()) // DAY_US + 1
-    last_day = int(ts.max()) // DAY_US
-    out = points.copy()
     columns = [c for c in empty_scores().columns if c not in ("series_id", "ts_us", "value")]
-    values = {c: np.full(len(points), np.nan) for c in columns}
+    values = {c: np.full(len(h.points), np.nan) for c in columns}
     models: dict[str, FittedModel] = {}
     fitted_on: int | None = None
-    single = _single(buckets)
-    for day in range(first_day, last_day + 1):  # one refit per day, as the nightly flow
-        t0 = day * DAY_US
-        if labels is not None and confirm_with is not None:
-            seen = int(np.searchsorted(ts, t0)) if single else len(ts)
-            known = ts[:seen] < t0
-            left_out[
-                row_bucket[:seen][_confirmed_rows(out, values, seen, known, labels, confirm_with)]
-            ] = True
-        if single:
-            lo, hi = np.searchsorted(b_ts, [t0 - window_days * DAY_US, t0])
-            keep = np.arange(lo, hi)
-        else:
-            keep = np.flatnonzero((b_ts >= t0 - window_days * DAY_US) & (b_ts < t0))
-        train = buckets.iloc[keep[~left_out[keep]]]
+    for day in range(int(h.ts.min()) // DAY_US + 1, int(h.ts.max()) // DAY_US + 1):
+        t0 = day * DAY_US  # one refit per day, as the nightly flow
+        if h.labels is not None and confirm_with is not None:
+            _leave_out_confirmed(h, t0, values, confirm_with)
+        train = _training_buckets(h, t0, window_days)
         learned = learn_baselines(train, bucket_us=BUCKET_US, params=params)
         if learned.baselines.empty:
             continue
@@ -126,17 +103,87 @@ def replay(
                 train, learned.baselines, metric_of, patterns, max_rows=max_fit_rows
             )
             fitted_on = day
-        rows = np.flatnonzero((ts >= t0 - CONTEXT_US) & (ts < t0 + DAY_US))
-        chunk = points.iloc[rows].assign(fresh=ts[rows] >= t0)
-        scored = score_points(chunk, BaselineTable.from_frame(learned.baselines), models, metric_of)
-        target = rows[scored.rows]  # back to rows of `points`
-        for column in columns:
-            values[column][target] = scored.scores[column].to_numpy(np.float64)
+        table = BaselineTable.from_frame(learned.baselines)
+        _score_day(h, t0, table, models, metric_of, values)
+    out = h.points.copy()
     for column in columns:
         out[column] = values[column]
     for column in ("stat_score", "score"):
         out[column] = out[column].fillna(0.0)
     return out
+
+
+@dataclass
+class _History:
+    """What a replay walks over: the points (series_id, ts_us, value; sorted), their labels,
+    their 5m buckets, each point's bucket, and the buckets a refit must leave out (labelled or
+    confirmed). `single`: one series, so time windows are slices."""
+
+    points: pd.DataFrame
+    ts: np.ndarray
+    sid: np.ndarray
+    labels: np.ndarray | None
+    buckets: pd.DataFrame
+    b_ts: np.ndarray
+    row_bucket: np.ndarray
+    left_out: np.ndarray
+    single: bool
+
+
+def _history(points: pd.DataFrame, labelled: bool, confirm_with: AlertRule | None) -> _History:
+    """The replay's points and buckets; without a rule to confirm with, every labelled
+    bucket is left out of every refit from the start."""
+    ts = points["ts_us"].to_numpy(np.int64)
+    sid = points["series_id"].to_numpy(np.int64)
+    labels = points["_confirmed"].to_numpy(bool) if labelled else None
+    points = points[["series_id", "ts_us", "value"]]
+    buckets = buckets_of(points)
+    b_ts = buckets["ts_us"].to_numpy(np.int64)
+    b_sid = buckets["series_id"].to_numpy(np.int64)
+    row_bucket = _bucket_rows(sid, ts, b_sid, b_ts)
+    left_out = np.zeros(len(buckets), dtype=bool)
+    if labels is not None and confirm_with is None:
+        left_out[row_bucket[labels]] = True
+    return _History(points, ts, sid, labels, buckets, b_ts, row_bucket, left_out, _single(buckets))
+
+
+def _leave_out_confirmed(
+    h: _History, t0: int, values: dict[str, np.ndarray], rule: AlertRule
+) -> None:
+    """Mark the buckets of the rows an operator could have confirmed before `t0` (from the
+    scores so far) as left out of the refits from now on."""
+    assert h.labels is not None
+    seen = int(np.searchsorted(h.ts, t0)) if h.single else len(h.ts)
+    known = h.ts[:seen] < t0
+    confirmed = _confirmed_rows(h.points, values, seen, known, h.labels, rule)
+    h.left_out[h.row_bucket[:seen][confirmed]] = True
+
+
+def _training_buckets(h: _History, t0: int, window_days: int) -> pd.DataFrame:
+    """The buckets of the `window_days` days before `t0` a refit may learn from."""
+    if h.single:
+        lo, hi = np.searchsorted(h.b_ts, [t0 - window_days * DAY_US, t0])
+        keep = np.arange(lo, hi)
+    else:
+        keep = np.flatnonzero((h.b_ts >= t0 - window_days * DAY_US) & (h.b_ts < t0))
+    return h.buckets.iloc[keep[~h.left_out[keep]]]
+
+
+def _score_day(
+    h: _History,
+    t0: int,
+    table: BaselineTable,
+    models: dict[str, FittedModel],
+    metric_of: pd.Series,
+    values: dict[str, np.ndarray],
+) -> None:
+    """Score the day from `t0` (with the hour before as context) into `values`."""
+    rows = np.flatnonzero((h.ts >= t0 - CONTEXT_US) & (h.ts < t0 + DAY_US))
+    chunk = h.points.iloc[rows].assign(fresh=h.ts[rows] >= t0)
+    scored = score_points(chunk, table, models, metric_of)
+    target = rows[scored.rows]  # back to rows of `points`
+    for column, column_values in values.items():
+        column_values[target] = scored.scores[column].to_numpy(np.float64)
 
 
 def _bucket_rows(

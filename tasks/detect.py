@@ -29,6 +29,7 @@ from prefect import get_run_logger, task
 
 from metricmill.settings import Settings
 from storage import detection
+from storage.schema import CALIBRATION_COLUMNS
 from storage.store import Store
 from tasks import calibration as cal
 from tasks.alert_engine import SCORE_COLUMNS
@@ -40,6 +41,7 @@ MODEL_WEIGHT = 0.25
 CONTEXT_US = cal.AGILE_US + cal.BLOCK_US  # points before the watermark the offset looks back at
 CHUNK_ROWS = 250_000
 _THRESHOLD_FLOOR = 0.7  # for the row's kind only: the rule's own threshold decides alerts
+_NONE = np.empty(0, dtype=np.int64)
 
 
 def empty_scores() -> pd.DataFrame:
@@ -87,7 +89,6 @@ def _shape_features(
 def _reach(table: BaselineTable, side: str) -> np.ndarray:
     """Per series of the table: how many scales from expected its effective threshold on one
     side lies (at least the default rule's threshold)."""
-    from tasks.baseline import CALIBRATION_COLUMNS
 
     def column(name: str) -> np.ndarray:
         return table.calibration[CALIBRATION_COLUMNS.index(name)]
@@ -158,19 +159,55 @@ def _score_part(
     models: dict[str, FittedModel],
     metric_of: pd.Series,
 ) -> Scored:
-    """score_points on one part of the rows (whole series)."""
+    """score_points on one part of the rows (whole series): residuals against the baselines,
+    their statistical level, the models' lift of unusual points, then the output rows."""
     if points.empty:
         return Scored(empty_scores(), np.empty(0, dtype=np.int64))
     fresh = (
         points["fresh"].to_numpy(bool) if "fresh" in points else np.ones(len(points), dtype=bool)
     )
+    r = _residuals(points, table)
+    no_baseline = np.unique(r.sid[fresh & ~r.has])
+    stat_level = _stat_level(r)
+    # The points a model may lift: unusual ones, of series whose metric may have a model.
+    gated = np.flatnonzero(fresh & r.has & (stat_level >= MODEL_GATE)) if models else _NONE
+    model, total = _model_lift(r, stat_level, gated, models, metric_of)
+    out_rows = np.flatnonzero(fresh & r.has)
+    scores = _score_rows(r, table, stat_level, model, total, gated, out_rows)
+    return Scored(scores, no_baseline, out_rows)
+
+
+@dataclass
+class _Residuals:
+    """One part's points against their baselines: per point its series code within the part,
+    the baseline's expected value, scale and level (`has`: the series has one), the series'
+    calibration columns, whether the point is an outage, the agile offset and the residual
+    (in scales, less the offset); `where` is the table positions of the points."""
+
+    sid: np.ndarray
+    ts: np.ndarray
+    value: np.ndarray
+    code: np.ndarray
+    where: tuple[np.ndarray, np.ndarray]
+    has: np.ndarray
+    expected: np.ndarray
+    scale: np.ndarray
+    level: np.ndarray
+    calib: dict[str, np.ndarray]
+    outage: np.ndarray
+    offset: np.ndarray
+    residual: np.ndarray
+
+
+def _residuals(points: pd.DataFrame, table: BaselineTable) -> _Residuals:
+    """Each point's residual from its baseline slot, less its series' agile offset (outage
+    points, at or below the series' outage floor, do not move the offset)."""
     sid = points["series_id"].to_numpy(np.int64)
     ts = points["ts_us"].to_numpy(np.int64)
     value = points["value"].to_numpy(np.float64)
     where = table.positions(sid)
     has, expected, scale, level = table.lookup(sid, ts, positions=where)
     calib = table.calibration_of(where[0])
-    no_baseline = np.unique(sid[fresh & ~has])
     first = np.r_[True, sid[1:] != sid[:-1]]
     code = np.cumsum(first) - 1
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -179,13 +216,22 @@ def _score_part(
         outage = has & (value <= floor)
         offset = cal.agile_offset(code, ts, raw, int(code[-1]) + 1, use=has & ~outage)
         residual = raw - offset
+    return _Residuals(
+        sid, ts, value, code, where, has, expected, scale, level, calib, outage, offset, residual
+    )
+
+
+def _stat_level(r: _Residuals) -> np.ndarray:
+    """L = -log10 p of each residual under its side's tail, raised to that of the run of
+    residuals it ends when the run is on the same side; 0 without a baseline."""
+    calib, residual = r.calib, r.residual
     up_u, up_beta = calib["tail_up_u"], calib["tail_up_beta"]
     down_u, down_beta = calib["tail_down_u"], calib["tail_down_beta"]
     upward = residual >= 0
     stat_level = cal.tail_level(
         np.abs(residual), np.where(upward, up_u, down_u), np.where(upward, up_beta, down_beta)
     )
-    run = cal.rolling_mean(code, np.where(has & ~outage, residual, 0.0), cal.RUN_POINTS)
+    run = cal.rolling_mean(r.code, np.where(r.has & ~r.outage, residual, 0.0), cal.RUN_POINTS)
     run_up = run >= 0
     run_level = cal.tail_level(
         np.abs(run),
@@ -194,62 +240,86 @@ def _score_part(
     )
     # The run counts on the point's own side only: a dip right after a long rise is a dip.
     stat_level = np.fmax(stat_level, np.where(run_up == upward, run_level, 0.0))
-    stat_level[~has] = 0.0
-    total = stat_level
-    model = np.full(len(points), np.nan)
-    gated = np.flatnonzero(fresh & has & (stat_level >= MODEL_GATE))
-    if len(gated) and models:
-        names = pd.Series(sid[gated]).map(metric_of).to_numpy(dtype=object)
-        codes, uniq = pd.factorize(names)
-        for m_code, metric in enumerate(uniq):  # a loop per metric
-            fitted = models.get(str(metric))
-            if fitted is None:
-                continue
-            rows = gated[codes == m_code]
-            feats = _shape_features(rows, code, value, residual, scale, level)
-            model[rows] = fitted.calibrated(feats)
-        lift = -np.log10(np.maximum(1.0 - np.nan_to_num(model[gated]), 1.0 / 501))
-        total = stat_level.copy()
-        total[gated] += MODEL_WEIGHT * lift
-    out_rows = np.flatnonzero(fresh & has)
+    stat_level[~r.has] = 0.0
+    return stat_level
+
+
+def _model_lift(
+    r: _Residuals,
+    stat_level: np.ndarray,
+    gated: np.ndarray,
+    models: dict[str, FittedModel],
+    metric_of: pd.Series,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(model score per point, NaN where no model scored it; the level with the models' lift
+    added at the gated points). Without gated points the level is `stat_level` itself."""
+    model = np.full(len(r.sid), np.nan)
+    if not len(gated):
+        return model, stat_level
+    names = pd.Series(r.sid[gated]).map(metric_of).to_numpy(dtype=object)
+    codes, uniq = pd.factorize(names)
+    for m_code, metric in enumerate(uniq):  # a loop per metric
+        fitted = models.get(str(metric))
+        if fitted is None:
+            continue
+        rows = gated[codes == m_code]
+        feats = _shape_features(rows, r.code, r.value, r.residual, r.scale, r.level)
+        model[rows] = fitted.calibrated(feats)
+    lift = -np.log10(np.maximum(1.0 - np.nan_to_num(model[gated]), 1.0 / 501))
+    total = stat_level.copy()
+    total[gated] += MODEL_WEIGHT * lift
+    return model, total
+
+
+def _score_rows(
+    r: _Residuals,
+    table: BaselineTable,
+    stat_level: np.ndarray,
+    model: np.ndarray,
+    total: np.ndarray,
+    gated: np.ndarray,
+    out_rows: np.ndarray,
+) -> pd.DataFrame:
+    """The output rows (SCORE_COLUMNS): scores, kind, sign, the band and the thresholds."""
     # The output rows: a plain view when every row is one (a backtest day, a benchmark), a
     # gather otherwise; a few million rows make each avoidable gather count.
-    sel: slice | np.ndarray = slice(None) if len(out_rows) == len(points) else out_rows
-    o_res = residual[sel]
-    o_scale = scale[sel]
-    o_expected = expected[sel] + offset[sel] * o_scale
+    sel: slice | np.ndarray = slice(None) if len(out_rows) == len(r.sid) else out_rows
+    calib = r.calib
+    o_res = r.residual[sel]
+    o_scale = r.scale[sel]
+    o_expected = r.expected[sel] + r.offset[sel] * o_scale
     thr_both = calib["threshold_both"][sel]
     stat_score = cal.score_of(stat_level[sel])
     score = stat_score.copy()
-    if len(gated) and models:  # only rows the model lifted differ from the statistics alone
-        is_gated = np.zeros(len(points), dtype=bool)
+    if len(gated):  # only rows the model lifted differ from the statistics alone
+        is_gated = np.zeros(len(r.sid), dtype=bool)
         is_gated[gated] = True
         lifted = np.flatnonzero(is_gated[sel])
         score[lifted] = cal.score_of(total[out_rows[lifted]])
-    o_outage = outage[sel]
+    o_outage = r.outage[sel]
     sign = np.sign(o_res)
     high = score >= np.fmax(thr_both, _THRESHOLD_FLOOR)
-    shifted = cal.sustained(code[sel], np.where(high, sign, 0.0))
+    shifted = cal.sustained(r.code[sel], np.where(high, sign, 0.0))
     kind = np.where(
         o_outage, cal.KIND_OUTAGE, np.where(shifted, cal.KIND_SHIFT, cal.KIND_POINT)
     ).astype(np.float64)
     # The band: where the series' effective thresholds (at least the default rule's) lie;
     # computed once per series of the table, then spread over the rows.
-    o_pos = where[0][sel]
+    o_pos = r.where[0][sel]
     reach_up = _reach(table, "up").take(o_pos) if len(out_rows) else np.empty(0)
     reach_down = _reach(table, "down").take(o_pos) if len(out_rows) else np.empty(0)
-    scores = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "series_id": sid[sel],
-            "ts_us": ts[sel],
-            "value": value[sel],
+            "series_id": r.sid[sel],
+            "ts_us": r.ts[sel],
+            "value": r.value[sel],
             "expected": o_expected,
             "lower": o_expected - reach_down * o_scale,
             "upper": o_expected + reach_up * o_scale,
             "stat_score": stat_score,
             "model_score": model[sel],
             "score": score,
-            "baseline_level": level[sel],
+            "baseline_level": r.level[sel],
             "sign": sign,
             "kind": kind,
             "outage": o_outage.astype(np.float64),
@@ -260,7 +330,6 @@ def _score_part(
         },
         copy=False,  # no consolidation copy of a few million rows
     )
-    return Scored(scores, no_baseline, out_rows)
 
 
 # -- loading what scoring needs ------------------------------------------------------------------

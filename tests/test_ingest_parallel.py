@@ -6,12 +6,10 @@ stays at one run."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import threading
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +20,6 @@ import pandas as pd
 import psycopg
 import pytest
 
-import flows.ingest
 from flows.guard import exclusive_run
 from metricmill.devtools.pgcluster import PgCluster
 from metricmill.settings import load_settings
@@ -30,6 +27,7 @@ from storage.landing import claim_files
 from storage.locks import flow_lock, lock_holders
 from storage.store import Store
 from tests.dbtargets import DbTarget
+from tests.forked_runs import ForkedRuns, warm_ingest
 from tests.settings_env import isolate_settings
 
 FILES = 400
@@ -87,86 +85,23 @@ def _land(landing: Path, files: list[tuple[str, bytes]]) -> None:
         os.utime(path, (base + n / 1000, base + n / 1000))  # landing order: the list's
 
 
-class Children:
-    """Forked processes each running the ingest flow once (as a worker runs a deployment's
-    run); only these are reaped or killed."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.live: dict[int, Path] = {}
-
-    def start(self, home: Path, url: str, parallel: int, gate: int) -> int:
-        log = self.log_dir / f"run-{len(list(self.log_dir.iterdir())):02d}-{uuid.uuid4().hex[:6]}"
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                with open(log, "w", encoding="utf-8") as out:
-                    try:
-                        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-                            logging.getLogger(name).setLevel(logging.WARNING)
-                        os.environ["METRICMILL_INGEST_MAX_PARALLEL_RUNS"] = str(parallel)
-                        os.read(gate, 1)
-                        rows = flows.ingest.ingest(
-                            landing=True, scrape=False, database_url=url, home=str(home)
-                        )
-                        out.write(json.dumps(rows, default=str) + "\n")
-                        code = 0
-                    except BaseException:
-                        out.write(traceback.format_exc())
-            finally:
-                os._exit(code)
-        self.live[pid] = log
-        return pid
-
-    def run_all(self, home: Path, url: str, parallel: int, count: int) -> list[Any]:
-        """`count` runs released at once; each one's summary rows (None: it skipped)."""
-        read_end, write_end = os.pipe()
-        try:
-            pids = [self.start(home, url, parallel, read_end) for _ in range(count)]
-            os.write(write_end, b"g" * count)
-            deadline = time.monotonic() + RUN_TIMEOUT
-            codes: dict[int, int] = {}
-            while len(codes) < count and time.monotonic() < deadline:
-                for pid in pids:
-                    if pid not in codes:
-                        done, status = os.waitpid(pid, os.WNOHANG)
-                        if done:
-                            codes[pid] = os.waitstatus_to_exitcode(status)
-                time.sleep(0.01)
-        finally:
-            os.close(read_end)
-            os.close(write_end)
-        logs = {pid: self.live.pop(pid) for pid in pids if pid in codes}
-        text = "\n---\n".join(log.read_text(encoding="utf-8")[-3000:] for log in logs.values())
-        assert sorted(codes) == sorted(pids), f"runs did not end in time:\n{text}"
-        assert all(c == 0 for c in codes.values()), f"exit codes {codes}:\n{text}"
-        return [json.loads(log.read_text(encoding="utf-8")) for log in logs.values()]
-
-    def close(self) -> None:
-        for pid in list(self.live):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            del self.live[pid]
-
-
 @pytest.fixture
 def children(
     prefect_server: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[Children]:
+) -> Iterator[ForkedRuns]:
+    """Forked ingest runs (tests/forked_runs.py) with no settle time, on plain tables."""
     isolate_settings(monkeypatch, settle_seconds=0, timescaledb="off")
-    from tasks.quality import validate_batch  # built once here: the forked runs inherit it
-
-    now = int(time.time())
-    validate_batch(
-        pd.DataFrame({"metric": ["warm"], "labels": [{"a": "b"}], "ts": [now], "value": [1.0]})
-    )
-    runs = Children(tmp_path / "logs")
+    warm_ingest()
+    runs = ForkedRuns(tmp_path / "logs", RUN_TIMEOUT)
     try:
         yield runs
     finally:
         runs.close()
+
+
+def _parallel(runs: int) -> dict[str, str]:
+    """The environment of a run allowed `runs` parallel runs."""
+    return {"METRICMILL_INGEST_MAX_PARALLEL_RUNS": str(runs)}
 
 
 @pytest.fixture
@@ -224,7 +159,7 @@ def _tables(url: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 def test_four_parallel_runs_end_with_the_tables_of_one_sequential_run(
-    children: Children, databases: list[str], tmp_path: Path
+    children: ForkedRuns, databases: list[str], tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("METRICMILL_PARALLEL_SEED") or time.time_ns() % 2**32)
     files = _landing_files(seed)
@@ -233,9 +168,9 @@ def test_four_parallel_runs_end_with_the_tables_of_one_sequential_run(
     _land(one / "landing", files)
     _land(many / "landing", files)
 
-    [sequential] = children.run_all(one, sequential_url, parallel=1, count=1)
+    [sequential] = children.run_all(one, sequential_url, count=1, env=_parallel(1))
     started = time.monotonic()
-    results = children.run_all(many, parallel_url, parallel=RUNS, count=RUNS)
+    results = children.run_all(many, parallel_url, count=RUNS, env=_parallel(RUNS))
     took = time.monotonic() - started
 
     # No run skipped: each held a slot of the ingest lock; between them they reported every

@@ -4,22 +4,20 @@ source files: every sample exactly once, every file once in done/ or quarantine/
 
 Importing the flow stack and warming Great Expectations cost tens of seconds, so this process
 does it once; every flow run is an `os.fork()` of it that runs the real Prefect flow (against
-the session's test Prefect server, whose URL the child inherits in memory) and `os._exit`s.
-The parent SIGKILLs children it wants dead and only ever signals or reaps pids it forked.
+the session's test Prefect server, whose URL the child inherits in memory) and `os._exit`s
+(tests/forked_runs.py, shared with tests/test_ingest_parallel.py). The parent SIGKILLs children
+it wants dead and only ever signals or reaps pids it forked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import time
-import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +32,9 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pytest
 
-import flows.ingest
 from metricmill.devtools.pgcluster import PgCluster
 from storage.store import Store
+from tests.forked_runs import ForkedRuns, tail, warm_ingest
 from tests.settings_env import isolate_settings
 
 # -- source files ------------------------------------------------------------------------------
@@ -306,54 +304,8 @@ class RunProfile:
         )
 
 
-class FlowRuns:
-    """Forks children that run the ingest flow; reaps (and if need be kills) only those."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.live: set[int] = set()
-        self.count = 0
-
-    def start(self, home: Path, url: str, *, gate: int | None = None) -> tuple[int, Path]:
-        """Fork a child running `ingest(landing only)`; with `gate`, it first waits to read
-        one byte from that pipe so several children can be released at once."""
-        self.count += 1
-        log = self.log_dir / f"run-{self.count:03d}.log"
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                with open(log, "w", encoding="utf-8") as out:
-                    try:
-                        # Keep Prefect's console chatter out of pytest's capture.
-                        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-                            logging.getLogger(name).setLevel(logging.WARNING)
-                        if gate is not None:
-                            os.read(gate, 1)
-                        rows = flows.ingest.ingest(
-                            landing=True, scrape=False, database_url=url, home=str(home)
-                        )
-                        out.write(json.dumps(rows, default=str) + "\n")
-                        code = 0
-                    except BaseException:
-                        out.write(traceback.format_exc())
-            finally:
-                os._exit(code)
-        self.live.add(pid)
-        return pid, log
-
-    def wait(self, pid: int, timeout: float) -> int | None:
-        """The child's exit code, or None if it is still running after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                self.live.discard(pid)
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.005)
+class FlowRuns(ForkedRuns):
+    """Forked ingest runs (tests/forked_runs.py), watched through the landing directory."""
 
     def profile(self, home: Path, url: str) -> RunProfile:
         """One run to completion (it must succeed), timing when it claimed, when the first
@@ -399,47 +351,11 @@ class FlowRuns:
             time.sleep(0.002)
         return None
 
-    def kill(self, pid: int) -> int:
-        """SIGKILL a child of ours that has not been reaped yet (so the pid is still ours)."""
-        if pid in self.live:
-            os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-            self.live.discard(pid)
-            return os.waitstatus_to_exitcode(status)
-        return 0
-
-    def run(self, home: Path, url: str) -> float:
-        """One run to completion; fails the test unless it succeeds. Returns its duration."""
-        started = time.monotonic()
-        pid, log = self.start(home, url)
-        code = self.wait(pid, RUN_TIMEOUT)
-        if code is None:
-            self.kill(pid)
-        assert code == 0, f"flow run exited with {code}:\n{tail(log)}"
-        return time.monotonic() - started
-
-    def close(self) -> None:
-        for pid in list(self.live):
-            self.kill(pid)
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
 
 @pytest.fixture(scope="module")
 def warm_process() -> None:
     """Import and build Great Expectations once in this process; forked runs inherit it."""
-    from tasks.quality import validate_batch
-
-    now_ms = int(time.time() * 1000)
-    frame = pd.DataFrame(
-        {"metric": ["warm_up"], "labels": [{"a": "b"}], "ts": [now_ms], "value": [1.0]}
-    )
-    validate_batch(frame)
+    warm_ingest()
 
 
 @pytest.fixture
@@ -449,7 +365,7 @@ def flow_runs(
     """Forked flow runs, with the environment they inherit: no settle time, no config file."""
     # no settle time; plain PostgreSQL tables
     isolate_settings(monkeypatch, settle_seconds=0, timescaledb="off")
-    runs = FlowRuns(tmp_path / "logs")
+    runs = FlowRuns(tmp_path / "logs", RUN_TIMEOUT)
     try:
         yield runs
     finally:

@@ -4,6 +4,7 @@ its rows are deleted; whole TimescaleDB chunks archived and dropped at once."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -192,67 +193,29 @@ def archive_whole_chunks(
     backend = store.backend
     if not groups or not any(g.archive for g in groups):
         return
-    limit = min(g.cutoff_us for g in groups)
-    covered = np.concatenate([g.ids for g in groups])
-    others = np.setdiff1d(planned.series["series_id"].to_numpy(), covered)
-    if len(others):
-        earliest = min_ts(backend, "samples", others)
-        if earliest is not None:
-            limit = min(limit, earliest - earliest % DAY_US)
-    group_of = {int(i): g for g in groups for i in g.ids}
-    archived_ids = {int(i) for g in groups if g.archive for i in g.ids}
-    members = planned.series[planned.series["series_id"].isin(sorted(archived_ids))]
-    by_metric = {str(m): c["series_id"].tolist() for m, c in members.groupby("metric", sort=True)}
-    newest_id = int(planned.series["series_id"].max()) if len(planned.series) else 0
-    for schema, name, start, end in chunks_before(backend, "samples", limit):
+    scope = _chunk_scope(backend, planned, groups)
+    for schema, name, start, end in chunks_before(backend, "samples", scope.limit):
         if start % DAY_US or end - start != DAY_US:
             continue  # not one UTC day (a changed chunk interval): row by row
         with backend.transaction():
-            lock = (
-                sql.SQL("LOCK TABLE {} IN SHARE MODE")
-                .format(sql.Identifier(schema, name))
-                .as_string(backend.conn)  # type: ignore[attr-defined]
-            )
-            held = lock_holds(backend, planned.series, first=lock)
-            counts = {
-                int(sid): int(n)
-                for sid, n in backend.execute(
-                    "SELECT series_id, count(*) FROM samples "  # noqa: S608
-                    f"WHERE ts >= {backend.ts_in} AND ts < {backend.ts_in} GROUP BY series_id",
-                    (start, end),
-                )
-            }
-            pending = backend.execute(
-                "SELECT count(*) FROM rollup_pending "  # noqa: S608
-                f"WHERE start_ts < {backend.ts_in} AND end_ts > {backend.ts_in}",
-                (end, start),
-            )[0][0]
-            strangers = [s for s in counts if s not in group_of or s in held or s > newest_id]
-            if not counts or pending or strangers:
+            counts = _chunk_counts_if_whole(backend, planned, scope, schema, name, start, end)
+            if counts is None:
                 continue
             archived = 0
-            for metric, ids in by_metric.items():
+            for metric, ids in scope.by_metric.items():
                 present = [i for i in ids if i in counts]
-                if not present:
-                    continue
-                where = (
-                    f"samples.series_id {backend.ids_in} AND samples.ts >= {backend.ts_in} "
-                    f"AND samples.ts < {backend.ts_in}"
-                )
-                params = [backend.id_list(present), start, end]
-                # one file per metric holds the series of every rule present: the longest
-                # lock among them
-                lock_days = max(
-                    group_lock_days(group_of[i], store.settings.archive_lock_days) for i in present
-                )
-                rows, item = _write_verified_day(
-                    store, planned, metric, start, where, params, lock_days, anonymizer,
-                    checkpoint,
-                )  # fmt: skip
-                archived += rows
-                if item is not None:
-                    report.files.append(item)
-            expected = sum(n for s, n in counts.items() if s in archived_ids)
+                if present:
+                    # one file per metric holds the series of every rule present: the
+                    # longest lock among them
+                    lock_days = max(
+                        group_lock_days(scope.group_of[i], store.settings.archive_lock_days)
+                        for i in present
+                    )
+                    archived += _archive_chunk_metric(
+                        store, planned, metric, present, start, end, lock_days, report,
+                        anonymizer, checkpoint,
+                    )  # fmt: skip
+            expected = sum(n for s, n in counts.items() if s in scope.archived_ids)
             if archived != expected:
                 raise MetricmillError(
                     f"chunk {us_to_datetime(start):%Y-%m-%d}: {archived} rows archived but "
@@ -262,16 +225,125 @@ def archive_whole_chunks(
                 raise MetricmillError(
                     f"chunk {us_to_datetime(start):%Y-%m-%d} was not dropped; rolled back"
                 )
-        touched: set[int] = set()
-        for sid, n in counts.items():
-            group = group_of[sid]
-            outcome = outcomes[id(group)]
-            outcome.deleted += n
-            if group.archive:
-                outcome.archived += n
-            if id(group) not in touched:
-                outcome.chunks_dropped += 1
-                touched.add(id(group))
+        _count_dropped_chunk(counts, scope, outcomes)
+
+
+@dataclass
+class _ChunkScope:
+    """What whole-chunk archiving covers: chunks before `limit` (the earliest cut-off, and
+    the first day of any planned series no group covers); each covered series' group; the ids
+    archived, per metric; the newest series id the plan knows."""
+
+    limit: int
+    group_of: dict[int, Group]
+    archived_ids: set[int]
+    by_metric: dict[str, list[int]]
+    newest_id: int
+
+
+def _chunk_scope(backend: Backend, planned: Plan, groups: list[Group]) -> _ChunkScope:
+    """The scope of whole-chunk archiving for these groups of the plan."""
+    limit = min(g.cutoff_us for g in groups)
+    covered = np.concatenate([g.ids for g in groups])
+    others = np.setdiff1d(planned.series["series_id"].to_numpy(), covered)
+    if len(others):
+        earliest = min_ts(backend, "samples", others)
+        if earliest is not None:
+            limit = min(limit, earliest - earliest % DAY_US)
+    archived_ids = {int(i) for g in groups if g.archive for i in g.ids}
+    members = planned.series[planned.series["series_id"].isin(sorted(archived_ids))]
+    return _ChunkScope(
+        limit=limit,
+        group_of={int(i): g for g in groups for i in g.ids},
+        archived_ids=archived_ids,
+        by_metric={
+            str(m): c["series_id"].tolist() for m, c in members.groupby("metric", sort=True)
+        },
+        newest_id=int(planned.series["series_id"].max()) if len(planned.series) else 0,
+    )
+
+
+def _chunk_counts_if_whole(
+    backend: Backend,
+    planned: Plan,
+    scope: _ChunkScope,
+    schema: str,
+    name: str,
+    start: int,
+    end: int,
+) -> dict[int, int] | None:
+    """In the caller's transaction: lock the chunk against writers, then its rows per series;
+    None (leave it to the row-by-row path) when it is empty, has a pending rollup range, or
+    holds a series that is held, newer than the plan or in no group."""
+    lock = (
+        sql.SQL("LOCK TABLE {} IN SHARE MODE")
+        .format(sql.Identifier(schema, name))
+        .as_string(backend.conn)  # type: ignore[attr-defined]
+    )
+    held = lock_holds(backend, planned.series, first=lock)
+    counts = {
+        int(sid): int(n)
+        for sid, n in backend.execute(
+            "SELECT series_id, count(*) FROM samples "  # noqa: S608
+            f"WHERE ts >= {backend.ts_in} AND ts < {backend.ts_in} GROUP BY series_id",
+            (start, end),
+        )
+    }
+    pending = backend.execute(
+        "SELECT count(*) FROM rollup_pending "  # noqa: S608
+        f"WHERE start_ts < {backend.ts_in} AND end_ts > {backend.ts_in}",
+        (end, start),
+    )[0][0]
+    group_of = scope.group_of
+    strangers = [s for s in counts if s not in group_of or s in held or s > scope.newest_id]
+    if not counts or pending or strangers:
+        return None
+    return counts
+
+
+def _archive_chunk_metric(
+    store: Store,
+    planned: Plan,
+    metric: str,
+    ids: list[int],
+    start: int,
+    end: int,
+    lock_days: int,
+    report: RetentionReport,
+    anonymizer: Anonymizer | None,
+    checkpoint: Checkpoint | None,
+) -> int:
+    """Archive one metric's rows of the chunk [start, end) (verified, recorded in `report`);
+    the number of rows archived."""
+    backend = store.backend
+    where = (
+        f"samples.series_id {backend.ids_in} AND samples.ts >= {backend.ts_in} "
+        f"AND samples.ts < {backend.ts_in}"
+    )
+    params = [backend.id_list(ids), start, end]
+    rows, item = _write_verified_day(
+        store, planned, metric, start, where, params, lock_days, anonymizer, checkpoint
+    )
+    if item is not None:
+        report.files.append(item)
+    return rows
+
+
+def _count_dropped_chunk(
+    counts: dict[int, int], scope: _ChunkScope, outcomes: Mapping[int, Outcome]
+) -> None:
+    """Add a dropped chunk's rows to the outcome of each group they belong to (and the
+    chunk, once per group)."""
+    touched: set[int] = set()
+    for sid, n in counts.items():
+        group = scope.group_of[sid]
+        outcome = outcomes[id(group)]
+        outcome.deleted += n
+        if group.archive:
+            outcome.archived += n
+        if id(group) not in touched:
+            outcome.chunks_dropped += 1
+            touched.add(id(group))
 
 
 def drop_whole_chunks(
