@@ -152,17 +152,13 @@ def add_rule(
                 level,
                 retention_days,
                 priority,
-                _bool(backend, archive),
-                _bool(backend, legal_hold),
+                backend.sql_bool(archive),
+                backend.sql_bool(legal_hold),
             ),
         )
     return RetentionRule(
         int(rows[0][0]), metric_pattern, clean, level, retention_days, priority, archive, legal_hold
     )
-
-
-def _bool(backend: Backend, value: bool) -> bool | int:
-    return bool(value) if backend.name == "postgresql" else int(bool(value))
 
 
 def list_rules(backend: Backend) -> list[RetentionRule]:
