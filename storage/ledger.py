@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from metricmill.types import Reason
 from storage.dialect import Dialect
 from storage.frames import PreparedBatch
 from storage.write_rows import SeriesIds, WriteCounts, row_json
@@ -82,7 +83,7 @@ class Ledger(Dialect):
                 (
                     batch_id,
                     source,
-                    "cardinality_limit",
+                    Reason.CARDINALITY_LIMIT,
                     f"batch would create {new} new series; the limit is {limit}",
                     row_json({"rows": batch.rows_in, "new_series": new, "samples": samples}),
                 )
