@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from metricmill.errors import MetricmillError
+from storage.dialect import ColumnKind
 from storage.schema import CALIBRATION_COLUMNS, ROLLUP_TABLES
 from storage.store import Store
 
@@ -38,13 +39,15 @@ BASELINE_COLUMNS = [
     "level",
     *CALIBRATION_COLUMNS,
 ]
-_BASELINE_TS = {"window_start", "window_end"}
-_PG_ARRAY_TYPES = {
-    "series_id": "bigint[]",
-    "slot": "integer[]",
-    "season": "text[]",
-    "n": "bigint[]",
+_BASELINE_KINDS: dict[str, ColumnKind] = {  # any other column is a float
+    "series_id": "bigint",
+    "slot": "integer",
+    "season": "text",
+    "n": "bigint",
+    "window_start": "ts",
+    "window_end": "ts",
 }
+_BASELINE_TS = {c for c, kind in _BASELINE_KINDS.items() if kind == "ts"}
 
 
 def _ids_clause(store: Store, column: str, ids: Sequence[int] | None) -> tuple[str, list[Any]]:
@@ -135,28 +138,13 @@ def write_baselines(store: Store, frame: pd.DataFrame) -> int:
     ids = sorted({int(i) for i in frame["series_id"].unique()})
     b = store.backend
     values = {c: _plain(frame[c]) for c in BASELINE_COLUMNS}
-    columns = ", ".join(BASELINE_COLUMNS)
     with b.transaction():
         b.execute(f"DELETE FROM baselines WHERE series_id {b.ids_in}", [b.id_list(ids)])  # noqa: S608
-        if b.name == "postgresql":
-            selects = ", ".join(
-                b.ts_in.replace("%s", f"u.{c}") if c in _BASELINE_TS else f"u.{c}"
-                for c in BASELINE_COLUMNS
-            )
-            arrays = ", ".join(
-                f"%s::{_PG_ARRAY_TYPES.get(c, 'float8[]')}" for c in BASELINE_COLUMNS
-            )
-            b.execute(
-                f"INSERT INTO baselines ({columns}) SELECT {selects} "  # noqa: S608
-                f"FROM unnest({arrays}) AS u({columns})",
-                [values[c] for c in BASELINE_COLUMNS],
-            )
-        else:
-            marks = ", ".join(["%s"] * len(BASELINE_COLUMNS))
-            b.executemany(
-                f"INSERT INTO baselines ({columns}) VALUES ({marks})",  # noqa: S608
-                list(zip(*(values[c] for c in BASELINE_COLUMNS), strict=True)),
-            )
+        b.insert_columns(
+            "baselines",
+            [(c, _BASELINE_KINDS.get(c, "float")) for c in BASELINE_COLUMNS],
+            [values[c] for c in BASELINE_COLUMNS],
+        )
     return len(frame)
 
 
@@ -377,23 +365,13 @@ def advance_watermarks(store: Store, marks: pd.DataFrame) -> int:
     ids = [int(i) for i in marks["series_id"]]
     stamps = [int(t) for t in marks["ts_us"]]
     with b.transaction():
-        if b.name == "postgresql":
-            b.execute(
-                "INSERT INTO detect_watermarks (series_id, ts, updated_at) "  # noqa: S608
-                f"SELECT u.sid, {b.ts_in.replace('%s', 'u.ts')}, now() "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS u(sid, ts) "
-                "ON CONFLICT (series_id) DO UPDATE SET "
-                "ts = GREATEST(detect_watermarks.ts, excluded.ts), updated_at = now()",
-                [ids, stamps],
-            )
-        else:
-            b.executemany(
-                "INSERT INTO detect_watermarks (series_id, ts) VALUES (%s, %s) "
-                "ON CONFLICT (series_id) DO UPDATE SET ts = max(detect_watermarks.ts, "
-                "excluded.ts), updated_at = (CAST((julianday('now') - 2440587.5) "
-                "* 86400000000.0 AS INTEGER))",
-                list(zip(ids, stamps, strict=True)),
-            )
+        b.insert_columns(
+            "detect_watermarks",
+            [("series_id", "bigint"), ("ts", "ts")],
+            [ids, stamps],
+            on_conflict="ON CONFLICT (series_id) DO UPDATE SET "  # a watermark never goes back
+            f"ts = {b.greatest}(detect_watermarks.ts, excluded.ts), updated_at = {b.now}",
+        )
     return len(ids)
 
 

@@ -67,22 +67,9 @@ def snapshot(backend: Backend, *, now_us: int) -> Snapshot:
 
 def timescale_jobs(backend: Backend) -> list[tuple[str, str, bool]]:
     """TimescaleDB background jobs: (policy, hypertable, scheduled); [] elsewhere."""
-    if backend.name != "postgresql" or not getattr(backend, "timescale", False):
-        return []
-    rows = backend.execute(
-        "SELECT proc_name, coalesce(hypertable_name, ''), scheduled "
-        "FROM timescaledb_information.jobs WHERE proc_schema = '_timescaledb_functions' "
-        "AND hypertable_name IS NOT NULL ORDER BY hypertable_name, proc_name"
-    )
-    return [(str(p), str(h), bool(s)) for p, h, s in rows]
+    return backend.timescale_jobs()
 
 
 def compressed_hypertables(backend: Backend) -> list[tuple[str, bool]]:
     """(hypertable, compression enabled) for every hypertable; [] when not TimescaleDB."""
-    if backend.name != "postgresql" or not getattr(backend, "timescale", False):
-        return []
-    rows = backend.execute(
-        "SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables "
-        "WHERE hypertable_schema = current_schema() ORDER BY hypertable_name"
-    )
-    return [(str(h), bool(c)) for h, c in rows]
+    return backend.compressed_hypertables()

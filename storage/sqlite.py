@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -15,8 +15,10 @@ import pandas as pd
 
 from metricmill.errors import DatabaseUnavailable
 from metricmill.settings import MEMORY_URL
-from storage.backend import (
-    Backend,
+from storage.backend import Backend
+from storage.frames import PreparedBatch
+from storage.schema import LATEST_VERSION, SQLITE_TYPES, migrations
+from storage.write_rows import (
     SeriesIds,
     WriteCounts,
     batch_spans,
@@ -25,10 +27,9 @@ from storage.backend import (
     series_seen_changes,
     sorted_rows,
 )
-from storage.frames import PreparedBatch
-from storage.schema import LATEST_VERSION, SQLITE_TYPES, migrations
 
 _CHUNK = 500  # ids per IN-list when looking up series keys
+_PLAIN_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @lru_cache(maxsize=256)
@@ -39,6 +40,8 @@ def _qmark(sql: str) -> str:
 class SQLiteBackend(Backend):
     name = "sqlite"
     ids_in = "IN (SELECT value FROM json_each(%s))"
+    greatest = "max"
+    now = SQLITE_TYPES.now
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -112,12 +115,33 @@ class SQLiteBackend(Backend):
                 )
         return before, max(before, target)
 
+    # -- dialect --------------------------------------------------------------------------
     def id_list(self, ids: list[int]) -> Any:
         return "[" + ",".join(str(int(i)) for i in ids) + "]"
+
+    def sql_bool(self, value: bool) -> Any:
+        return int(bool(value))
+
+    def plus_us(self, column: str, us: int) -> str:
+        return f"({column} + {int(us)})"
 
     def bucket_expr(self, step_us: int) -> str:
         step = int(step_us)
         return f"((ts / {step}) * {step})"
+
+    def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """One json_extract per plain label name (names that need quoting in a JSON path are
+        left to the caller's own match)."""
+        clauses, params = [], []
+        for name, value in pairs.items():
+            if _PLAIN_LABEL.fullmatch(name):
+                clauses.append("json_extract(labels, %s) = %s")
+                params += [f"$.{name}", value]
+        return " AND ".join(clauses), params
+
+    def delete_counted(self, table: str, where: str, params: Sequence[Any]) -> int:
+        self.execute(f"DELETE FROM {table} WHERE {where}", params)  # noqa: S608
+        return int(self.execute("SELECT changes()")[0][0])
 
     def latest_points(self, ids: list[int]) -> pd.DataFrame:
         # SQLite returns the bare column from the row holding max(ts).

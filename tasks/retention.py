@@ -9,10 +9,10 @@ from prefect import get_run_logger, task
 
 from metricmill.settings import Settings, secret_setting
 from storage.archive import Anonymizer, ArchiveError
+from storage.postgres.timescale import compress_old_chunks
 from storage.retention import RetentionReport, apply, preview
 from storage.schema import ROLLUP_TABLES
 from storage.store import Store
-from storage.timescale import compress_old_chunks
 from tasks.ingest import is_transient
 
 SUMMARY_COLUMNS = (

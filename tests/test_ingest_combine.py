@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from metricmill.settings import load_settings
-from storage.backend import unique_sorted
 from storage.frames import canonical_label_sets, canonical_labels, with_parsed_timestamps
+from storage.write_rows import unique_sorted
 from tasks.ingest import _check_together, quality_limits
 from tasks.quality import validate_batch
 

@@ -12,9 +12,9 @@ import pytest
 from metricmill.settings import Settings
 from metricmill.types import datetime_to_us
 from storage import retention
+from storage.postgres.timescale import compress_old_chunks, compressed_chunks
 from storage.retention import RetentionRuleError
 from storage.store import Store
-from storage.timescale import compress_old_chunks, compressed_chunks
 from tests.dbtargets import DbTarget
 from tests.retention_data import (
     DAYS,

@@ -98,12 +98,12 @@ def apply(
         outcomes[id(group)].held = count_rows(backend, group.level, group.held_ids, group.cutoff_us)
     for level in LEVELS:
         groups = [g for g in planned.groups if g.level == level and len(g.ids)]
-        if level == "raw" and getattr(backend, "timescale", False):
+        if level == "raw" and backend.timescale:
             archive_whole_chunks(store, planned, groups, outcomes, report, anonymizer, checkpoint)
         for group in (g for g in groups if g.archive):
             outcome = outcomes[id(group)]
             archive_group(store, planned, group, outcome, report, anonymizer, checkpoint)
-        if getattr(backend, "timescale", False):
+        if backend.timescale:
             drop_whole_chunks(backend, planned, level, groups, outcomes)
         for group in (g for g in groups if not g.archive):
             outcomes[id(group)].deleted += _delete_group(backend, planned, group)

@@ -27,7 +27,12 @@ from storage.archive import (
     write_verified,
 )
 from storage.backend import Backend
-from storage.timescale import chunks_before, drop_boundary, drop_chunk_range, drop_chunks_before
+from storage.postgres.timescale import (
+    chunks_before,
+    drop_boundary,
+    drop_chunk_range,
+    drop_chunks_before,
+)
 
 if TYPE_CHECKING:
     from storage.store import Store

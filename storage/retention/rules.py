@@ -190,8 +190,8 @@ def add_rule(
                 level,
                 retention_days,
                 priority,
-                _bool(backend, archive),
-                _bool(backend, legal_hold),
+                backend.sql_bool(archive),
+                backend.sql_bool(legal_hold),
                 archive_lock_days,
             ),
         )
@@ -199,10 +199,6 @@ def add_rule(
         int(rows[0][0]), metric_pattern, clean, level, retention_days, priority, archive,
         legal_hold, archive_lock_days,
     )  # fmt: skip
-
-
-def _bool(backend: Backend, value: bool) -> bool | int:
-    return bool(value) if backend.name == "postgresql" else int(bool(value))
 
 
 def list_rules(backend: Backend) -> list[RetentionRule]:

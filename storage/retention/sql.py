@@ -3,31 +3,20 @@ and the lock that holds new rules back while a deleting transaction runs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from storage.backend import Backend
-from storage.locks import ROLLUP_RETENTION_LOCK
-from storage.schema import ROLLUP_LEVELS
-
-if TYPE_CHECKING:
-    pass
-
 from storage.retention.planning import held_mask
 from storage.retention.rules import LEVEL_TABLES, list_rules
+from storage.schema import ROLLUP_LEVELS
 
 TIME_COLUMN = {"raw": "ts", **{level: "bucket" for level in ROLLUP_LEVELS}}
 
 
 _WIDTH_US = {"raw": 1, **ROLLUP_LEVELS}
-
-
-def _plus(backend: Backend, column: str, us: int) -> str:
-    if backend.name == "sqlite":
-        return f"({column} + {int(us)})"
-    return f"({column} + interval '{int(us)} microseconds')"
 
 
 def older_than(backend: Backend, level: str, *, lower: bool = False) -> str:
@@ -40,20 +29,12 @@ def older_than(backend: Backend, level: str, *, lower: bool = False) -> str:
     return (
         f"{table}.series_id {backend.ids_in} {low}AND {column} < {backend.ts_in} "  # noqa: S608
         "AND NOT EXISTS (SELECT 1 FROM rollup_pending p "
-        f"WHERE p.start_ts < {_plus(backend, column, _WIDTH_US[level])} AND p.end_ts > {column})"
+        f"WHERE p.start_ts < {backend.plus_us(column, _WIDTH_US[level])} AND p.end_ts > {column})"
     )
 
 
 def delete_rows(backend: Backend, table: str, where: str, params: list[Any]) -> int:
-    if backend.name == "sqlite":
-        backend.execute(f"DELETE FROM {table} WHERE {where}", params)  # noqa: S608
-        return int(backend.execute("SELECT changes()")[0][0])
-    rows = backend.execute(
-        f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING 1) "  # noqa: S608
-        "SELECT count(*) FROM gone",
-        params,
-    )
-    return int(rows[0][0])
+    return backend.delete_counted(table, where, params)
 
 
 def count_rows(backend: Backend, level: str, ids: np.ndarray, cutoff_us: int) -> int:
@@ -70,12 +51,7 @@ def lock_holds(backend: Backend, series: pd.DataFrame, first: str | None = None)
     """Start of every deleting transaction: block new rules until commit, re-read the holds.
 
     `first`: a LOCK statement to take before the transaction's snapshot (PostgreSQL)."""
-    if backend.name == "postgresql":
-        backend.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        if first is not None:
-            backend.execute(first)  # before any SELECT: the snapshot sees what it waited for
-        backend.execute("LOCK TABLE retention_rules IN SHARE MODE")
-        backend.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_RETENTION_LOCK,))
+    backend.lock_for_deleting(first)
     held = held_mask(series, list_rules(backend))
     return set(series["series_id"].to_numpy()[held].tolist())
 

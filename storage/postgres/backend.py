@@ -1,39 +1,45 @@
-"""PostgreSQL, and TimescaleDB when the extension is there: binary COPY, then one upsert."""
+"""The PostgreSQL backend (TimescaleDB when the extension is there): the connection, the
+schema, and PostgreSQL's answers to the dialect's questions. The write path is
+storage/postgres/parts.py; COPY's binary format storage/postgres/copy_format.py; TimescaleDB's
+own statements storage/postgres/timescale.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from metricmill.errors import DatabaseUnavailable, SchemaError
+from metricmill.errors import DatabaseUnavailable
 from metricmill.settings import mask_url
-from storage.backend import (
-    Backend,
-    SeriesIds,
-    WriteCounts,
-    late_marks,
-    series_seen_changes,
-)
+from storage.backend import Backend
+from storage.dialect import ColumnKind
 from storage.frames import PreparedBatch
-from storage.locks import EXTENSION_LOCK, SCHEMA_LOCK
-from storage.pg_copy import parse_array_copy
+from storage.locks import ROLLUP_RETENTION_LOCK, SCHEMA_LOCK
+from storage.postgres.copy_format import parse_array_copy
+from storage.postgres.parts import write_parts_together
+from storage.postgres.timescale import (
+    TimescaleMode,
+    background_jobs,
+    detect_timescale,
+    ensure_hypertables,
+    hypertable_names,
+    hypertables_compression,
+)
 from storage.schema import LATEST_VERSION, POSTGRES_TYPES, ROLLUP_TABLES, migrations
+from storage.write_rows import WriteCounts
 
-TimescaleMode = Literal["auto", "off", "require"]
-
-_CHUNK_INTERVALS = {
-    "samples": "1 day",
-    "rollup_1m": "7 days",
-    "rollup_5m": "30 days",
-    "rollup_1h": "90 days",
-    "rollup_1d": "365 days",
+# insert_columns' array type per column kind.
+_ARRAY_TYPES: dict[ColumnKind, str] = {
+    "bigint": "bigint[]",
+    "integer": "integer[]",
+    "text": "text[]",
+    "float": "float8[]",
+    "ts": "float8[]",  # ts_in casts to float8 anyway
 }
 
 
@@ -42,10 +48,6 @@ class PostgresBackend(Backend):
     ts_in = "(timestamptz 'epoch' + %s::float8 * interval '1 microsecond')"
     ts_out = "(extract(epoch from {col}) * 1000000)::bigint"
     ids_in = "= ANY(%s::bigint[])"
-
-    def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
-        """JSONB containment: one condition for all pairs, any label name."""
-        return "labels @> %s", [Jsonb(dict(pairs))]
 
     def __init__(self, url: str, timescaledb: TimescaleMode = "auto") -> None:
         super().__init__(url)
@@ -57,9 +59,7 @@ class PostgresBackend(Backend):
                 str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             )
             raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {first_line}") from None
-        self.timescale_version: str | None = None
-        self.timescale_note = ""
-        self._detect_timescale()
+        self.timescale_version, self.timescale_note = detect_timescale(self, timescaledb)
 
     # -- plumbing -------------------------------------------------------------------------
     def execute(self, sql_text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -121,69 +121,15 @@ class PostgresBackend(Backend):
         self.conn.close()
 
     # -- TimescaleDB ----------------------------------------------------------------------
-    def _detect_timescale(self) -> None:
-        if self.mode == "off":
-            return
-        rows = self.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
-        if rows:
-            self.timescale_version = rows[0][0]
-            return
-        available = self.execute(
-            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
-        )
-        preloaded = "timescaledb" in str(self.execute("SHOW shared_preload_libraries")[0][0])
-        if not available:
-            self.timescale_note = "not installed on this server"
-        elif not preloaded:
-            # CREATE EXTENSION would fail (and can end the session): say how to enable it.
-            self.timescale_note = (
-                "installed but not preloaded: add timescaledb to shared_preload_libraries"
-            )
-        else:
-            try:
-                # Concurrent first connections would race on the catalog: serialise them.
-                with self.transaction():
-                    self.execute("SELECT pg_advisory_xact_lock(%s)", (EXTENSION_LOCK,))
-                    self.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-                self.timescale_version = self.execute(
-                    "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-                )[0][0]
-            except psycopg.Error as exc:
-                first_line = str(exc).splitlines()[0]
-                self.timescale_note = f"available but could not be created: {first_line}"
-        if self.mode == "require" and self.timescale_version is None:
-            raise SchemaError(f"TimescaleDB is required but is {self.timescale_note}")
-
     @property
     def timescale(self) -> bool:
         return self.timescale_version is not None
 
-    def _ensure_hypertables(self) -> None:
-        existing = {
-            r[0]
-            for r in self.execute(
-                "SELECT hypertable_name FROM timescaledb_information.hypertables "
-                "WHERE hypertable_schema = current_schema()"
-            )
-        }
-        for table, interval in _CHUNK_INTERVALS.items():
-            if table in existing:
-                continue
-            order = "ts" if table == "samples" else "bucket"
-            self.execute(
-                "SELECT create_hypertable(%s::regclass, by_range(%s, %s::interval), "
-                "migrate_data => true)",
-                (table, order, interval),
-            )
-            self.execute(
-                sql.SQL(
-                    "ALTER TABLE {} SET (timescaledb.compress, "
-                    "timescaledb.compress_segmentby = 'series_id', "
-                    "timescaledb.compress_orderby = {})"
-                )
-                .format(sql.Identifier(table), sql.Literal(order))
-                .as_string(self.conn)
-            )
+    def timescale_jobs(self) -> list[tuple[str, str, bool]]:
+        return background_jobs(self) if self.timescale else []
+
+    def compressed_hypertables(self) -> list[tuple[str, bool]]:
+        return hypertables_compression(self, this_schema=True) if self.timescale else []
 
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int | None:
@@ -206,9 +152,9 @@ class PostgresBackend(Backend):
                     self.execute(statement)
                 self.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
                 if version == 1 and self.timescale:
-                    self._ensure_hypertables()
+                    ensure_hypertables(self)
             if self.timescale and before >= 1:
-                self._ensure_hypertables()  # the extension may have arrived after the schema
+                ensure_hypertables(self)  # the extension may have arrived after the schema
         return before, max(before, target)
 
     # -- writes ---------------------------------------------------------------------------
@@ -241,8 +187,6 @@ class PostgresBackend(Backend):
         sources: Sequence[str],
         max_new_series: int | None = None,
     ) -> list[WriteCounts]:
-        from storage.pg_parts import write_parts_together
-
         return write_parts_together(
             self,
             batch.as_parts(),
@@ -251,52 +195,53 @@ class PostgresBackend(Backend):
             max_new_series=max_new_series,
         )
 
-    def execute_seen_update(
-        self, cur: psycopg.Cursor[Any], known: SeriesIds, batch: PreparedBatch
-    ) -> None:
-        known = self._lock_seen_spans(cur, known)
-        late = late_marks(known, batch)
-        if len(late):
-            cur.execute(
-                "INSERT INTO detect_late (series_id, from_ts) "  # noqa: S608
-                f"SELECT u.sid, {self.ts_in.replace('%s', 'u.lo')} "
-                "FROM unnest(%b::bigint[], %b::bigint[]) AS u(sid, lo)",
-                (late[:, 0].tolist(), late[:, 1].tolist()),
-            )
-        changed = series_seen_changes(known, batch)
-        if len(changed):
-            cur.execute(
-                "UPDATE series s SET "  # noqa: S608 - constant fragments only
-                f"first_seen = LEAST(s.first_seen, {self.ts_in.replace('%s', 'u.lo')}), "
-                f"last_seen = GREATEST(s.last_seen, {self.ts_in.replace('%s', 'u.hi')}) "
-                "FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[]) AS u(sid, lo, hi) "
-                "WHERE s.series_id = u.sid",
-                (changed[:, 0].tolist(), changed[:, 1].tolist(), changed[:, 2].tolist()),
-            )
+    # -- dialect ----------------------------------------------------------------------------
+    def plus_us(self, column: str, us: int) -> str:
+        return f"({column} + interval '{int(us)} microseconds')"
 
-    def _lock_seen_spans(self, cur: psycopg.Cursor[Any], known: SeriesIds) -> SeriesIds:
-        """`known` with the stored series' first/last seen as committed now, their rows locked
-        (in id order) until the transaction ends. Concurrent writers of one series (parallel
-        ingest runs) take its span one after the other: late marks (detect_late) are decided
-        against every sample committed before, not against what the batch read at its start."""
-        stored = np.flatnonzero(~known.is_new)
-        if not len(stored):
-            return known
-        cur.execute(
-            f"SELECT series_id, {self.ts_out.format(col='first_seen')}, "  # noqa: S608
-            f"{self.ts_out.format(col='last_seen')} FROM series "
-            "WHERE series_id = ANY(%s::bigint[]) ORDER BY series_id FOR NO KEY UPDATE",
-            (known.ids[stored].tolist(),),
+    def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """JSONB containment: one condition for all pairs, any label name."""
+        return "labels @> %s", [Jsonb(dict(pairs))]
+
+    def delete_counted(self, table: str, where: str, params: Sequence[Any]) -> int:
+        rows = self.execute(
+            f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING 1) "  # noqa: S608
+            "SELECT count(*) FROM gone",
+            params,
         )
-        spans = {sid: (first, last) for sid, first, last in cur.fetchall()}
-        first_us, last_us = known.first_us.copy(), known.last_us.copy()
-        for pos, sid in zip(stored.tolist(), known.ids[stored].tolist(), strict=True):
-            first, last = spans.get(sid, (None, None))
-            if first is not None and last is not None:
-                first_us[pos], last_us[pos] = first, last
-        return SeriesIds(ids=known.ids, first_us=first_us, last_us=last_us, is_new=known.is_new)
+        return int(rows[0][0])
 
-    # -- reads ----------------------------------------------------------------------------
+    def insert_columns(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, ColumnKind]],
+        values: Sequence[Sequence[Any]],
+        *,
+        on_conflict: str = "",
+    ) -> None:
+        """One INSERT … SELECT FROM unnest of a bound array per column."""
+        names = ", ".join(name for name, _ in columns)
+        selects = ", ".join(
+            self.ts_in.replace("%s", f"u.{name}") if kind == "ts" else f"u.{name}"
+            for name, kind in columns
+        )
+        arrays = ", ".join(f"%s::{_ARRAY_TYPES[kind]}" for _, kind in columns)
+        self.execute(
+            f"INSERT INTO {table} ({names}) SELECT {selects} "  # noqa: S608
+            f"FROM unnest({arrays}) AS u({names}) {on_conflict}",
+            list(values),
+        )
+
+    def lock_for_deleting(self, first: str | None = None) -> None:
+        """A snapshot that sees what the locks waited for: REPEATABLE READ, taken after the
+        caller's own LOCK, the SHARE lock on retention_rules (new rules wait for commit) and
+        the lock rollup transactions hold."""
+        self.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if first is not None:
+            self.execute(first)  # before any SELECT: the snapshot sees what it waited for
+        self.execute("LOCK TABLE retention_rules IN SHARE MODE")
+        self.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_RETENTION_LOCK,))
+
     def bucket_expr(self, step_us: int) -> str:
         width = f"interval '{int(step_us)} microseconds'"
         if self.timescale:
@@ -314,14 +259,7 @@ class PostgresBackend(Backend):
         return pd.DataFrame(rows, columns=["series_id", "ts_us", "value"])
 
     def table_bytes(self) -> dict[str, int]:
-        hypertables = set()
-        if self.timescale:
-            hypertables = {
-                r[0]
-                for r in self.execute(
-                    "SELECT hypertable_name FROM timescaledb_information.hypertables"
-                )
-            }
+        hypertables = hypertable_names(self) if self.timescale else set()
         sizes = {}
         for table in ["series", "samples", *ROLLUP_TABLES.values(), "ingest_batches", "quarantine"]:
             query = (
@@ -341,9 +279,6 @@ class PostgresBackend(Backend):
         if self.timescale:
             details["hypertables"] = sorted(
                 f"{name} (compression {'on' if compressed else 'off'})"
-                for name, compressed in self.execute(
-                    "SELECT hypertable_name, compression_enabled "
-                    "FROM timescaledb_information.hypertables"
-                )
+                for name, compressed in hypertables_compression(self, this_schema=False)
             )
         return details
