@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,15 +107,6 @@ def late_marks(known: SeriesIds, batch: PreparedBatch) -> np.ndarray:
     lo, _ = batch_spans(batch)
     late = ~known.is_new & (known.last_us != NO_TS) & (lo <= known.last_us)
     return np.column_stack([known.ids[late], lo[late]])
-
-
-@dataclass
-class Health:
-    ok: bool
-    backend: str
-    schema_version: int | None
-    details: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
 
 
 def unique_sorted(values: np.ndarray) -> np.ndarray:
