@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from metricmill.cli import app
 from metricmill.errors import SelectorError
 from metricmill.selectors import parse_selector
-from storage import alerts as alert_db
 from storage.store import Store
 from tasks.alert_notices import silencer
 
@@ -79,8 +78,7 @@ def test_a_stored_silence_with_the_pattern_decides_in_well_under_a_second(
     url = _seeded(tmp_path)
     now_us = int(time.time() * 1_000_000)
     with Store.open(url) as store:
-        alert_db.add_silence(
-            store.backend,
+        store.alerts.add_silence(
             matcher=f"m{EVIL}",
             starts_us=now_us - 1_000_000,
             ends_us=now_us + int(timedelta(hours=1).total_seconds() * 1_000_000),
