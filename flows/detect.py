@@ -15,7 +15,6 @@ from flows.naming import run_name
 from metricmill.secrets import redact
 from metricmill.selectors import parse_selector
 from metricmill.settings import Settings, load_settings
-from storage import detection
 from storage.store import Store
 from tasks.alerting import flow_run_link, process_scores
 from tasks.detect import empty_scores, score_shard
@@ -26,8 +25,8 @@ from tasks.notify import load_channels
 def advance(settings: Settings, marks: pd.DataFrame, late_marks: list[int]) -> int:
     """Record how far each series has been scored, and drop the late-sample marks read."""
     with Store.open(settings=settings) as store:
-        detection.clear_late(store, late_marks)
-        return detection.advance_watermarks(store, marks)
+        store.detection.clear_late(late_marks)
+        return store.detection.advance_watermarks(marks)
 
 
 @task(name="plot-opened-alerts")

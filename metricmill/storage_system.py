@@ -22,7 +22,6 @@ from metricmill.errors import MetricmillError
 from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import load_settings
 from metricmill.types import MAX_TS_US, WriteReport, us_to_datetime
-from storage.retention import add_rule, apply, default_days, list_rules
 from storage.store import Store
 
 StorageType = Literal["memory", "sqlite", "postgresql", "timescaledb"]
@@ -240,7 +239,7 @@ class MetricsStorageSystem:
         return {
             "status": "healthy" if health.ok else "unhealthy",
             "ok": health.ok,
-            "backend": health.backend,
+            "backend": health.backend_name,
             "schema_version": health.schema_version,
             "details": health.details,
             "problems": health.problems,
@@ -281,8 +280,7 @@ class MetricsStorageSystem:
     ) -> dict[str, Any]:
         """Store a retention rule (or, with legal_hold=True, a hold); returns it with its id."""
         with self._lock:
-            rule = add_rule(
-                self.store.backend,
+            rule = self.store.retention.add_rule(
                 metric_pattern,
                 retention_days,
                 labels,
@@ -297,20 +295,20 @@ class MetricsStorageSystem:
         """Archive and delete what the rules let go (nothing when retention is disabled)."""
         if not self.retention_enabled:
             return {"skipped": "retention_enabled is False"}
-        report = await self._call(apply, self.store)
+        report = await self._call(self.store.retention.apply)
         self._last_retention = report.summary()
         return self._last_retention
 
     def get_retention_summary(self) -> dict[str, Any]:
         """The rules, the per-level defaults and what the last apply_retention_policy did."""
         with self._lock:
-            rules = [r.as_dict() for r in list_rules(self.store.backend)]
-            settings = self.store.settings
+            rules = [r.as_dict() for r in self.store.retention.rules()]
+            retention = self.store.retention
         return {
             "enabled": self.retention_enabled,
             "rules": rules,
             "defaults_days": {
-                level: default_days(settings, level) for level in ("raw", "1m", "5m", "1h", "1d")
+                level: retention.default_days(level) for level in ("raw", "1m", "5m", "1h", "1d")
             },
             "last_run": self._last_retention,
         }

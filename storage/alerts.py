@@ -1,7 +1,9 @@
 """SQL for alerts, the rule engine's carried state, rules, silences and notifications.
 
 Every function takes the backend first; timestamps cross this boundary as integer µs.
-Writes are bulk (executemany); the caller owns the transaction around a group of them.
+Writes are bulk (executemany); the caller owns the transaction around a group of them. Code
+above storage/ calls these through `store.alerts` (storage/alert_facade.py), which takes typed
+records and holds the transactions.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What every backend shares: the write entry points, series lookup and query SQL, written
 once on top of the ledger (storage/ledger.py) and the per-database dialect (storage/dialect.py).
 
-The write path's arithmetic lives in storage/write_rows.py and the health report in
-storage/health.py; their names are importable from here too.
+The write path's arithmetic lives in storage/write_rows.py; its names are importable from here
+too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from storage.frames import PreparedBatch, SeriesDef
-from storage.health import Health
 from storage.ledger import Ledger
 from storage.schema import ROLLUP_TABLES
 from storage.write_rows import (
@@ -33,7 +32,6 @@ from storage.write_rows import (
 __all__ = [
     "NO_TS",
     "Backend",
-    "Health",
     "SeriesIds",
     "WriteCounts",
     "batch_spans",

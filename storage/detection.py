@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,9 @@ import pandas as pd
 from metricmill.errors import MetricmillError
 from storage.dialect import ColumnKind
 from storage.schema import CALIBRATION_COLUMNS, ROLLUP_TABLES
-from storage.store import Store
+
+if TYPE_CHECKING:
+    from storage.store import Store
 
 BASELINE_COLUMNS = [
     "series_id",

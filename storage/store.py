@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,20 +19,21 @@ from metricmill.selectors import Selector, parse_selector
 from metricmill.settings import MEMORY_URL, Settings, load_settings
 from metricmill.timeutil import parse_duration, parse_time
 from metricmill.types import US_PER_SECOND, Reason, WriteReport, datetime_to_us, us_to_datetime
+from storage.aggregates import STATS_FOR, aggregate
+from storage.alert_facade import Alerts
 from storage.archive import with_archive
-from storage.backend import Backend, Health
+from storage.backend import Backend
 from storage.export import ExportFormat, confined_path, write_export
+from storage.facades import Detection, Ops, Quarantine, Retention, Rollups
 from storage.frames import prepare
 from storage.postgres import PostgresBackend, TimescaleMode
+from storage.records import Health
 from storage.rollup import (
     QUERY_LEVELS,
     ROLLUP_LEVELS,
     RollupReport,
     RollupStatus,
-    counter_increase,
     resolved_stats,
-    rollup_status_of,
-    run_rollup,
 )
 from storage.schema import LATEST_VERSION
 from storage.sqlite import SQLiteBackend
@@ -102,6 +103,37 @@ class Store:
 
     def close(self) -> None:
         self.backend.close()
+
+    # -- one facade per concern (what the tasks, flows and CLI call; never the backend) ------
+    @cached_property
+    def alerts(self) -> Alerts:
+        """Alerts, the rule engine's state, alert rules, silences and notifications."""
+        return Alerts(self.backend)
+
+    @cached_property
+    def retention(self) -> Retention:
+        """Retention rules, applying them, the Parquet archive and chunk compression."""
+        return Retention(self)
+
+    @cached_property
+    def detection(self) -> Detection:
+        """Baselines, detector models, detect watermarks and late-data marks."""
+        return Detection(self)
+
+    @cached_property
+    def rollups(self) -> Rollups:
+        """Running the rollups, their status, and reading written rollup rows back."""
+        return Rollups(self.backend, self.settings.rollup_chunk_hours)
+
+    @cached_property
+    def quarantine(self) -> Quarantine:
+        """Quarantined rows and batches: `store.quarantine(limit=...)`, `.entry`, ..."""
+        return Quarantine(self.backend)
+
+    @cached_property
+    def ops(self) -> Ops:
+        """The operator's snapshot and the TimescaleDB setup."""
+        return Ops(self.backend)
 
     @property
     def backend_name(self) -> str:
@@ -231,43 +263,16 @@ class Store:
                 report.max_ts = us_to_datetime(int(ts.max()))
         return reports
 
-    # -- quarantine -----------------------------------------------------------------------
-    def quarantine(self, *, limit: int = 100, pending_only: bool = False) -> pd.DataFrame:
-        """The newest quarantined rows and batches, with their reason codes."""
-        rows = self.backend.quarantine_rows(limit=limit, pending_only=pending_only)
-        return pd.DataFrame(
-            [_quarantine_record(r) for r in rows],
-            columns=[
-                "id",
-                "batch_id",
-                "source",
-                "reason",
-                "detail",
-                "row",
-                "created_at",
-                "replayed_at",
-            ],
-        )
-
-    def quarantine_entry(self, entry_id: int) -> dict[str, Any] | None:
-        """One quarantine entry with the row as received, or None."""
-        rows = self.backend.quarantine_rows(entry_id=entry_id, limit=1)
-        return _quarantine_record(rows[0]) if rows else None
-
-    def mark_replayed(self, entry_id: int) -> None:
-        self.backend.mark_replayed(entry_id, datetime_to_us(datetime.now(UTC)))
-
     # -- rollups -------------------------------------------------------------------------
     def rollup(self, *, max_chunks: int | None = None) -> RollupReport:
-        """Recompute the pending ranges at 1m, 5m, 1h and 1d, in bounded transactions."""
-        return run_rollup(
-            self.backend, chunk_hours=self.settings.rollup_chunk_hours, max_chunks=max_chunks
-        )
+        """Recompute the pending ranges at 1m, 5m, 1h and 1d (`store.rollups.run`)."""
+        return self.rollups.run(max_chunks=max_chunks)
+
+    def rollup_status(self) -> RollupStatus:
+        """Pending ranges and the lag of the newest rolled-up bucket (`store.rollups.status`)."""
+        return self.rollups.status()
 
     # -- reads ----------------------------------------------------------------------------
-    def rollup_status(self) -> RollupStatus:
-        """Pending ranges and the lag of the newest rolled-up bucket (for status commands)."""
-        return rollup_status_of(self.backend)
 
     def _window(self, start: str | datetime | None, end: str | datetime | None) -> tuple[int, int]:
         now = datetime.now(UTC)
@@ -410,6 +415,13 @@ class Store:
             }
         )
 
+    def series_labels(self, series_ids: Sequence[int]) -> dict[int, tuple[str, dict[str, str]]]:
+        """series_id -> (metric, labels) of these series (unknown ids are absent)."""
+        if not len(series_ids):
+            return {}
+        info = self.backend.series_info([int(i) for i in series_ids])
+        return {int(r[0]): (str(r[1]), self.backend.parse_labels(r[2])) for r in info}
+
     def stats(self) -> dict[str, Any]:
         """Rows and bytes per table, series count, oldest and newest sample."""
         counts = self.backend.table_counts()
@@ -451,7 +463,7 @@ class Store:
             problems.append(f"write probe failed: {str(exc).splitlines()[0]}")
         return Health(
             ok=not problems,
-            backend=self.backend_name,
+            backend_name=self.backend_name,
             schema_version=version,
             details=details,
             problems=problems,
@@ -480,55 +492,3 @@ class Store:
         frame = self.query(metric, selector, start, end, step=step, agg=agg)
         write_export(frame, target, fmt)  # type: ignore[arg-type]
         return target, len(frame)
-
-
-def _quarantine_record(row: tuple[Any, ...]) -> dict[str, Any]:
-    entry_id, batch_id, source, reason, detail, row_data, created, replayed = row
-    try:
-        parsed = json.loads(row_data) if row_data else None
-    except ValueError:
-        parsed = row_data
-    return {
-        "id": int(entry_id),
-        "batch_id": batch_id,
-        "source": source,
-        "reason": reason,
-        "detail": detail,
-        "row": parsed,
-        "created_at": None if created is None else us_to_datetime(int(created)),
-        "replayed_at": None if replayed is None else us_to_datetime(int(replayed)),
-    }
-
-
-# The stat columns each aggregation reads (rate and increase: all of them).
-STATS_FOR: dict[str, tuple[str, ...]] = {
-    "avg": ("count", "sum"),
-    "sum": ("count", "sum"),
-    "count": ("count", "sum"),
-    "min": ("count", "sum", "min"),
-    "max": ("count", "sum", "max"),
-    "last": ("count", "sum", "last", "last_ts"),
-    "stddev": ("count", "sum", "sum_sq"),
-}
-
-
-def aggregate(stats: pd.DataFrame, agg: str, *, step_us: int = 0) -> pd.Series:
-    """One aggregate from per-bucket count/sum/sum_sq/min/max/last — never averages of averages.
-
-    rate and increase treat the series as a counter (see `storage.rollup.counter_increase`)."""
-    if agg in ("rate", "increase"):
-        increase = counter_increase(stats)
-        return increase / (step_us / US_PER_SECOND) if agg == "rate" else increase
-    count = stats["count"].astype("float64")
-    total = stats["sum"].astype("float64")
-    if agg == "avg":
-        return total / count
-    if agg == "sum":
-        return total
-    if agg == "count":
-        return count
-    if agg in ("min", "max", "last"):
-        return stats[agg].astype("float64")
-    mean = total / count
-    variance = np.maximum(stats["sum_sq"].astype("float64") / count - mean * mean, 0.0)
-    return pd.Series(np.sqrt(variance), index=stats.index)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 
-from storage import alerts as db
 from storage.store import Store
 
 BEFORE = timedelta(hours=3)
@@ -168,7 +167,7 @@ def alerts_markdown(store: Store, alert_ids: Sequence[int], now: datetime | None
     """A markdown report with the picture of each alert (the first MAX_PLOTS of them)."""
     lines = [f"## Alerts opened by this run: {len(alert_ids)}", ""]
     for number, alert_id in enumerate(alert_ids):
-        alert = db.get_alert(store.backend, int(alert_id))
+        alert = store.alerts.get(int(alert_id))
         if alert is None:  # deleted since: nothing to draw
             continue
         if number >= MAX_PLOTS:

@@ -9,25 +9,23 @@ emitted. A failure after the commit can lose a message, never an alert.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from metricmill.selectors import parse_selector
 from metricmill.settings import Settings
-from storage import alerts as db
-from storage.backend import Backend
+from storage.records import AlertUpdate, NewAlert, NotificationRecord, RuleOutcome, TransitionRound
 from storage.store import Store
 from tasks.alert_engine import AlertRule, alert_flags, alert_timeline, evaluate, late_events
+from tasks.alert_notices import describe, fmt, iso, notifications_due, records
 from tasks.calibration import KIND_NAMES
-from tasks.notify import Channel, Message, deliver, load_channels
+from tasks.notify import Channel, deliver, load_channels
 
 __all__ = [
     "AlertRule",
@@ -63,10 +61,6 @@ class AlertSummary:
     transitions: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return cast(list[dict[str, Any]], frame.to_dict("records"))
-
-
 def _logger() -> Any:
     try:
         from prefect.logging import get_run_logger
@@ -90,20 +84,20 @@ def default_rule(settings: Settings) -> AlertRule:
     )  # direction both; the budget is the one the baselines were fitted with
 
 
-def load_rules(settings: Settings, backend: Backend) -> list[AlertRule]:
+def load_rules(settings: Settings, store: Store) -> list[AlertRule]:
     """The settings' default rule (unless disabled) and the CLI-managed rules; a CLI rule
     with the default's name replaces it."""
     rules: dict[str, AlertRule] = {}
     if settings.alert_rule_enabled:
         rules["anomaly"] = default_rule(settings)
-    for stored in db.list_rules(backend):
+    for stored in store.alerts.rules():
         rules[stored["name"]] = AlertRule(**stored)
     return list(rules.values())
 
 
 def incident_windows(store: Store) -> pd.DataFrame:
     """(series_id, start_us, end_us) of alerts confirmed as incidents (left out of training)."""
-    return db.incident_windows(store.backend)
+    return store.alerts.incident_windows()
 
 
 def flow_run_link() -> str | None:
@@ -120,49 +114,6 @@ def flow_run_link() -> str | None:
         run_id = None
     ui = PREFECT_UI_URL.value()
     return f"{ui.rstrip('/')}/runs/flow-run/{run_id}" if run_id and ui else None
-
-
-def _describe(metric: str, labels: dict[str, str]) -> str:
-    inner = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{metric}{{{inner}}}"
-
-
-def _fmt(value: Any) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.6g}"
-    )
-
-
-def _iso(ts_us: int) -> str:
-    return datetime.fromtimestamp(ts_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def alert_message(alert: dict[str, Any], event: str, link: str | None) -> Message:
-    """The text of one alert notification."""
-    detail = alert.get("detail") or {}
-    series = _describe(detail.get("metric", "?"), detail.get("labels", {}))
-    headline = {"firing": "FIRING", "escalated": "ESCALATED", "resolved": "RESOLVED"}
-    state = headline.get(event, "STILL FIRING")
-    lines = [
-        f"series: {series}",
-        f"rule: {alert['rule']} ({alert['severity']})",
-        f"value: {_fmt(alert['value'])}  expected: {_fmt(alert['expected'])} "
-        f"[{_fmt(alert['expected_low'])} .. {_fmt(alert['expected_high'])}]",
-        f"score: {_fmt(alert['score'])}",
-        f"since: {_iso(int(alert['started_at']))}",
-    ]
-    if detail.get("kind") in ("level shift", "outage"):
-        lines.insert(1, f"what: {detail['kind']}")
-    if event == "resolved" and alert.get("resolved_at") is not None:
-        lines.append(f"resolved: {_iso(int(alert['resolved_at']))}")
-    lines.append(f"alert: #{alert['alert_id']}")
-    if link:
-        lines.append(f"flow run: {link}")
-    what = f" ({detail['kind']})" if detail.get("kind") in ("level shift", "outage") else ""
-    return Message(
-        subject=f"[metricmill] {state} {alert['severity']}: {series}{what}",
-        body="\n".join(lines),
-    )
 
 
 def _matching_series(rule: AlertRule, meta: dict[int, tuple[str, dict[str, str]]]) -> np.ndarray:
@@ -185,101 +136,97 @@ def _floats(frame: pd.DataFrame, name: str) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
-def _persist(
-    backend: Backend,
-    rule: AlertRule,
-    events: pd.DataFrame,
-    scores: pd.DataFrame,
-    flags: np.ndarray,
-    meta: dict[int, tuple[str, dict[str, str]]],
-) -> None:
-    """Write one rule's transitions, in per-series order, and refresh firing alerts."""
-    if len(events):
-        fingerprints = [f"{rule.name}:{sid}" for sid in events["series_id"].tolist()]
-        events = events.assign(fingerprint=fingerprints)
-        rounds = events.groupby("series_id", sort=False).cumcount().to_numpy()
-        for number in range(int(rounds.max()) + 1):
-            part = events[rounds == number]
-            value, score = _floats(part, "value"), _floats(part, "score")
-            expected, low, high = (_floats(part, c) for c in ("expected", "lower", "upper"))
-            at = part["ts_us"].astype("int64").tolist()
-            kind = part["event"].tolist()
-            kinds = part["kind"].tolist() if "kind" in part else [0] * len(part)
-            fps = part["fingerprint"].tolist()
-            opened = [
-                (
-                    fps[i],
-                    rule.name,
-                    int(sid),
-                    part["severity"].iloc[i],
-                    int(part["since_us"].iloc[i]),
-                    at[i],
-                    value[i],
-                    expected[i],
-                    low[i],
-                    high[i],
-                    score[i],
-                    json.dumps(
-                        {
-                            "metric": meta[sid][0],
-                            "labels": meta[sid][1],
-                            "kind": KIND_NAMES.get(int(kinds[i]), "point"),
-                        },
-                        sort_keys=True,
-                    ),
-                    None,
-                )
-                for i, sid in enumerate(part["series_id"].tolist())
-                if kind[i] == "firing"
-            ]
-            db.open_alerts(backend, opened)
-            db.escalate_alerts(
-                backend,
-                [
-                    (at[i], value[i], score[i], fps[i])
-                    for i in range(len(kind))
-                    if kind[i] == "escalated"
-                ],
-            )
-            db.resolve_alerts(
-                backend,
-                [
-                    (at[i], at[i], value[i], score[i], fps[i])
-                    for i in range(len(kind))
-                    if kind[i] == "resolved"
-                ],
-            )
-    firing_rows = np.flatnonzero(flags == 1)
-    if len(firing_rows):
-        latest = scores.iloc[firing_rows].groupby("series_id", sort=False).tail(1)
-        at = latest["ts_us"].astype("int64").tolist()
-        value, score = _floats(latest, "value"), _floats(latest, "score")
-        expected, low, high = (_floats(latest, c) for c in ("expected", "lower", "upper"))
-        db.refresh_alerts(
-            backend,
-            [
-                (
-                    at[i],
-                    value[i],
-                    expected[i],
-                    low[i],
-                    high[i],
-                    score[i],
-                    f"{rule.name}:{sid}",
-                    at[i],
-                )
-                for i, sid in enumerate(latest["series_id"].tolist())
-            ],
+def _rounds(
+    rule: AlertRule, events: pd.DataFrame, meta: dict[int, tuple[str, dict[str, str]]]
+) -> tuple[TransitionRound, ...]:
+    """One rule's transitions as typed records, in rounds: a series' k-th transition of the
+    run is in round k, so writing round after round keeps each series' order."""
+    if not len(events):
+        return ()
+    rounds = events.groupby("series_id", sort=False).cumcount().to_numpy()
+    return tuple(
+        _round(rule, events[rounds == number], meta) for number in range(int(rounds.max()) + 1)
+    )
+
+
+def _round(
+    rule: AlertRule, part: pd.DataFrame, meta: dict[int, tuple[str, dict[str, str]]]
+) -> TransitionRound:
+    """The transitions of one round (each series at most once): new, escalated, resolved."""
+    value, score = _floats(part, "value"), _floats(part, "score")
+    expected, low, high = (_floats(part, c) for c in ("expected", "lower", "upper"))
+    at = part["ts_us"].astype("int64").tolist()
+    kind = part["event"].tolist()
+    kinds = part["kind"].tolist() if "kind" in part else [0] * len(part)
+    sids = [int(s) for s in part["series_id"].tolist()]
+    fps = [f"{rule.name}:{sid}" for sid in sids]
+    opened = tuple(
+        NewAlert(
+            fingerprint=fps[i],
+            rule=rule.name,
+            series_id=sid,
+            severity=part["severity"].iloc[i],
+            started_us=int(part["since_us"].iloc[i]),
+            at_us=at[i],
+            value=value[i],
+            expected=expected[i],
+            expected_low=low[i],
+            expected_high=high[i],
+            score=score[i],
+            detail={
+                "metric": meta[sid][0],
+                "labels": meta[sid][1],
+                "kind": KIND_NAMES.get(int(kinds[i]), "point"),
+            },
         )
+        for i, sid in enumerate(sids)
+        if kind[i] == "firing"
+    )
+    updates = {
+        event: tuple(
+            AlertUpdate(fps[i], at[i], value[i], score[i])
+            for i in range(len(kind))
+            if kind[i] == event
+        )
+        for event in ("escalated", "resolved")
+    }
+    return TransitionRound(opened, updates["escalated"], updates["resolved"])
 
 
-def _alert_spans(
-    backend: Backend, rule: AlertRule, scores: pd.DataFrame, now_us: int
-) -> pd.DataFrame:
+def _refreshes(rule: AlertRule, scores: pd.DataFrame, flags: np.ndarray) -> tuple[AlertUpdate, ...]:
+    """The latest values (at each series' last firing score) of the alerts still firing."""
+    firing_rows = np.flatnonzero(flags == 1)
+    if not len(firing_rows):
+        return ()
+    latest = scores.iloc[firing_rows].groupby("series_id", sort=False).tail(1)
+    at = latest["ts_us"].astype("int64").tolist()
+    value, score = _floats(latest, "value"), _floats(latest, "score")
+    expected, low, high = (_floats(latest, c) for c in ("expected", "lower", "upper"))
+    return tuple(
+        AlertUpdate(
+            fingerprint=f"{rule.name}:{sid}",
+            at_us=at[i],
+            value=value[i],
+            score=score[i],
+            expected=expected[i],
+            expected_low=low[i],
+            expected_high=high[i],
+        )
+        for i, sid in enumerate(latest["series_id"].tolist())
+    )
+
+
+def _tagged(rule: AlertRule, events: pd.DataFrame) -> pd.DataFrame:
+    """Transitions with their rule and fingerprint columns (for the summary and messages)."""
+    fps = [f"{rule.name}:{s}" for s in events["series_id"].tolist()]
+    return events.assign(rule=rule.name, fingerprint=fps)
+
+
+def _alert_spans(store: Store, rule: AlertRule, scores: pd.DataFrame, now_us: int) -> pd.DataFrame:
     """series_id, start_us, end_us of the alerts this rule raised on the scores' series
     (an open alert's end is now)."""
     ids = np.unique(scores["series_id"].to_numpy(np.int64))
-    stored = db.alerts_for_fingerprints(backend, [f"{rule.name}:{i}" for i in ids.tolist()])
+    stored = store.alerts.for_fingerprints([f"{rule.name}:{i}" for i in ids.tolist()])
     if not len(stored):
         return pd.DataFrame(
             {c: pd.Series(dtype="int64") for c in ("series_id", "start_us", "end_us")}
@@ -294,9 +241,9 @@ def _alert_spans(
     )
 
 
-def _attach_alert_ids(backend: Backend, transitions: pd.DataFrame) -> pd.DataFrame:
+def _attach_alert_ids(store: Store, transitions: pd.DataFrame) -> pd.DataFrame:
     """Each transition with the id of the alert it belongs to (matched on start time)."""
-    stored = db.alerts_for_fingerprints(backend, transitions["fingerprint"].tolist())
+    stored = store.alerts.for_fingerprints(transitions["fingerprint"].tolist())
     by_start = {
         (fp, int(start)): int(aid)
         for fp, start, aid in zip(
@@ -311,19 +258,6 @@ def _attach_alert_ids(backend: Backend, transitions: pd.DataFrame) -> pd.DataFra
     return transitions.assign(alert_id=np.array(ids, dtype=np.int64))
 
 
-def _silencer(backend: Backend, now_us: int) -> Any:
-    active = [(s, parse_selector(s.matcher)) for s in db.silences(backend, active_at_us=now_us)]
-
-    def silence_for(detail: dict[str, Any]) -> int | None:
-        metric, labels = detail.get("metric"), detail.get("labels", {})
-        for silence, selector in active:
-            if (selector.metric is None or selector.metric == metric) and selector.matches(labels):
-                return silence.silence_id
-        return None
-
-    return silence_for
-
-
 def _emit(transitions: pd.DataFrame, alerts: dict[int, dict[str, Any]], link: str | None) -> int:
     """One Prefect event per transition; never fails the run (the alert is stored already)."""
     from prefect.events import emit_event
@@ -333,7 +267,7 @@ def _emit(transitions: pd.DataFrame, alerts: dict[int, dict[str, Any]], link: st
         # No API to send to: emitting would start a throwaway local server for nothing.
         return 0
     sent = 0
-    for row in _records(transitions):
+    for row in records(transitions):
         alert = alerts.get(int(row["alert_id"]), {})
         detail = alert.get("detail") or {}
         try:
@@ -361,8 +295,8 @@ def _emit(transitions: pd.DataFrame, alerts: dict[int, dict[str, Any]], link: st
                     "lower": None if pd.isna(row["lower"]) else float(row["lower"]),
                     "upper": None if pd.isna(row["upper"]) else float(row["upper"]),
                     "score": None if pd.isna(row["score"]) else float(row["score"]),
-                    "at": _iso(int(row["ts_us"])),
-                    "since": _iso(int(row["since_us"])),
+                    "at": iso(int(row["ts_us"])),
+                    "since": iso(int(row["since_us"])),
                     "silenced": alert.get("silence_id") is not None,
                     "flow_run": link,
                 },
@@ -376,7 +310,7 @@ def _emit(transitions: pd.DataFrame, alerts: dict[int, dict[str, Any]], link: st
     return sent
 
 
-def _publish_open(backend: Backend) -> None:
+def _publish_open(store: Store) -> None:
     """The `alerts-open` table artifact, when running inside a flow or task run."""
     try:
         from prefect.artifacts import create_table_artifact
@@ -385,21 +319,21 @@ def _publish_open(backend: Backend) -> None:
         get_run_context()
     except Exception:
         return
-    frame = db.list_alerts(backend, status="open", limit=500)
+    frame = store.alerts.find(status="open", limit=500)
     table = [
         {
             "alert": int(r["alert_id"]),
             "rule": r["rule"],
-            "series": _describe(r["detail"].get("metric", "?"), r["detail"].get("labels", {})),
+            "series": describe(r["detail"].get("metric", "?"), r["detail"].get("labels", {})),
             "severity": r["severity"],
             "status": r["status"],
-            "since": _iso(int(r["started_at"])),
-            "value": _fmt(r["value"]),
-            "expected": f"{_fmt(r['expected_low'])} .. {_fmt(r['expected_high'])}",
-            "score": _fmt(r["score"]),
+            "since": iso(int(r["started_at"])),
+            "value": fmt(r["value"]),
+            "expected": f"{fmt(r['expected_low'])} .. {fmt(r['expected_high'])}",
+            "score": fmt(r["score"]),
             "silenced": r["silence_id"] is not None and not pd.isna(r["silence_id"]),
         }
-        for r in _records(frame)
+        for r in records(frame)
     ]
     create_table_artifact(
         table=table or [{"alert": "none open"}],
@@ -419,147 +353,100 @@ def process_scores(
     channels = load_channels(settings)  # a missing block fails here, before any change
     now_us = round((now or datetime.now(UTC)).timestamp() * 1_000_000)
     link = flow_run_url or flow_run_link()
-    summary = AlertSummary()
     with Store.open(settings=settings) as store:
-        backend = store.backend
-        rules = load_rules(settings, backend)
-        ids = np.unique(scores["series_id"].to_numpy(dtype=np.int64))
-        meta = {
-            int(r[0]): (str(r[1]), backend.parse_labels(r[2]))
-            for r in (backend.series_info(ids.tolist()) if len(ids) else [])
-        }
-        summary.series = len(meta)
-        parts = []
-        with backend.transaction():
-            for rule in rules:
-                matched = _matching_series(rule, meta)
-                if not len(matched):
-                    continue
-                sub = scores[scores["series_id"].isin(matched)]
-                state = db.load_state(backend, rule=rule.name, series_ids=matched.tolist())
-                result = evaluate(rule, sub, state)
-                if not result.fresh.all():  # samples that landed behind the watermark
-                    late = late_events(
-                        rule, sub, result.fresh, state, _alert_spans(backend, rule, sub, now_us)
-                    )
-                    if len(late):
-                        _persist(backend, rule, late, sub, np.zeros(0, np.int8), meta)
-                        fps = [f"{rule.name}:{s}" for s in late["series_id"].tolist()]
-                        parts.append(late.assign(rule=rule.name, fingerprint=fps))
-                _persist(backend, rule, result.events, sub, result.flags, meta)
-                db.save_state(backend, rule=rule.name, state=result.state)
-                if len(result.events):
-                    fps = [f"{rule.name}:{s}" for s in result.events["series_id"].tolist()]
-                    parts.append(result.events.assign(rule=rule.name, fingerprint=fps))
-        transitions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        if len(transitions):
-            transitions = _attach_alert_ids(backend, transitions)
-        summary.transitions = transitions
-        counts = Counter(transitions["event"]) if len(transitions) else Counter()
-        summary.fired, summary.escalated = counts["firing"], counts["escalated"]
-        summary.resolved = counts["resolved"]
-
-        messages, silenced = _notifications_due(backend, transitions, rules, channels, now_us, link)
-        summary.silenced = len({alert_id for alert_id, _ in silenced})
-        summary.repeats = sum(1 for (_, event), _, _ in messages if event == "repeat")
-        deliveries = deliver(channels, messages, settings)
-        records = [
-            (d.key[0], d.channel, d.key[1], d.attempts, d.outcome, d.error, now_us)
-            for d in deliveries
-        ]
-        records += [
-            (alert_id, channel.ref, event, 0, "silenced", None, now_us)
-            for alert_id, event in silenced
-            for channel in channels
-        ]
-        db.record_notifications(backend, records)
-        summary.notifications = Counter(r[4] for r in records)
-        for d in deliveries:
-            if d.outcome != "sent":
-                _logger().warning(
-                    "notification %s of alert %s on %s %s after %d attempt(s): %s",
-                    d.key[1],
-                    d.key[0],
-                    d.channel,
-                    d.outcome,
-                    d.attempts,
-                    d.error,
-                )
-        if len(transitions):
-            stored = db.alerts_for_fingerprints(backend, transitions["fingerprint"].tolist())
-            by_id = {int(r["alert_id"]): r for r in _records(stored)}
-            summary.events_emitted = _emit(transitions, by_id, link)
-        summary.open_alerts = db.count_open(backend)
-        _publish_open(backend)
+        rules = load_rules(settings, store)
+        summary = _evaluate_rules(store, rules, scores, now_us)
+        _notify(store, settings, summary, rules, channels, now_us, link)
+        if len(summary.transitions):
+            stored = store.alerts.for_fingerprints(summary.transitions["fingerprint"].tolist())
+            by_id = {int(r["alert_id"]): r for r in records(stored)}
+            summary.events_emitted = _emit(summary.transitions, by_id, link)
+        summary.open_alerts = store.alerts.count_open()
+        _publish_open(store)
     return summary
 
 
-def _notifications_due(
-    backend: Backend,
-    transitions: pd.DataFrame,
+def _evaluate_rules(
+    store: Store, rules: Sequence[AlertRule], scores: pd.DataFrame, now_us: int
+) -> AlertSummary:
+    """Evaluate the rules on the scores and commit every transition and the carried state in
+    one transaction (`store.alerts.apply_rules`); the summary's transitions and counts."""
+    summary = AlertSummary()
+    meta = store.series_labels(np.unique(scores["series_id"].to_numpy(dtype=np.int64)).tolist())
+    summary.series = len(meta)
+    parts: list[pd.DataFrame] = []
+
+    def judge(rule: AlertRule) -> RuleOutcome | None:
+        """One rule on its series' scores (late samples first), from its carried state."""
+        matched = _matching_series(rule, meta)
+        if not len(matched):
+            return None
+        sub = scores[scores["series_id"].isin(matched)]
+        state = store.alerts.load_state(rule.name, matched.tolist())
+        result = evaluate(rule, sub, state)
+        rounds: tuple[TransitionRound, ...] = ()
+        if not result.fresh.all():  # samples that landed behind the watermark
+            spans = _alert_spans(store, rule, sub, now_us)
+            late = late_events(rule, sub, result.fresh, state, spans)
+            if len(late):
+                rounds = _rounds(rule, late, meta)
+                parts.append(_tagged(rule, late))
+        if len(result.events):
+            parts.append(_tagged(rule, result.events))
+        return RuleOutcome(
+            rule=rule.name,
+            rounds=rounds + _rounds(rule, result.events, meta),
+            refreshed=_refreshes(rule, sub, result.flags),
+            state=result.state,
+        )
+
+    store.alerts.apply_rules(rules, judge)
+    transitions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(transitions):
+        transitions = _attach_alert_ids(store, transitions)
+    summary.transitions = transitions
+    counts = Counter(transitions["event"]) if len(transitions) else Counter()
+    summary.fired, summary.escalated = counts["firing"], counts["escalated"]
+    summary.resolved = counts["resolved"]
+    return summary
+
+
+def _notify(
+    store: Store,
+    settings: Settings,
+    summary: AlertSummary,
     rules: Sequence[AlertRule],
     channels: Sequence[Channel],
     now_us: int,
     link: str | None,
-) -> tuple[list[tuple[tuple[int, str], Message, set[str] | None]], list[tuple[int, str]]]:
-    """(messages to send, (alert_id, event) pairs held back by a silence)."""
-    silence_for = _silencer(backend, now_us)
-    messages: list[tuple[tuple[int, str], Message, set[str] | None]] = []
-    silenced: list[tuple[int, str]] = []
-    announced: set[int] = set()
-    stored: dict[int, dict[str, Any]] = {}
-    if len(transitions):
-        frame = db.alerts_for_fingerprints(backend, transitions["fingerprint"].tolist())
-        stored = {int(r["alert_id"]): r for r in _records(frame)}
-        newly_silenced = []
-        for row in _records(transitions):
-            alert = stored.get(int(row["alert_id"]))
-            if alert is None:
-                continue
-            # A silence holds back messages while it is active; the alert records which one.
-            silence_id = silence_for(alert["detail"])
-            announced.add(int(row["alert_id"]))
-            if silence_id is not None:
-                if row["event"] == "firing":
-                    newly_silenced.append((silence_id, int(row["alert_id"])))
-                silenced.append((int(row["alert_id"]), str(row["event"])))
-                continue
-            if row["event"] == "escalated" and alert["status"] == "acknowledged":
-                continue
-            snapshot = dict(alert, severity=row["severity"], value=row["value"], score=row["score"])
-            if row["event"] == "resolved":
-                snapshot["resolved_at"] = int(row["ts_us"])
-            messages.append(
-                (
-                    (int(row["alert_id"]), str(row["event"])),
-                    alert_message(snapshot, row["event"], link),
-                    None,
-                )
+) -> None:
+    """Send what is due (transitions, repeats), record every attempt and every message a
+    silence held back, and log the deliveries that failed."""
+    messages, silenced = notifications_due(
+        store, summary.transitions, rules, channels, now_us, link
+    )
+    summary.silenced = len({alert_id for alert_id, _ in silenced})
+    summary.repeats = sum(1 for (_, event), _, _ in messages if event == "repeat")
+    deliveries = deliver(channels, messages, settings)
+    sent = [
+        NotificationRecord(d.key[0], d.channel, d.key[1], d.attempts, d.outcome, d.error, now_us)
+        for d in deliveries
+    ]
+    held = [
+        NotificationRecord(alert_id, channel.ref, event, 0, "silenced", None, now_us)
+        for alert_id, event in silenced
+        for channel in channels
+    ]
+    store.alerts.record_notifications(sent + held)
+    summary.notifications = Counter(r.outcome for r in sent + held)
+    for d in deliveries:
+        if d.outcome != "sent":
+            _logger().warning(
+                "notification %s of alert %s on %s %s after %d attempt(s): %s",
+                d.key[1],
+                d.key[0],
+                d.channel,
+                d.outcome,
+                d.attempts,
+                d.error,
             )
-        if newly_silenced:
-            with backend.transaction():
-                db.mark_silenced(backend, newly_silenced)
-    if not channels:
-        return messages, silenced
-    # Repeats: open, unacknowledged alerts no active silence matches, whose last delivery to a
-    # channel is older than the rule's repeat interval. A channel that never got the alert (its
-    # firing message failed in an earlier run, or a silence has ended) gets it now, so neither
-    # a flaky channel nor a silence can lose an alert that is still firing.
-    intervals = {r.name: round(r.repeat_interval_seconds * 1_000_000) for r in rules}
-    firing = db.list_alerts(backend, status="firing", limit=1_000_000)
-    firing = firing[firing["rule"].isin(list(intervals)) & ~firing["alert_id"].isin(announced)]
-    if firing.empty:
-        return messages, silenced
-    last = db.last_delivered(backend, firing["alert_id"].tolist())
-    for alert in _records(firing):
-        alert_id = int(alert["alert_id"])
-        if silence_for(alert["detail"]) is not None:
-            continue
-        due = {
-            c.ref
-            for c in channels
-            if now_us - last.get((alert_id, c.ref), -(2**62)) >= intervals[alert["rule"]]
-        }
-        if due:
-            messages.append(((alert_id, "repeat"), alert_message(alert, "repeat", link), due))
-    return messages, silenced

@@ -11,7 +11,6 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from metricmill.settings import Settings
-from storage import alerts as alerts_db
 from storage import detection
 from storage.schema import ROLLUP_LEVELS
 from storage.store import Store
@@ -69,17 +68,17 @@ def learn_shard(
     part = ShardLearned(BaselineOutcome(budget=settings.alert_budget_per_week))
     outcome = part.outcome
     with Store.open(settings=settings) as store:
-        ids = detection.series_with_history(store, start_us=start_us, end_us=end_us, level=level)
+        ids = store.detection.series_with_history(start_us=start_us, end_us=end_us, level=level)
         ids = [i for i in ids if int(i) % shards == shard]
         if series and series.strip():
             wanted = set(store.series(None, series)["series_id"].astype(int))
             ids = [i for i in ids if int(i) in wanted]
-        incidents = alerts_db.incident_windows(store.backend)  # confirmed incidents
+        incidents = store.alerts.incident_windows()  # confirmed incidents
         chunk = settings.baseline_chunk_series
         for offset in range(0, len(ids), chunk):  # a query per chunk of series
             chunk_ids = ids[offset : offset + chunk]
-            buckets = detection.history(
-                store, start_us=start_us, end_us=end_us, level=level, series_ids=chunk_ids
+            buckets = store.detection.history(
+                start_us=start_us, end_us=end_us, level=level, series_ids=chunk_ids
             )
             kept = detection.exclude_windows(buckets, incidents)
             outcome.excluded_rows += len(buckets) - len(kept)
@@ -88,7 +87,7 @@ def learn_shard(
                 bucket_us=ROLLUP_LEVELS[level],
                 params=LearnParams(alert_budget_per_week=settings.alert_budget_per_week),
             )
-            outcome.rows += detection.write_baselines(store, learned.baselines)
+            outcome.rows += store.detection.write_baselines(learned.baselines)
             for name, count in learned.seasons.items():
                 outcome.seasons[name] = outcome.seasons.get(name, 0) + count
             for reason, count in learned.skipped["reason"].value_counts().items():
@@ -132,7 +131,7 @@ def fit_and_merge(
     fit_buckets = [frame for part in parts for frame in part.fit_buckets]
     if fit_buckets and not (series and series.strip()):
         with Store.open(settings=settings) as store:
-            metrics = detection.series_metrics(store).set_index("series_id")["metric"]
+            metrics = store.detection.series_metrics().set_index("series_id")["metric"]
             models = fit_models(
                 pd.concat(fit_buckets, ignore_index=True),  # fit_models sorts the rows
                 pd.concat([f for p in parts for f in p.fit_baselines], ignore_index=True),
@@ -140,7 +139,7 @@ def fit_and_merge(
                 settings.detectors,
                 max_rows=settings.detector_max_fit_rows,
             )
-            detection.write_models(store, _model_rows(models))
+            store.detection.write_models(_model_rows(models))
         outcome.models = [
             {"metric": m, "detector": f.detector, "n_samples": f.n_samples}
             for m, f in sorted(models.items())

@@ -44,7 +44,6 @@ from storage.landing import (
 )
 from storage.locks import LockLost, ensure_flow_lock
 from storage.readers import ReadLimits, UnreadableFile, read_landed_file
-from storage.retention import raw_cutoffs
 from storage.store import Store
 from tasks.quality import QualityResult, rejected_rows, validate_batch, validate_batch_pandas
 from tasks.write_order import (
@@ -293,9 +292,7 @@ def _past_their_rule(store: Store, settings: Settings, good: pd.DataFrame) -> np
     alone. None when no row is."""
     if good.empty:
         return None
-    cutoffs = raw_cutoffs(
-        store.backend,
-        settings,
+    cutoffs = store.retention.raw_cutoffs(
         good["metric"].to_numpy(dtype=object),
         good["labels"].to_numpy(dtype=object),
     )

@@ -9,9 +9,7 @@ from prefect import get_run_logger, task
 
 from metricmill.settings import Settings, secret_setting
 from storage.archive import Anonymizer, ArchiveError
-from storage.postgres.timescale import compress_old_chunks
-from storage.retention import RetentionReport, apply, preview
-from storage.schema import ROLLUP_TABLES
+from storage.retention import RetentionReport
 from storage.store import Store
 from tasks.ingest import is_transient
 
@@ -60,10 +58,10 @@ def run_retention(settings: Settings, dry_run: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     with Store.open(settings=settings) as store:
         if dry_run:
-            report = preview(store)
+            report = store.retention.preview()
         else:
             anonymizer = anonymizer_for(settings) if settings.archive_anonymize else None
-            report = apply(store, anonymizer=anonymizer)
+            report = store.retention.apply(anonymizer=anonymizer)
     summary = report.summary()
     logger.info(
         "retention%s: %d rows deleted, %d archived in %d files, %d kept by legal hold",
@@ -82,9 +80,4 @@ def compress_chunks(settings: Settings) -> int:
     (a late sample still rolls up into a compressed rollup chunk: TimescaleDB takes DML on
     compressed chunks)."""
     with Store.open(settings=settings) as store:
-        if not getattr(store.backend, "timescale", False):
-            return 0
-        return sum(
-            compress_old_chunks(store.backend, settings.compress_after_days, table)
-            for table in ("samples", *ROLLUP_TABLES.values())
-        )
+        return store.retention.compress_old_chunks(settings.compress_after_days)

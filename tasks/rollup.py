@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from expectations.rollup_output import RollupCheck, validate_rollup_output
 from metricmill.settings import Settings
-from storage.rollup import LEVELS, RollupReport, Span, written_rows
+from storage.rollup import LEVELS, RollupReport, Span
 from storage.store import Store
 from tasks.ingest import is_transient
 
@@ -15,7 +15,7 @@ from tasks.ingest import is_transient
 def roll_up(settings: Settings, max_chunks: int | None = None) -> RollupReport:
     """Recompute pending ranges at every level, a bounded chunk per transaction."""
     with Store.open(settings=settings) as store:
-        report = store.rollup(max_chunks=max_chunks)
+        report = store.rollups.run(max_chunks=max_chunks)
     get_run_logger().info(
         "rolled up %d chunk(s) in %.2fs: %s; %d pending range(s) left",
         report.chunks,
@@ -34,8 +34,8 @@ def check_rollup_output(settings: Settings, spans: dict[str, list[Span]]) -> lis
         for level in LEVELS:
             if not spans.get(level):
                 continue
-            rows = written_rows(
-                store.backend, level, spans[level], limit=settings.rollup_check_max_rows
+            rows = store.rollups.written_rows(
+                level, spans[level], limit=settings.rollup_check_max_rows
             )
             checks.append(validate_rollup_output(rows, level))
     return checks

@@ -12,9 +12,8 @@ from typer.testing import CliRunner
 from metricmill.cli import app
 from metricmill.errors import SelectorError
 from metricmill.selectors import parse_selector
-from storage import alerts as alert_db
 from storage.store import Store
-from tasks.alerting import _silencer
+from tasks.alert_notices import silencer
 
 EVIL = '{v=~"(a+)+$"}'
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
@@ -79,14 +78,13 @@ def test_a_stored_silence_with_the_pattern_decides_in_well_under_a_second(
     url = _seeded(tmp_path)
     now_us = int(time.time() * 1_000_000)
     with Store.open(url) as store:
-        alert_db.add_silence(
-            store.backend,
+        store.alerts.add_silence(
             matcher=f"m{EVIL}",
             starts_us=now_us - 1_000_000,
             ends_us=now_us + int(timedelta(hours=1).total_seconds() * 1_000_000),
             comment="re2",
         )
-        silence_for = _silencer(store.backend, now_us)
+        silence_for = silencer(store, now_us)
     started = time.perf_counter()
     decided = [silence_for({"metric": "m", "labels": {"v": v}}) for v in LONG_VALUES]
     assert time.perf_counter() - started < 0.5

@@ -222,7 +222,7 @@ def test_health_reports_schema_version_and_backend_mode(store: Store, db_target:
 
     assert health.ok, health.problems
     assert health.schema_version == LATEST_VERSION
-    assert health.backend == ("postgresql" if db_target.name == "postgres" else db_target.name)
+    assert health.backend_name == ("postgresql" if db_target.name == "postgres" else db_target.name)
     if db_target.name == "sqlite":
         assert health.details["journal_mode"] == "wal"
     elif db_target.name == "timescaledb":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,10 @@ from metricmill.cli.common import (
 from metricmill.errors import MetricmillError
 from metricmill.selectors import parse_selector
 from metricmill.timeutil import parse_duration
-from storage import alerts as db
 from storage.store import Store
+
+if TYPE_CHECKING:
+    from tasks.alert_engine import AlertRule
 
 alerts_app = typer.Typer(
     help="Alerts: list, show, ack, resolve, silence; alert rules.", no_args_is_help=True
@@ -68,7 +70,7 @@ def _series(detail: dict[str, Any]) -> str:
 
 
 def _alert_or_fail(store: Store, alert_id: int) -> dict[str, Any]:
-    alert = db.get_alert(store.backend, alert_id) if 0 <= alert_id <= MAX_ID else None
+    alert = store.alerts.get(alert_id) if 0 <= alert_id <= MAX_ID else None
     if alert is None:
         raise AlertCommandError(f"no alert {alert_id}: see `metricmill alerts list --status all`")
     return alert
@@ -88,9 +90,7 @@ def alerts_list(
         raise AlertCommandError(f"unknown status {status!r}: use one of {', '.join(_STATUSES)}")
     check_range("--limit", limit, 1, 1_000_000)
     with open_store(ctx) as store:
-        frame = db.list_alerts(
-            store.backend, status=None if status == "all" else status, limit=limit
-        )
+        frame = store.alerts.find(status=None if status == "all" else status, limit=limit)
     records = []
     for alert in frame.to_dict("records"):
         silenced = alert["silence_id"] is not None and not pd.isna(alert["silence_id"])
@@ -181,7 +181,7 @@ def alerts_show(
         raise AlertCommandError(f"--plot {plot}: the picture is written as PNG: name it .png")
     with open_store(ctx) as store:
         alert = _alert_or_fail(store, alert_id)
-        sent = db.notifications_for(store.backend, alert_id)
+        sent = store.alerts.notifications_for(alert_id)
         window = alert_window(store, alert)
     if window.band is not None:  # as drawn: clipped at 0 for a series that never goes negative
         alert = {**alert, "expected_low": window.band[0], "expected_high": window.band[1]}
@@ -231,9 +231,7 @@ def _change(ctx: typer.Context, alert_id: int, status: str, incident: bool) -> N
         if alert["status"] == status and not incident:
             raise AlertCommandError(f"alert {alert_id} is already {status}")
         new_status = alert["status"] if alert["status"] == "resolved" else status
-        db.set_status(
-            store.backend, alert_id, status=new_status, now_us=_now_us(), incident=incident
-        )
+        store.alerts.set_status(alert_id, status=new_status, now_us=_now_us(), incident=incident)
     note = " (confirmed incident: left out of baseline training)" if incident else ""
     typer.echo(f"alert {alert_id}: {new_status}{note}")
 
@@ -274,8 +272,8 @@ def alerts_silence(
     start = _now_us()
     end = start + round(length.total_seconds() * 1_000_000)
     with open_store(ctx) as store:
-        silence_id = db.add_silence(
-            store.backend, matcher=matcher.strip(), starts_us=start, ends_us=end, comment=comment
+        silence_id = store.alerts.add_silence(
+            matcher=matcher.strip(), starts_us=start, ends_us=end, comment=comment
         )
     echo(f"silence {silence_id}: {matcher.strip()} until {_when(end)}")
 
@@ -288,7 +286,7 @@ def alerts_silences(
 ) -> None:
     """Active silences (with --all, expired ones too)."""
     with open_store(ctx) as store:
-        found = db.silences(store.backend, active_at_us=None if all_ else _now_us())
+        found = store.alerts.silences(active_at_us=None if all_ else _now_us())
     if format is not ListFormat.table:
         records = [
             {"id": s.silence_id, "matcher": s.matcher, "from": _when(s.starts_us),
@@ -306,58 +304,64 @@ def alerts_silences(
 @rules_app.command("list")
 def rules_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> None:
     """Every rule in effect: the settings' default and those added here."""
-    from storage import detection
-    from tasks.alert_engine import effective_threshold
     from tasks.alerting import load_rules
 
     settings = settings_from(ctx)
     with open_store(ctx) as store:
-        rules = load_rules(settings, store.backend)
-        stored = {r["name"] for r in db.list_rules(store.backend)}
-        learned = detection.read_baselines(store).drop_duplicates("series_id")
-        metrics = detection.series_metrics(store).set_index("series_id")["metric"]
+        rules = load_rules(settings, store)
+        stored = {r["name"] for r in store.alerts.rules()}
+        effective = _effective_thresholds(store, rules)
+    if format is not ListFormat.table:
+        records = _rule_records(rules, effective, stored, settings.alert_budget_per_week)
+        print_records(format, records, list(records[0]) if records else ["name"])
+        return
+    out().print(_rules_table(rules, effective, stored, settings.alert_budget_per_week))
+
+
+def _effective_thresholds(store: Store, rules: list[AlertRule]) -> dict[str, np.ndarray]:
+    """Per rule, the effective warning threshold of each series with a learned baseline
+    whose metric the rule matches."""
+    from tasks.alert_engine import effective_threshold
+
+    learned = store.detection.read_baselines().drop_duplicates("series_id")
+    metrics = store.detection.series_metrics().set_index("series_id")["metric"]
     learned = learned.assign(metric=learned["series_id"].map(metrics).fillna(""))
     effective: dict[str, np.ndarray] = {}
     for r in rules:
         mine = learned[[r.matches(str(m)) for m in learned["metric"]]]
         effective[r.name] = effective_threshold(r, mine) if len(mine) else np.empty(0)
-    if format is not ListFormat.table:
-        records = [
-            {"name": r.name, "metrics": r.metric_pattern, "warn": r.threshold,
-             "crit": r.critical_threshold, "for_seconds": r.for_seconds,
-             "keep_firing_for_seconds": r.keep_firing_for_seconds,
-             "min_abs_deviation": r.min_abs_deviation, "min_baseline_level": r.min_baseline_level,
-             "repeat_interval_seconds": r.repeat_interval_seconds, "direction": r.direction,
-             "budget_per_week": (
-                 settings.alert_budget_per_week
-                 if r.alert_budget_per_week is None
-                 else r.alert_budget_per_week
-             ),
-             "effective_median": (
-                 float(np.median(effective[r.name])) if len(effective[r.name]) else None
-             ),
-             "effective_max": float(np.max(effective[r.name])) if len(effective[r.name]) else None,
-             "series": len(effective[r.name]),
-             "from": "cli" if r.name in stored else "settings"}
-            for r in rules
-        ]  # fmt: skip
-        print_records(format, records, list(records[0]) if records else ["name"])
-        return
+    return effective
+
+
+def _rule_records(
+    rules: list[AlertRule], effective: dict[str, np.ndarray], stored: set[str], budget: float
+) -> list[dict[str, Any]]:
+    """The rules as records, for --format json/csv (budget: the settings' default)."""
+    return [
+        {"name": r.name, "metrics": r.metric_pattern, "warn": r.threshold,
+         "crit": r.critical_threshold, "for_seconds": r.for_seconds,
+         "keep_firing_for_seconds": r.keep_firing_for_seconds,
+         "min_abs_deviation": r.min_abs_deviation, "min_baseline_level": r.min_baseline_level,
+         "repeat_interval_seconds": r.repeat_interval_seconds, "direction": r.direction,
+         "budget_per_week": budget if r.alert_budget_per_week is None else r.alert_budget_per_week,
+         "effective_median": (
+             float(np.median(effective[r.name])) if len(effective[r.name]) else None
+         ),
+         "effective_max": float(np.max(effective[r.name])) if len(effective[r.name]) else None,
+         "series": len(effective[r.name]),
+         "from": "cli" if r.name in stored else "settings"}
+        for r in rules
+    ]  # fmt: skip
+
+
+def _rules_table(
+    rules: list[AlertRule], effective: dict[str, np.ndarray], stored: set[str], budget: float
+) -> Table:
+    """The rules as a table, with the median and maximum effective threshold."""
     grid = table(
-        "name",
-        "metrics",
-        "warn",
-        "crit",
-        "for",
-        "keep",
-        "min dev",
-        "min level",
-        "repeat",
-        "dir",
-        "budget/wk",
-        "effective (median / max)",
-        "from",
-    )
+        "name", "metrics", "warn", "crit", "for", "keep", "min dev", "min level", "repeat", "dir",
+        "budget/wk", "effective (median / max)", "from",
+    )  # fmt: skip
     for r in rules:
         mine_effective = effective[r.name]
         shown = (
@@ -366,9 +370,6 @@ def rules_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> N
             if len(mine_effective)
             else "no baselines yet"
         )
-        budget = r.alert_budget_per_week
-        if budget is None:
-            budget = settings.alert_budget_per_week
         row(
             grid,
             r.name,
@@ -381,11 +382,11 @@ def rules_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> N
             f"{r.min_baseline_level:g}",
             f"{r.repeat_interval_seconds:g}s",
             r.direction,
-            f"{budget:g}",
+            f"{budget if r.alert_budget_per_week is None else r.alert_budget_per_week:g}",
             shown,
             "cli" if r.name in stored else "settings",
         )
-    out().print(grid)
+    return grid
 
 
 def _seconds(text: str) -> float:
@@ -435,7 +436,7 @@ def rules_add(
         "alert_budget_per_week": budget,
     }
     with open_store(ctx) as store:
-        db.upsert_rule(store.backend, rule)
+        store.alerts.upsert_rule(rule)
     echo(f"rule {name}: metrics {metric}, warn >= {threshold:g}, critical >= {critical:g}")
 
 
@@ -443,6 +444,6 @@ def rules_add(
 def rules_remove(ctx: typer.Context, name: str) -> None:
     """Remove a rule added with `rules add` (its open alerts stay until resolved by hand)."""
     with open_store(ctx) as store:
-        if not db.delete_rule(store.backend, name):
+        if not store.alerts.delete_rule(name):
             raise AlertCommandError(f"no stored rule {name!r}: see `metricmill alerts rules list`")
     echo(f"rule {name} removed")

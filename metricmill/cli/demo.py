@@ -112,7 +112,7 @@ def _pending_ranges(settings: Settings) -> int:
     from storage.store import Store
 
     with Store.open(settings=settings) as store:
-        return int(store.backend.execute("SELECT count(*) FROM rollup_pending")[0][0])
+        return store.rollups.pending_ranges()
 
 
 def run_with_rollups(
@@ -259,11 +259,10 @@ def run_pipeline(
 
 def score_alerts(outcome: DemoOutcome) -> None:
     """Match alerts to the injected incidents: found, missed, and alerts with no incident."""
-    from storage.alerts import list_alerts
     from storage.store import Store
 
     with Store.open(settings=outcome.settings) as store:
-        alerts = list_alerts(store.backend, limit=1_000_000)
+        alerts = store.alerts.find(limit=1_000_000)
         series = store.series()
         outcome.stats = store.stats()
         outcome.baselines = int(outcome.stats["tables"].get("baselines", {}).get("rows", 0))

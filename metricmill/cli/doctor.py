@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.text import Text
@@ -27,6 +28,9 @@ from metricmill.settings import (
     config_file_path,
     load_settings_past_errors,
 )
+
+if TYPE_CHECKING:
+    from storage.store import Store
 
 doctor_app: typer.Typer = typer.Typer()
 
@@ -113,9 +117,7 @@ def writable_problem(path: Path) -> str | None:
 
 
 def check_database(settings: Settings) -> list[Check]:
-    from storage.ops import compressed_hypertables, timescale_jobs
-    from storage.postgres import PostgresBackend
-    from storage.schema import LATEST_VERSION
+    """Connect, then check the schema, a write probe and (on PostgreSQL) TimescaleDB."""
     from storage.store import Store
 
     url = settings.masked_database_url
@@ -133,68 +135,81 @@ def check_database(settings: Settings) -> list[Check]:
         ]
     with store:
         checks = [Check("database", True, f"{url} ({store.backend_name})")]
-        version = store.schema_version()
-        checks.append(
-            Check(
-                "schema",
-                version == LATEST_VERSION,
-                f"version {version}, this metricmill needs {LATEST_VERSION}",
-                "" if version == LATEST_VERSION else "run `metricmill init`",
-            )
+        checks += _schema_checks(store)
+        checks += _timescale_checks(store, settings)
+    return checks
+
+
+def _schema_checks(store: Store) -> list[Check]:
+    """The schema version, and a write probe when the schema is there."""
+    from storage.schema import LATEST_VERSION
+
+    version = store.schema_version()
+    checks = [
+        Check(
+            "schema",
+            version == LATEST_VERSION,
+            f"version {version}, this metricmill needs {LATEST_VERSION}",
+            "" if version == LATEST_VERSION else "run `metricmill init`",
         )
-        # Without the tables a write probe can only fail for that same reason: skip it.
-        health = store.health() if version == LATEST_VERSION else None
-        probe = [p for p in health.problems if p.startswith("write probe")] if health else []
-        checks.append(
-            Check(
-                "database writes",
-                None if health is None else not probe,
-                probe[0] if probe else ("write probe ok" if health else "not checked (no schema)"),
-                "grant this user INSERT on the metricmill tables" if probe else "",
-            )
+    ]
+    # Without the tables a write probe can only fail for that same reason: skip it.
+    health = store.health() if version == LATEST_VERSION else None
+    probe = [p for p in health.problems if p.startswith("write probe")] if health else []
+    checks.append(
+        Check(
+            "database writes",
+            None if health is None else not probe,
+            probe[0] if probe else ("write probe ok" if health else "not checked (no schema)"),
+            "grant this user INSERT on the metricmill tables" if probe else "",
         )
-        backend = store.backend
-        if not isinstance(backend, PostgresBackend):
-            checks.append(Check("TimescaleDB", None, "not applicable (SQLite)"))
-            return checks
-        if not backend.timescale:
-            needed = settings.timescaledb == "require"
-            checks.append(
-                Check(
-                    "TimescaleDB",
-                    False if needed else None,
-                    f"off ({backend.timescale_note or 'disabled by METRICMILL_TIMESCALEDB=off'})",
-                    "install timescaledb, add it to shared_preload_libraries, restart "
-                    "PostgreSQL, then run `metricmill init`"
-                    if needed
-                    else "",
-                )
-            )
-            return checks
-        checks.append(Check("TimescaleDB", True, f"extension {backend.timescale_version}"))
-        hypertables = compressed_hypertables(backend)
-        missing = [h for h, compressed in hypertables if not compressed]
-        checks.append(
+    )
+    return checks
+
+
+def _timescale_checks(store: Store, settings: Settings) -> list[Check]:
+    """TimescaleDB: not applicable on SQLite; off (a problem when required); else the
+    extension, compression on every hypertable, and its background policies."""
+    status = store.ops.timescale()
+    if not status.server:
+        return [Check("TimescaleDB", None, "not applicable (SQLite)")]
+    if not status.enabled:
+        needed = settings.timescaledb == "require"
+        return [
             Check(
-                "hypertables",
-                bool(hypertables) and not missing,
-                f"{len(hypertables)} hypertables"
-                + (f"; compression off on {', '.join(missing)}" if missing else ", compression on"),
-                "" if hypertables and not missing else "run `metricmill init` to convert tables",
-            )
-        )
-        jobs = timescale_jobs(backend)
-        unscheduled = [f"{p} on {h}" for p, h, scheduled in jobs if not scheduled]
-        checks.append(
-            Check(
-                "TimescaleDB policies",
-                None if not jobs else not unscheduled,
-                ", ".join(sorted({f"{p} on {h}" for p, h, _ in jobs})) or "no background policies",
-                f"resume them: SELECT alter_job(job_id, scheduled => true) for {unscheduled}"
-                if unscheduled
+                "TimescaleDB",
+                False if needed else None,
+                f"off ({status.note or 'disabled by METRICMILL_TIMESCALEDB=off'})",
+                "install timescaledb, add it to shared_preload_libraries, restart "
+                "PostgreSQL, then run `metricmill init`"
+                if needed
                 else "",
             )
+        ]
+    checks = [Check("TimescaleDB", True, f"extension {status.version}")]
+    hypertables = store.ops.compressed_hypertables()
+    missing = [h for h, compressed in hypertables if not compressed]
+    checks.append(
+        Check(
+            "hypertables",
+            bool(hypertables) and not missing,
+            f"{len(hypertables)} hypertables"
+            + (f"; compression off on {', '.join(missing)}" if missing else ", compression on"),
+            "" if hypertables and not missing else "run `metricmill init` to convert tables",
         )
+    )
+    jobs = store.ops.timescale_jobs()
+    unscheduled = [f"{p} on {h}" for p, h, scheduled in jobs if not scheduled]
+    checks.append(
+        Check(
+            "TimescaleDB policies",
+            None if not jobs else not unscheduled,
+            ", ".join(sorted({f"{p} on {h}" for p, h, _ in jobs})) or "no background policies",
+            f"resume them: SELECT alter_job(job_id, scheduled => true) for {unscheduled}"
+            if unscheduled
+            else "",
+        )
+    )
     return checks
 
 

@@ -52,8 +52,8 @@ from metricmill.cli.retention import archive_app, retention_app
 from metricmill.errors import MetricmillError
 from metricmill.settings import MEMORY_URL
 from metricmill.types import WriteReport
-from storage.backend import Health
 from storage.readers import read_samples_file
+from storage.records import Health
 from storage.store import Store
 
 
@@ -265,7 +265,7 @@ def health(ctx: typer.Context) -> None:
 
 def print_health(result: Health) -> None:
     grid = table("", "", title=f"health: {'ok' if result.ok else 'NOT OK'}", show_header=False)
-    row(grid, "backend", result.backend)
+    row(grid, "backend", result.backend_name)
     row(grid, "schema version", result.schema_version)
     for key, value in result.details.items():
         row(grid, key, ", ".join(value) if isinstance(value, list) else value)

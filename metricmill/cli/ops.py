@@ -121,13 +121,12 @@ def status(ctx: typer.Context) -> None:
     """Last run of each flow, ingest and rollup lag, open alerts, quarantine, storage."""
     from deployments.schedules import SCHEDULES
     from storage.locks import lock_holders
-    from storage.ops import snapshot
     from storage.store import Store
 
     settings = settings_from(ctx)
     now = datetime.now(UTC)
     with Store.open(settings=settings) as store:
-        snap = snapshot(store.backend, now_us=datetime_to_us(now))
+        snap = store.ops.snapshot(now_us=datetime_to_us(now))
         info = store.stats()
     running = set(lock_holders(settings))
     console = out()

@@ -44,7 +44,7 @@ _SAMPLE_KEYS = ({"metric", "name"}, {"ts", "timestamp", "time"}, {"value"})
 
 def quarantine_entry_or_fail(store: Store, target: str) -> dict[str, Any]:
     wanted = int(target) if target.isascii() and target.isdecimal() else None
-    entry = store.quarantine_entry(wanted) if wanted is not None and wanted <= MAX_ID else None
+    entry = store.quarantine.entry(wanted) if wanted is not None and wanted <= MAX_ID else None
     if entry is None:
         raise MetricmillError(
             f"no quarantined file or entry {target!r}: see `metricmill quarantine list --all`"
@@ -226,7 +226,7 @@ def replay_file(settings: Settings, options: GlobalOptions, item: QuarantinedFil
     with Store.open(settings=settings) as store:  # the guard's entry for this file is done with
         pending = store.quarantine(limit=1_000_000, pending_only=True)
         for entry_id in pending.loc[pending["batch_id"] == digest, "id"].tolist():
-            store.mark_replayed(int(entry_id))
+            store.quarantine.mark_replayed(int(entry_id))
 
 
 def replay_entry(settings: Settings, options: GlobalOptions, target: str) -> None:
@@ -251,5 +251,5 @@ def replay_entry(settings: Settings, options: GlobalOptions, target: str) -> Non
         )
     summary = run_ingest_flow(settings, options, samples=samples, landing=False)["programmatic"]
     with Store.open(settings=settings) as store:
-        store.mark_replayed(entry_id)
+        store.quarantine.mark_replayed(entry_id)
     typer.echo(f"entry {entry_id}: {describe_outcome(summary)}")

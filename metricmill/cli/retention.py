@@ -27,17 +27,11 @@ from metricmill.cli.common import (
 )
 from metricmill.errors import MetricmillError
 from metricmill.timeutil import parse_time
-from storage.archive import archive_root, export_to_parquet, manifest, verify_archive
 from storage.retention import (
     LEVELS,
     MAX_RETENTION_DAYS,
     RetentionReport,
     RetentionRuleError,
-    add_rule,
-    apply,
-    list_rules,
-    preview,
-    remove_rule,
 )
 from storage.store import Store
 
@@ -65,7 +59,7 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 def retention_list(ctx: typer.Context, format: FormatOption = ListFormat.table) -> None:
     """The rules, highest priority first per level; legal holds are marked."""
     with open_store(ctx) as store:
-        rules = list_rules(store.backend)
+        rules = store.retention.rules()
         settings = store.settings
     if format is not ListFormat.table:
         records = [
@@ -135,8 +129,8 @@ def retention_add(
         check_range("--lock-days", lock_days, 0, MAX_RETENTION_DAYS)
     check_range("--priority", priority, -(10**9), 10**9)
     with open_store(ctx) as store:
-        rule = add_rule(
-            store.backend, pattern, days, parse_labels(label), priority,
+        rule = store.retention.add_rule(
+            pattern, days, parse_labels(label), priority,
             level=level, archive=archive, legal_hold=legal_hold, archive_lock_days=lock_days,
         )  # fmt: skip
     kind = "legal hold" if rule.legal_hold else f"rule ({rule.level}, {rule.retention_days} days)"
@@ -152,7 +146,7 @@ def retention_remove(
     """Remove a rule (removing a legal hold lets its series age out again)."""
     check_range("rule id", rule_id, 1, MAX_ID)
     with open_store(ctx) as store:
-        rule = remove_rule(store.backend, rule_id)
+        rule = store.retention.remove_rule(rule_id)
     echo(f"removed rule {rule.rule_id}: {rule.name.split(' ', 1)[1]}")
 
 
@@ -179,7 +173,7 @@ def print_report(report: RetentionReport) -> None:
 def retention_preview(ctx: typer.Context) -> None:
     """Per rule and level: rows that would be deleted, archived, or kept by a legal hold."""
     with open_store(ctx) as store:
-        report = preview(store)
+        report = store.retention.preview()
     print_report(report)
 
 
@@ -192,7 +186,7 @@ def retention_apply(
 ) -> None:
     """Archive (verified) and delete what the rules let go; legal holds are kept."""
     with open_store(ctx) as store:
-        planned = preview(store)
+        planned = store.retention.preview()
         limit = store.settings.retention_confirm_fraction
         too_much = {t: f for t, f in planned.deleted_fraction().items() if f > limit}
         if too_much and not yes:
@@ -206,7 +200,7 @@ def retention_apply(
             from tasks.retention import anonymizer_for  # imports Prefect: only when needed
 
             anonymizer = anonymizer_for(store.settings)
-        report = apply(store, anonymizer=anonymizer)
+        report = store.retention.apply(anonymizer=anonymizer)
     print_report(report)
 
 
@@ -233,8 +227,8 @@ def archive_export(
     start_dt, end_dt = parse_time(start), parse_time(end)
     assert start_dt is not None and end_dt is not None
     with Store.open(settings=settings) as store:
-        path, rows = export_to_parquet(
-            store.backend, settings, output, start_dt, end_dt, metric=metric, anonymizer=anonymizer
+        path, rows = store.retention.export_parquet(
+            output, start_dt, end_dt, metric=metric, anonymizer=anonymizer
         )
     typer.echo(f"exported {rows} rows to {path}" + (" (anonymized)" if anonymize else ""))
 
@@ -247,7 +241,7 @@ def archive_list(
 ) -> None:
     """Archive files recorded in the manifest."""
     with open_store(ctx) as store:
-        frame = manifest(store.backend, metric)
+        frame = store.retention.manifest(metric)
     records = [
         {"path": str(path), "rows": int(rows), "series": int(series), "sha256": str(sha)}
         for path, rows, series, sha in zip(
@@ -267,8 +261,8 @@ def archive_list(
 def archive_verify(ctx: typer.Context) -> None:
     """Check every archive file against its manifest row; exit 1 on any problem."""
     with open_store(ctx) as store:
-        problems = verify_archive(store.backend, archive_root(store.settings))
-        count = len(manifest(store.backend))
+        problems = store.retention.verify_archive()
+        count = len(store.retention.manifest())
     for path, problem in problems:
         echo(f"{path}: {problem}", err=True)
     typer.echo(f"{count} files in the manifest, {len(problems)} problems")
