@@ -28,7 +28,6 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from metricmill.settings import Settings
-from storage import detection
 from storage.schema import CALIBRATION_COLUMNS
 from storage.store import Store
 from tasks import calibration as cal
@@ -341,7 +340,7 @@ def load_models(
     Returns the models and one message per refit (also logged by the caller).
     """
     wanted = {m: detector_for(m, settings.detectors) for m in metrics}
-    rows = detection.read_models(store, [f"metric:{m}" for m in metrics])
+    rows = store.detection.read_models([f"metric:{m}" for m in metrics])
     models: dict[str, FittedModel] = {}
     broken: list[str] = []
     notes: list[str] = []
@@ -365,14 +364,14 @@ def _refit(
 ) -> dict[str, FittedModel]:
     from tasks.baseline_run import _model_rows  # the same rows the nightly flow writes
 
-    catalog = detection.series_metrics(store)
+    catalog = store.detection.series_metrics()
     ids = catalog.loc[catalog["metric"].isin(metrics), "series_id"].tolist()
     end_us = time.time_ns() // 1000
     start_us = end_us - (window_days or settings.baseline_window_days) * DAY_US
-    buckets = detection.history(
-        store, start_us=start_us, end_us=end_us, level=settings.baseline_level, series_ids=ids
+    buckets = store.detection.history(
+        start_us=start_us, end_us=end_us, level=settings.baseline_level, series_ids=ids
     )
-    baselines = detection.read_baselines(store, ids)
+    baselines = store.detection.read_baselines(ids)
     fitted = fit_models(
         buckets,
         baselines,
@@ -380,7 +379,7 @@ def _refit(
         settings.detectors,
         max_rows=settings.detector_max_fit_rows,
     )
-    detection.write_models(store, _model_rows(fitted))
+    store.detection.write_models(_model_rows(fitted))
     return fitted
 
 
@@ -409,19 +408,17 @@ def score_shard(
     started = time.perf_counter()
     floor_us = time.time_ns() // 1000 - settings.detect_lookback_minutes * 60_000_000
     with Store.open(settings=settings) as store:
-        ids = [
-            i for i in detection.series_to_score(store, floor_us=floor_us) if i % shards == shard
-        ]
+        ids = [i for i in store.detection.series_to_score(floor_us=floor_us) if i % shards == shard]
         if series:
             wanted = set(store.series(None, series)["series_id"].astype(int))
             ids = [i for i in ids if i in wanted]
-        late = detection.read_late(store, ids)
-        points = detection.recent_points(
-            store, series_ids=ids, floor_us=floor_us, context_us=CONTEXT_US, late=late
+        late = store.detection.read_late(ids)
+        points = store.detection.recent_points(
+            series_ids=ids, floor_us=floor_us, context_us=CONTEXT_US, late=late
         )
-        catalog = detection.series_metrics(store, ids)
+        catalog = store.detection.series_metrics(ids)
         metric_of = catalog.set_index("series_id")["metric"]
-        table = BaselineTable.from_frame(detection.read_baselines(store, ids))
+        table = BaselineTable.from_frame(store.detection.read_baselines(ids))
         models, notes = load_models(store, settings, sorted(set(catalog["metric"])))
     for note in notes:
         logger.warning(note)
