@@ -137,7 +137,7 @@ class Store:
 
     @property
     def backend_name(self) -> str:
-        if isinstance(self.backend, PostgresBackend) and self.backend.timescale:
+        if self.backend.timescale:
             return "timescaledb"
         return self.backend.name
 
