@@ -9,8 +9,8 @@ pending rows it finished in that same transaction.
 Each backend gets a small dialect: integer bucket arithmetic on SQLite (ts are µs integers),
 `date_bin` on PostgreSQL, `time_bucket` and `first()/last()` on TimescaleDB. Elsewhere first
 and last are found by joining the group's first/last key back to its source row (a primary
-key lookup), by a window over the bucket (PostgreSQL's 1m level), or, for PostgreSQL's upper
-levels, from the source rows in the bucket's first and last slots. Every fragment composed
+key lookup), as the min/max of [offset in the bucket, value] arrays (PostgreSQL's 1m level),
+or, for PostgreSQL's upper levels, from the source rows in the bucket's first and last slots. Every fragment composed
 into SQL text is a constant of this module.
 """
 
@@ -201,9 +201,39 @@ class PostgresDialect(Dialect):
     def stats_select(self, source: str, width_us: int, series_filter: str) -> str:
         if source != "raw":
             return self._upper_select(source, width_us, series_filter, per_series=False)
-        # One pass: first/last by window over the bucket (the join back to the source rows
-        # costs two more scans of it, hashed to disk at default work_mem).
-        src = _Source(source)
+        if width_us >= _ARRAY_KEY_EXACT_US:
+            return self._window_select(width_us, series_filter)
+        # Series by series through a LATERAL primary-key range, each series' buckets hashed
+        # in memory: no sort and no window. first/last are the min/max of [offset of ts in
+        # its bucket, value] arrays (arrays compare element by element, and ts is unique per
+        # series, so the offset decides and the value rides along, NaN and -0.0 included).
+        # The window statement (_window_select) sorts each series' rows by bucket and ts and
+        # buffers every bucket for first_value/last_value: this one took about 10 % less
+        # server CPU on benchmarks/rollup.py's 1m level, the insert included (DESIGN.md,
+        # "Backends"). The fences (OFFSET 0) keep the bucket and the array computed once a
+        # row; the ORDERs keep the rows in (series_id, bucket) order, as the readers expect.
+        bucket = self.bucket("ts", width_us)
+        return f"""SELECT s.series_id, g.bucket, g.count, g.sum, g.sum_sq, g.min, g.max,
+                   g.first, g.first_ts, g.last, g.last_ts
+            FROM (SELECT series_id FROM series WHERE series_id {series_filter}
+                  ORDER BY series_id) s
+            CROSS JOIN LATERAL (
+                SELECT bucket, count(*) AS count, sum(value) AS sum,
+                       sum(value * value) AS sum_sq, min(value) AS min, max(value) AS max,
+                       (min(k))[2] AS first, min(ts) AS first_ts, (max(k))[2] AS last,
+                       max(ts) AS last_ts
+                FROM (SELECT bucket, ts, value,
+                             ARRAY[date_part('epoch', ts - bucket), value] AS k
+                      FROM (SELECT {bucket} AS bucket, ts, value FROM samples
+                            WHERE series_id = s.series_id
+                              AND ts >= {self.bound} AND ts < {self.bound} OFFSET 0) r0
+                      OFFSET 0) r
+                GROUP BY bucket ORDER BY bucket) g"""  # noqa: S608
+
+    def _window_select(self, width_us: int, series_filter: str) -> str:
+        """stats_select from samples in one pass, first/last by a window over the bucket:
+        for buckets too wide for stats_select's float offsets to stay exact."""
+        src = _Source("raw")
         bucket = self.bucket(src.key, width_us)
         return f"""SELECT series_id, bucket, {src.totals}, min(fv) AS first,
                    min({src.first_ts}) AS first_ts, min(lv) AS last, max({src.last_ts}) AS last_ts
@@ -354,6 +384,11 @@ _DATETIME_US = (
     datetime_to_us(datetime(1, 1, 2, tzinfo=UTC)),
     datetime_to_us(datetime(9999, 12, 30, tzinfo=UTC)),
 )
+
+
+# date_part('epoch', ts - bucket) is float8: seconds (µs as a fraction) below 2^32 s stay
+# distinct and in order (their spacing 1e-6 s exceeds the float's 2^-20 s), wider buckets not.
+_ARRAY_KEY_EXACT_US = 2**32 * US_PER_SECOND
 
 
 def _timestamp(us: int) -> datetime:
