@@ -9,8 +9,9 @@ the store on hypertables):
   up by ``Store.rollup()`` — claiming the pending range, DELETE + INSERT ... SELECT per level, in
   chunk transactions — against one hand-written ``INSERT INTO ref_1m SELECT date_bin(...) ...
   GROUP BY`` over the same rows computing the same columns (count, sum, sum_sq, min, max, and
-  first/last by ts through first_value/last_value over the bucket: the same single-pass shape
-  the PostgreSQL dialect uses, so the ratio is the cost of the run's machinery). The run's 1m
+  first/last by ts through first_value/last_value over the bucket, the single-pass shape the
+  PostgreSQL dialect used before it grouped series by series with array min/max for first and
+  last: the reference stays the plain window statement a user would write). The run's 1m
   time includes its bookkeeping (claim, pending-row delete, commit). Both start from empty
   rollup tables, after one untimed read of all samples (so no peer pays for the cold caches);
   which goes first rotates between repeats; medians over three repeats by default.

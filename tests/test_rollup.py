@@ -18,7 +18,7 @@ import pytest
 
 from metricmill.settings import load_settings
 from metricmill.types import datetime_to_us
-from storage.rollup import LEVELS, written_rows
+from storage.rollup import LEVELS, step_stats, written_rows
 from storage.schema import ROLLUP_LEVELS
 from storage.store import Store
 from tests.dbtargets import DbTarget
@@ -294,3 +294,64 @@ def test_written_rows_with_a_limit_are_the_newest(store: Store) -> None:
             assert len(newest) == limit
             top = sorted(everything["bucket"], reverse=True)[:limit]
             assert sorted(newest["bucket"], reverse=True) == top, (level, limit)
+
+
+def test_first_and_last_are_exact_for_special_values(store: Store) -> None:
+    """first/last are the stored values at the bucket's first and last ts, bit for bit: -0.0
+    beside 0.0 (where the backend keeps the sign: SQLite stores -0.0 as 0), runs of equal
+    values and extremes included, at every level and in a raw step query.
+    (NaN and ±Inf never reach samples: ingestion rejects them.)"""
+    big, tiny = 1e150, 1e-150  # squares stay normal (PostgreSQL raises on underflow)
+    minute = BASE - timedelta(hours=3)
+    buckets = [  # (seconds into the minute, value) per 1m bucket, written in shuffled order
+        [(5, tiny), (20, 1.0), (50, -big)],
+        [(0, -0.0), (30, 2.0), (59, 0.0)],
+        [(1, 3.5), (2, 3.5), (3, 3.5)],
+        [(10, big), (11, -tiny)],
+        [(42, -0.0)],
+        [(7, 0.0), (8, -big), (9, -0.0)],
+    ]
+    times = [minute + timedelta(minutes=k, seconds=s) for k, rows in enumerate(buckets)
+             for s, _ in rows]  # fmt: skip
+    values = np.array([v for rows in buckets for _, v in rows])
+    order = np.random.default_rng(5).permutation(len(times))
+    store.write_samples(frame("odd", {"host": "a"}, [times[i] for i in order], values[order]))
+    store.rollup()
+    ids = [int(i) for i in store.series()["series_id"]]
+    start, end = (datetime_to_us(t) for t in EVERYTHING)
+    raw = store.backend.raw_points(ids, start, end)
+    kept = dict(zip(raw["ts_us"].astype("int64"), raw["value"].astype("float64"), strict=True))
+    assert len(kept) == len(times)
+    if store.backend.name != "sqlite":  # the servers keep -0.0 as written
+        assert np.signbit(kept[datetime_to_us(times[3])])
+
+    def bits(value: float) -> bytes:
+        return np.float64(value).tobytes()
+
+    for level in LEVELS:
+        width = ROLLUP_LEVELS[level]
+        got = stored(store, level)
+        want = recompute(store, level)
+        assert got["bucket"].tolist() == want["bucket"].tolist(), level
+        for row in got.itertuples():
+            inside = sorted(t for t in kept if t - t % width == row.bucket)
+            assert (row.count, row.first_ts, row.last_ts) == (len(inside), inside[0], inside[-1])
+            assert bits(row.first) == bits(kept[inside[0]]), (level, row.bucket, row.first)
+            assert bits(row.last) == bits(kept[inside[-1]]), (level, row.bucket, row.last)
+    assert len(stored(store, "1m")) == len(buckets)
+    # A raw step query computes the same edges (stats straight from samples).
+    first_minute = datetime_to_us(minute)
+    raw_steps = step_stats(
+        store.backend, "raw", ids, first_minute, first_minute + 6 * 60_000_000, 60_000_000
+    )
+    rolled = stored(store, "1m")
+    assert raw_steps["ts_us"].tolist() == rolled["bucket"].tolist()
+    for column in ("first", "last"):
+        assert [bits(v) for v in raw_steps[column]] == [bits(v) for v in rolled[column]]
+    # A step too wide for PostgreSQL's float offsets in the bucket (2^33 s) takes the window
+    # statement there: one bucket, the same edges.
+    wide = 2**33 * 1_000_000
+    whole = step_stats(store.backend, "raw", ids, 0, wide, wide)
+    assert whole["ts_us"].tolist() == [0] and int(whole["count"].iloc[0]) == len(times)
+    assert bits(whole["first"].iloc[0]) == bits(kept[min(kept)])
+    assert bits(whole["last"].iloc[0]) == bits(kept[max(kept)])
