@@ -15,7 +15,7 @@ Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema cr
 
 * ``flows.ingest.ingest(landing=True, scrape=False, ...)``: claim, then per group of files (one
   ``ingest_files`` task each, ``tasks.ingest_files.group_files``) parse, one GX validation of the
-  group's frame and one ``Store.write_sample_parts`` (a ledger batch per file), under
+  group's frame and one ``Store.write_batch_parts`` (a ledger batch per file), under
   ``prefect_test_harness`` (the
   harness's server start-up, the GX import/context set-up and one empty warm-up flow run are
   one-time process costs and are not timed; their durations are printed);
@@ -24,7 +24,7 @@ Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema cr
 
 A second, untimed-by-the-flow pass decodes, validates and writes the same file groups stage by
 stage (``storage.readers.read_landed_file``, one frame per group, ``tasks.quality.validate_batch``,
-``Store.open`` + ``Store.write_sample_parts``), and runs ``validate_batch_pandas`` on the same
+``Store.open`` + ``Store.write_batch_parts``), and runs ``validate_batch_pandas`` on the same
 frames, for where the time goes and the GX-vs-pandas comparison. ``--profile N`` adds a cProfile
 of each stage over the first N files (as one group). The output ends with
 ``RATIO ingest_flow_vs_copy`` (flow rows/s over \\copy rows/s) and ``RATIO gx_vs_pandas`` (GX
@@ -549,7 +549,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
         ("ISO times parsed, one frame per group", stages.combine),
         ("validate_batch (GX), once per group", stages.validate_gx),
         ("Store.open", stages.open_store),
-        ("Store.write_sample_parts", stages.write),
+        ("Store.write_batch_parts", stages.write),
     ]
     groups = len(stages.per_group_gx)
     print(
@@ -568,7 +568,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
     writes = stages.per_group_write
     if len(writes) > 1:
         print(
-            f"Store.write_sample_parts per group: first {writes[0]:.3f}s (creates the series), "
+            f"Store.write_batch_parts per group: first {writes[0]:.3f}s (creates the series), "
             f"then median {np.median(writes[1:]):.3f}s, max {max(writes[1:]):.3f}s"
         )
     print(

@@ -181,7 +181,7 @@ def to_frame(samples: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFram
         frame = samples
     else:
         # Arrow-backed strings cannot hold what we must quarantine (lone surrogates):
-        # keep Python objects; prepare() converts values and timestamps column-wise.
+        # keep Python objects; storage.normalise reads values and times column-wise.
         frame = pd.DataFrame(list(samples), dtype=object)
     for alias, column in _ALIASES.items():
         if alias in frame.columns:
