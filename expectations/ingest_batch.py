@@ -241,7 +241,7 @@ def failing_rows(check: Check, column: pd.Series, parameters: Mapping[str, Any])
         low, high = arguments["min_value"], arguments["max_value"]
         if isinstance(column.dtype, pd.DatetimeTZDtype):
             numbers = column.to_numpy(dtype="datetime64[us]").view(np.int64)
-            low, high = _epoch_us(low), _epoch_us(high)
+            low, high = epoch_us(low), epoch_us(high)
         else:
             numbers = column.to_numpy(dtype=np.float64, na_value=np.nan)
         with np.errstate(invalid="ignore"):
@@ -253,6 +253,6 @@ def failing_rows(check: Check, column: pd.Series, parameters: Mapping[str, Any])
     return np.flatnonzero(failing)
 
 
-def _epoch_us(moment: datetime) -> int:
+def epoch_us(moment: datetime) -> int:
     """Epoch microseconds of an aware datetime (exact, as GX compares at µs resolution)."""
     return (moment - _EPOCH) // timedelta(microseconds=1)

@@ -18,7 +18,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from expectations.ingest_batch import (
     QualityLimits,
     build_suite,
     check_required_columns,
+    epoch_us,
     failing_rows,
     suite_parameters,
 )
@@ -65,7 +66,6 @@ _DATASOURCE = "metricmill_quality"
 _ASSET = "ingest_batch"
 _BATCH_DEFINITION = "whole_batch"
 _gx_lock = threading.Lock()
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class QualityCheckError(RuntimeError):
@@ -90,8 +90,8 @@ class QualityResult:
     batch: Normalised | None = None
 
     def typed_good(self) -> pd.DataFrame:
-        """The good rows with ts as datetime64[us, UTC] and value as float64, read once here
-        rather than again by the store (other columns as received)."""
+        """The good rows with ts as datetime64[us, UTC] and value as float64, as the batch was
+        read (other columns as received). The write path encodes `batch` instead."""
         if self.good_ts_us is None or self.good_values is None:
             return self.good
         ts = pd.Series(self.good_ts_us.view("datetime64[us]"), index=self.good.index)
@@ -399,7 +399,9 @@ def validate_batch(
             "success": bool(item.success),
         }
         failures.append((entry, _index_positions(result.get("unexpected_index_list"))))
-    return _result(prepared, failures, _us(parameters[TS_MAX_PARAM]), engine="great_expectations")
+    return _result(
+        prepared, failures, epoch_us(parameters[TS_MAX_PARAM]), engine="great_expectations"
+    )
 
 
 # -- the same declaration in plain pandas ---------------------------------------------------
@@ -426,9 +428,4 @@ def validate_batch_pandas(
             "success": not len(rows),
         }
         failures.append((entry, rows))
-    return _result(prepared, failures, _us(parameters[TS_MAX_PARAM]), engine="pandas")
-
-
-def _us(moment: datetime) -> int:
-    """Epoch microseconds of an aware datetime (exact, as GX compares at µs resolution)."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return _result(prepared, failures, epoch_us(parameters[TS_MAX_PARAM]), engine="pandas")
