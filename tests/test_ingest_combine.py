@@ -3,7 +3,7 @@
 Files checked together whose times came in different forms (ISO text in one, epoch numbers in
 another) have their times read per file (tasks.ingest_files.combine_files); the check must keep the
 same rows, reject the same rows for the same reasons, and show each rejected row as its file
-had it. Label sets canonicalised together (storage.frames.canonical_label_sets, remembered
+had it. Label sets canonicalised together (storage.labels.canonical_label_sets, remembered
 across batches) must match canonical_labels object by object, bad ones included.
 """
 
@@ -18,7 +18,8 @@ import pandas as pd
 
 from metricmill.settings import load_settings
 from storage.backend import unique_sorted
-from storage.frames import canonical_label_sets, canonical_labels, with_parsed_timestamps
+from storage.frames import with_parsed_timestamps
+from storage.labels import canonical_label_sets, canonical_labels
 from tasks.ingest import quality_limits
 from tasks.ingest_files import check_together
 from tasks.quality import validate_batch
