@@ -14,8 +14,8 @@ timestamps, odd files epoch seconds, see ``--timestamps``) and as one CSV (serie
 Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema created first):
 
 * ``flows.ingest.ingest(landing=True, scrape=False, ...)``: claim, then per group of files (one
-  ``ingest_files`` task each, ``tasks.ingest.group_files``) parse, one GX validation of the
-  group's frame and one ``Store.write_sample_parts`` (a ledger batch per file), under
+  ``ingest_files`` task each, ``tasks.ingest_files.group_files``) parse, one GX validation of the
+  group's frame and one ``Store.write_batch_parts`` (a ledger batch per file), under
   ``prefect_test_harness`` (the
   harness's server start-up, the GX import/context set-up and one empty warm-up flow run are
   one-time process costs and are not timed; their durations are printed);
@@ -24,7 +24,7 @@ Timed, each into a fresh database of one throwaway PostgreSQL cluster (schema cr
 
 A second, untimed-by-the-flow pass decodes, validates and writes the same file groups stage by
 stage (``storage.readers.read_landed_file``, one frame per group, ``tasks.quality.validate_batch``,
-``Store.open`` + ``Store.write_sample_parts``), and runs ``validate_batch_pandas`` on the same
+``Store.open`` + ``Store.write_batch_parts``), and runs ``validate_batch_pandas`` on the same
 frames, for where the time goes and the GX-vs-pandas comparison. ``--profile N`` adds a cProfile
 of each stage over the first N files (as one group). The output ends with
 ``RATIO ingest_flow_vs_copy`` (flow rows/s over \\copy rows/s) and ``RATIO gx_vs_pandas`` (GX
@@ -317,7 +317,7 @@ class _Group:
 def load_group(paths: list[Path], stages: Stages | None = None) -> _Group:
     from storage.frames import with_parsed_timestamps
     from storage.readers import read_landed_file
-    from tasks.ingest import combine_files
+    from tasks.ingest_files import combine_files
 
     started = time.perf_counter()
     datas = [p.read_bytes() for p in paths]
@@ -334,7 +334,7 @@ def load_group(paths: list[Path], stages: Stages | None = None) -> _Group:
         stages.decode += seconds
     started = time.perf_counter()
     frames = [with_parsed_timestamps(d.frame) for d in decoded]
-    frame, parts, _ = combine_files(frames)  # as tasks.ingest._check_together does
+    frame, parts, _ = combine_files(frames)  # as tasks.ingest_files.check_together does
     if stages:
         stages.combine += time.perf_counter() - started
     return _Group([p.name for p in paths], digests, frame, parts, [d.rejected for d in decoded])
@@ -345,7 +345,8 @@ def run_stages(server: PgServer, sources: list[Path], tmp: Path, work: Workload)
     on the same frame) / write, outside the flow."""
     from metricmill.settings import load_settings
     from storage.store import Store
-    from tasks.ingest import group_files, quality_limits
+    from tasks.ingest import quality_limits
+    from tasks.ingest_files import group_files
     from tasks.quality import validate_batch, validate_batch_pandas
 
     stages = Stages()
@@ -392,16 +393,14 @@ def run_stages(server: PgServer, sources: list[Path], tmp: Path, work: Workload)
 
 
 def write_group(store: Any, settings: Any, group: _Group, checked: Any) -> Any:
-    """What tasks.ingest does after validation: one write of every file, a ledger batch each."""
-    rejected: list[list[Any]] = [list(r) for r in group.rejected]
-    for row, position in zip(checked.rejected, checked.rejected_positions.tolist(), strict=True):
-        rejected[int(group.parts[position])].append(row)
-    return store.write_sample_parts(
-        checked.good,
-        parts=group.parts[checked.good.index.to_numpy()],
+    """What tasks.ingest_files does after validation: the verdict encoded, one write of every
+    file, a ledger batch each."""
+    from tasks.ingest_check import encode_parts, verdict_of
+
+    return store.write_batch_parts(
+        encode_parts(verdict_of(checked), group.rejected),
         batch_ids=group.digests,
         sources=[f"file:{n}" for n in group.names],
-        rejected=rejected,
         max_new_series=settings.max_new_series_per_batch,
     )
 
@@ -550,7 +549,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
         ("ISO times parsed, one frame per group", stages.combine),
         ("validate_batch (GX), once per group", stages.validate_gx),
         ("Store.open", stages.open_store),
-        ("Store.write_sample_parts", stages.write),
+        ("Store.write_batch_parts", stages.write),
     ]
     groups = len(stages.per_group_gx)
     print(
@@ -569,7 +568,7 @@ def print_stages(stages: Stages, rows: int, flow: FlowRun) -> None:
     writes = stages.per_group_write
     if len(writes) > 1:
         print(
-            f"Store.write_sample_parts per group: first {writes[0]:.3f}s (creates the series), "
+            f"Store.write_batch_parts per group: first {writes[0]:.3f}s (creates the series), "
             f"then median {np.median(writes[1:]):.3f}s, max {max(writes[1:]):.3f}s"
         )
     print(

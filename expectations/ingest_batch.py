@@ -1,7 +1,16 @@
 """The ingest-batch data-quality contract: what a micro-batch of samples must satisfy to be written.
 
-The suite runs on a *checked frame* derived from the batch (see `tasks.quality`): the columns
-metric, value, ts as given, plus helper columns that GX cannot compute itself (it cannot look
+This module is the one place the rules that reject a row of an ingested batch are declared:
+`CHECKS`, as data (expectation type, column, arguments, reason codes). Two engines evaluate
+that one declaration: Great Expectations (`build_suite`, run by `tasks.quality.validate_batch`)
+and a vectorised pandas twin (`failing_rows`, run by `validate_batch_pandas` where importing GX
+would cost more than the batch: the served scrape path). tests/test_quality.py holds the two
+equal. What the tables cannot hold at all (no metric, text that is not a number, NUL
+characters, a time outside 1970-2262, unusable labels) is not a contract rule: it is stated by
+`storage.normalise` while the batch is read, and it decides only for rows the suite passed.
+
+The suite runs on a *checked frame* built from the normalised batch (`tasks.quality`): the
+columns metric, value, ts as read, plus helper columns that GX cannot compute itself (it cannot look
 inside the dict-valued labels column, nor across rows):
 
 - ``label_count``, ``max_label_key_len``, ``max_label_value_len``: per row, from its label set;
@@ -23,11 +32,16 @@ suite be reused for every batch.
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
 
 from metricmill.errors import MetricmillError
 from metricmill.types import Reason
@@ -61,6 +75,7 @@ HELPER_COLUMNS: tuple[str, ...] = (
 # suite parameters ($PARAMETER) filled in per validation run
 TS_MIN_PARAM = "ts_min"
 TS_MAX_PARAM = "ts_max"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class BatchUnusable(MetricmillError):
@@ -97,36 +112,63 @@ class QualityLimits:
 
 
 class Check(NamedTuple):
-    """One expectation of the suite, as the summary and the pandas cross-check describe it."""
+    """One rule of the suite, declared once: the GX expectation (type, column, arguments) and
+    the row reasons it gives. `build_suite` makes the GX expectation of it and
+    `failing_rows` evaluates the same declaration with pandas/numpy."""
 
     expectation_type: str
     column: str
     reasons: tuple[str, ...]  # the row reasons it can give, in priority order
+    arguments: Mapping[str, Any] = MappingProxyType({})  # besides column and meta
 
     @property
     def reason(self) -> str:
         """The expectation's meta reason: its code, or codes joined by "|"."""
         return "|".join(self.reasons)
 
+    @property
+    def gx_class(self) -> str:
+        """The GX expectation class name (expect_column_values_to_... in CamelCase)."""
+        return "".join(word.capitalize() for word in self.expectation_type.split("_"))
+
 
 _R = Reason
 # Suite order: the first failing check names a row's reason.
 CHECKS: tuple[Check, ...] = (
-    Check("expect_column_values_to_match_regex", "metric", (_R.INVALID_METRIC_NAME,)),
+    Check(
+        "expect_column_values_to_match_regex",
+        "metric",
+        (_R.INVALID_METRIC_NAME,),
+        MappingProxyType({"regex": METRIC_NAME_PATTERN}),
+    ),
     Check("expect_column_values_to_not_be_null", "value", (_R.NON_FINITE_VALUE,)),
-    Check("expect_column_values_to_be_between", "value", (_R.NON_FINITE_VALUE,)),
+    Check(
+        "expect_column_values_to_be_between",
+        "value",
+        (_R.NON_FINITE_VALUE,),
+        MappingProxyType({"min_value": -FLOAT_MAX, "max_value": FLOAT_MAX}),
+    ),
     Check("expect_column_values_to_not_be_null", "ts", (_R.INVALID_TIMESTAMP,)),
     Check(
         "expect_column_values_to_be_between",
         "ts",
         (_R.TIMESTAMP_IN_FUTURE, _R.TIMESTAMP_TOO_OLD),
+        MappingProxyType(
+            {"min_value": {"$PARAMETER": TS_MIN_PARAM}, "max_value": {"$PARAMETER": TS_MAX_PARAM}}
+        ),
     ),
     Check(
         "expect_column_values_to_be_in_set",
         LABEL_LIMIT_EXCEEDED,
         (_R.TOO_MANY_LABELS, _R.LABEL_NAME_TOO_LONG, _R.LABEL_VALUE_TOO_LONG),
+        MappingProxyType({"value_set": [""]}),
     ),
-    Check("expect_column_values_to_be_in_set", CONFLICTING, (_R.CONFLICTING_VALUES,)),
+    Check(
+        "expect_column_values_to_be_in_set",
+        CONFLICTING,
+        (_R.CONFLICTING_VALUES,),
+        MappingProxyType({"value_set": [False]}),
+    ),
 )
 REASON_ORDER: tuple[str, ...] = tuple(
     dict.fromkeys(reason for check in CHECKS for reason in check.reasons)
@@ -152,39 +194,10 @@ def suite_parameters(limits: QualityLimits) -> dict[str, datetime]:
 
 
 def build_suite(limits: QualityLimits) -> gx.ExpectationSuite:
-    """The suite for `limits`, in `CHECKS` order (imports great_expectations)."""
+    """The GX suite for `limits`: one expectation per declared `Check`, in `CHECKS` order
+    (imports great_expectations)."""
     import great_expectations as gx
 
-    expect = gx.expectations
-
-    def meta(*reasons: str) -> dict[str, Any]:
-        return {"reason": "|".join(reasons)}
-
-    r = Reason
-    expectations = [
-        expect.ExpectColumnValuesToMatchRegex(
-            column="metric", regex=METRIC_NAME_PATTERN, meta=meta(r.INVALID_METRIC_NAME)
-        ),
-        expect.ExpectColumnValuesToNotBeNull(column="value", meta=meta(r.NON_FINITE_VALUE)),
-        expect.ExpectColumnValuesToBeBetween(
-            column="value", min_value=-FLOAT_MAX, max_value=FLOAT_MAX, meta=meta(r.NON_FINITE_VALUE)
-        ),
-        expect.ExpectColumnValuesToNotBeNull(column="ts", meta=meta(r.INVALID_TIMESTAMP)),
-        expect.ExpectColumnValuesToBeBetween(
-            column="ts",
-            min_value={"$PARAMETER": TS_MIN_PARAM},
-            max_value={"$PARAMETER": TS_MAX_PARAM},
-            meta=meta(r.TIMESTAMP_IN_FUTURE, r.TIMESTAMP_TOO_OLD),
-        ),
-        expect.ExpectColumnValuesToBeInSet(
-            column=LABEL_LIMIT_EXCEEDED,
-            value_set=[""],
-            meta=meta(r.TOO_MANY_LABELS, r.LABEL_NAME_TOO_LONG, r.LABEL_VALUE_TOO_LONG),
-        ),
-        expect.ExpectColumnValuesToBeInSet(
-            column=CONFLICTING, value_set=[False], meta=meta(r.CONFLICTING_VALUES)
-        ),
-    ]
     suite = gx.ExpectationSuite(
         name=SUITE_NAME,
         meta={
@@ -198,6 +211,48 @@ def build_suite(limits: QualityLimits) -> gx.ExpectationSuite:
             },
         },
     )
-    for expectation in expectations:
-        suite.add_expectation(expectation)
+    for check in CHECKS:
+        expectation = getattr(gx.expectations, check.gx_class)
+        suite.add_expectation(
+            expectation(column=check.column, meta={"reason": check.reason}, **check.arguments)
+        )
     return suite
+
+
+# -- the same declaration evaluated with pandas/numpy ------------------------------------------
+def failing_rows(check: Check, column: pd.Series, parameters: Mapping[str, Any]) -> np.ndarray:
+    """Positions of the rows of `column` that fail `check`, with GX's semantics: every
+    expectation but not-null skips missing values; `$PARAMETER` arguments come from
+    `parameters`. The pandas twin of the GX suite: vectorised, no GX import."""
+    arguments = {
+        name: parameters[value["$PARAMETER"]] if isinstance(value, Mapping) else value
+        for name, value in check.arguments.items()
+    }
+    missing = column.isna().to_numpy()
+    kind = check.expectation_type
+    if kind == "expect_column_values_to_not_be_null":
+        failing = missing
+    elif kind == "expect_column_values_to_match_regex":
+        codes, names = pd.factorize(column, use_na_sentinel=True)
+        pattern = re.compile(arguments["regex"])
+        matched = [pattern.search(str(name)) is not None for name in names]
+        failing = ~np.array([*matched, True])[codes]  # code -1 (missing) is not matched
+    elif kind == "expect_column_values_to_be_between":
+        low, high = arguments["min_value"], arguments["max_value"]
+        if isinstance(column.dtype, pd.DatetimeTZDtype):
+            numbers = column.to_numpy(dtype="datetime64[us]").view(np.int64)
+            low, high = epoch_us(low), epoch_us(high)
+        else:
+            numbers = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            failing = ~missing & ((numbers < low) | (numbers > high))
+    elif kind == "expect_column_values_to_be_in_set":
+        failing = ~missing & ~column.isin(list(arguments["value_set"])).to_numpy()
+    else:
+        raise NotImplementedError(f"no pandas evaluation for {kind}")
+    return np.flatnonzero(failing)
+
+
+def epoch_us(moment: datetime) -> int:
+    """Epoch microseconds of an aware datetime (exact, as GX compares at µs resolution)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)

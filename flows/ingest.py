@@ -15,15 +15,8 @@ from flows.guard import exclusive
 from flows.naming import run_name
 from metricmill.secrets import redact
 from metricmill.settings import Settings, load_settings
-from tasks.ingest import (
-    SourceOutcome,
-    claim_landing,
-    group_files,
-    ingest_files,
-    ingest_records,
-    prepare_store,
-    scrape_target,
-)
+from tasks.ingest import SourceOutcome, ingest_records, prepare_store, scrape_target
+from tasks.ingest_files import claim_landing, group_files, ingest_files
 from tasks.write_order import write_order
 
 
@@ -68,43 +61,62 @@ def ingest(
     if samples is not None and len(samples):  # a DataFrame has no truth value
         outcomes.append(ingest_records(settings, samples))
     if landing:
-        if settings.ingest_max_parallel_runs > settings.ingest_parallel_runs:
-            logger.warning(
-                "ingest_max_parallel_runs = %d applies to PostgreSQL only: one run at a time "
-                "on SQLite",
-                settings.ingest_max_parallel_runs,
-            )
-        # One claim takes every settled file; with parallel runs, a claim is this run's share
-        # and the run comes back for more until the landing directory is empty.
-        while True:
-            claim = claim_landing(settings)
-            if claim.busy:
-                logger.warning(
-                    "another ingest run is working on the landing directory: no file taken"
-                )
-            try:
-                outcomes.extend(_ingest_claimed(claim.files, settings))
-            finally:
-                claim.release()
-            if settings.ingest_parallel_runs == 1 or not claim.files:
-                break
+        outcomes.extend(_ingest_landing(settings))
     errors: dict[str, str] = {}
     if scrape:
-        # One failing target (after its retries) must not fail the run nor hide the others:
-        # it gets a summary row with its error and the run carries on.
-        scrapes = [(t.url, scrape_target.submit(settings, t)) for t in settings.scrape_targets]
-        for url, future in scrapes:
-            try:
-                outcomes.append(future.result())
-            except Exception as exc:
-                failed = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")
-                errors[failed.source] = redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
-                logger.error("scrape of %s failed: %s", url, errors[failed.source])
-                outcomes.append(failed)
+        outcomes.extend(_scrape_all(settings, errors))
     rows = [{**o.row(), "error": errors.get(o.source, "")} for o in outcomes]
+    _publish(outcomes, rows)
+    logger.info("ingested %d sources, %d rows", len(outcomes), sum(o.rows_in for o in outcomes))
+    return rows
+
+
+def _ingest_landing(settings: Settings) -> list[SourceOutcome]:
+    """The landing directory's settled files: claimed, then written group by group."""
+    logger = get_run_logger()
+    if settings.ingest_max_parallel_runs > settings.ingest_parallel_runs:
+        logger.warning(
+            "ingest_max_parallel_runs = %d applies to PostgreSQL only: one run at a time on SQLite",
+            settings.ingest_max_parallel_runs,
+        )
+    outcomes: list[SourceOutcome] = []
+    # One claim takes every settled file; with parallel runs, a claim is this run's share
+    # and the run comes back for more until the landing directory is empty.
+    while True:
+        claim = claim_landing(settings)
+        if claim.busy:
+            logger.warning("another ingest run is working on the landing directory: no file taken")
+        try:
+            outcomes.extend(_ingest_claimed(claim.files, settings))
+        finally:
+            claim.release()
+        if settings.ingest_parallel_runs == 1 or not claim.files:
+            return outcomes
+
+
+def _scrape_all(settings: Settings, errors: dict[str, str]) -> list[SourceOutcome]:
+    """Each configured target scraped once, side by side. One failing target (after its
+    retries) must not fail the run nor hide the others: it gets a summary row with its error
+    (in `errors`) and the run carries on."""
+    logger = get_run_logger()
+    outcomes: list[SourceOutcome] = []
+    scrapes = [(t.url, scrape_target.submit(settings, t)) for t in settings.scrape_targets]
+    for url, future in scrapes:
+        try:
+            outcomes.append(future.result())
+        except Exception as exc:
+            failed = SourceOutcome(source=f"scrape:{redact(url)}", kind="scrape")
+            errors[failed.source] = redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            logger.error("scrape of %s failed: %s", url, errors[failed.source])
+            outcomes.append(failed)
+    return outcomes
+
+
+def _publish(outcomes: list[SourceOutcome], rows: list[dict[str, Any]]) -> None:
+    """The run's artifacts: the summary table and the quality report of each batch."""
     guarded = [o.source for o in outcomes if o.file_quarantined == "cardinality_limit"]
     if guarded:
-        logger.warning("cardinality guard quarantined %s", ", ".join(guarded))
+        get_run_logger().warning("cardinality guard quarantined %s", ", ".join(guarded))
     create_table_artifact(
         key="ingest-summary",
         table=rows or [{"source": "(nothing new)"}],
@@ -118,8 +130,6 @@ def ingest(
         markdown=quality or "No rows were checked in this run.",
         description="Great Expectations results for each batch of this run",
     )
-    logger.info("ingested %d sources, %d rows", len(outcomes), sum(o.rows_in for o in outcomes))
-    return rows
 
 
 def _ingest_claimed(files: list[Path], settings: Settings) -> list[SourceOutcome]:

@@ -25,7 +25,8 @@ from storage.archive import with_archive
 from storage.backend import Backend
 from storage.export import ExportFormat, confined_path, write_export
 from storage.facades import Detection, Ops, Quarantine, Retention, Rollups
-from storage.frames import prepare
+from storage.frames import PreparedBatch
+from storage.normalise import prepare
 from storage.postgres import PostgresBackend, TimescaleMode
 from storage.records import Health
 from storage.rollup import (
@@ -172,8 +173,22 @@ class Store:
         more new series than that is quarantined whole and nothing of it is written.
         """
         batch = prepare(frame)
-        batch.rejected.extend(rejected)
-        batch.rows_in += len(rejected)
+        batch.add_rejected(list(rejected))
+        return self.write_batch(
+            batch, source=source, batch_id=batch_id, max_new_series=max_new_series
+        )
+
+    def write_batch(
+        self,
+        batch: PreparedBatch,
+        *,
+        source: str = "api",
+        batch_id: str | None = None,
+        max_new_series: int | None = None,
+    ) -> WriteReport:
+        """Write a batch a verdict has already been given on (`storage.normalise.encode`):
+        its kept rows land and its rejected rows are quarantined, exactly once; nothing is
+        checked again. `write_samples` without the checking."""
         report = WriteReport(batch_id=batch_id or batch.content_hash, source=source)
         report.rows_in = batch.rows_in
         if batch.rows_in == 0:
@@ -229,6 +244,19 @@ class Store:
         batch = prepare(frame, parts=parts, n_parts=len(batch_ids))
         for number, rows in enumerate(rejected):
             batch.add_rejected(list(rows), number)
+        return self.write_batch_parts(
+            batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series
+        )
+
+    def write_batch_parts(
+        self,
+        batch: PreparedBatch,
+        *,
+        batch_ids: Sequence[str],
+        sources: Sequence[str],
+        max_new_series: int | None = None,
+    ) -> list[WriteReport]:
+        """`write_sample_parts` for a batch of parts a verdict has already been given on."""
         assert batch.part_rows_in is not None
         counts = self.backend.write_parts(
             batch, batch_ids=batch_ids, sources=sources, max_new_series=max_new_series

@@ -1,9 +1,11 @@
-"""Apply the ingest-batch quality contract to a micro-batch before it is written.
+"""Apply the ingest-batch rules to a normalised micro-batch before it is written.
 
-`validate_batch` runs the Great Expectations suite (`expectations.ingest_batch`) once per batch;
-`validate_batch_pandas` applies the same checks as plain vectorised pandas/numpy (for the
-benchmark and as a cross-check). Both return a `QualityResult`: the rows that pass, the rejected
-rows (JSON-safe, with the reason of the first failing expectation), and a summary.
+A batch is read once by `storage.normalise.normalise`; the checked frame the rules run on is
+built from that reading (no column is parsed again). `validate_batch` evaluates the rules with
+Great Expectations (`expectations.ingest_batch.build_suite`), `validate_batch_pandas` the same
+declaration with pandas (`expectations.ingest_batch.failing_rows`). Both return a
+`QualityResult`: the rows that pass, the rejected rows (JSON-safe, with the reason of the first
+failing rule), the verdict per row, the normalised batch, and a summary.
 
 great_expectations is imported lazily (on the first GX validation), and its context and suites
 are built once per process.
@@ -12,14 +14,11 @@ are built once per process.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from itertools import chain
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,26 +28,26 @@ from expectations import quiet_ephemeral_context
 from expectations.ingest_batch import (
     CHECKS,
     CONFLICTING,
-    FLOAT_MAX,
     LABEL_COUNT,
     LABEL_LIMIT_EXCEEDED,
     MAX_LABEL_KEY_LEN,
     MAX_LABEL_VALUE_LEN,
-    METRIC_NAME_PATTERN,
     REASON_ORDER,
     SUITE_NAME,
     SUITE_VERSION,
     TS_MAX_PARAM,
-    TS_MIN_PARAM,
     BatchUnusable,
     Check,
     QualityLimits,
     build_suite,
     check_required_columns,
+    epoch_us,
+    failing_rows,
     suite_parameters,
 )
 from metricmill.types import Reason
-from storage.frames import canonical_label_sets, typed_timestamps
+from storage.labels import LabelSets
+from storage.normalise import Normalised, normalise
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -67,7 +66,6 @@ _DATASOURCE = "metricmill_quality"
 _ASSET = "ingest_batch"
 _BATCH_DEFINITION = "whole_batch"
 _gx_lock = threading.Lock()
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class QualityCheckError(RuntimeError):
@@ -86,10 +84,14 @@ class QualityResult:
     # the good rows' times (epoch µs) and values as the checks read them
     good_ts_us: np.ndarray | None = None
     good_values: np.ndarray | None = None
+    # per row of the batch: the reason of the first rule it fails, or None
+    reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    # the batch as normalised once (the write path encodes it; nothing reads it again)
+    batch: Normalised | None = None
 
     def typed_good(self) -> pd.DataFrame:
-        """The good rows with ts as datetime64[us, UTC] and value as float64, read once here
-        rather than again by the store (other columns as received)."""
+        """The good rows with ts as datetime64[us, UTC] and value as float64, as the batch was
+        read (other columns as received). The write path encodes `batch` instead."""
         if self.good_ts_us is None or self.good_values is None:
             return self.good
         ts = pd.Series(self.good_ts_us.view("datetime64[us]"), index=self.good.index)
@@ -121,229 +123,43 @@ class QualityResult:
         return "\n".join(lines) + "\n"
 
 
-# -- shared preparation -----------------------------------------------------------------------
-@dataclass
-class _Prepared:
-    frame: pd.DataFrame  # the batch, RangeIndex
-    checked: pd.DataFrame  # what the suite sees: metric, value, ts + helper columns
-    ts_us: np.ndarray  # epoch µs of checked["ts"] (NaT: int64 min)
-
-
-def _label_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else str(value)
-
-
-def _label_facts(obj: Any) -> tuple[str, int, int, int]:
-    """(identity key, label count, longest key, longest value) of one label object."""
-    mapping: Any = obj
-    if obj is None or (isinstance(obj, float) and math.isnan(obj)):
-        mapping = {}
-    elif isinstance(obj, str):
-        text = obj.strip()
-        try:
-            mapping = json.loads(text) if text else {}
-        except ValueError:
-            mapping = None
-    if not isinstance(mapping, Mapping):
-        # unusable labels: the store rejects them (invalid_labels); here only an identity
-        return "\x00invalid:" + repr(obj), 0, 0, 0
-    if not mapping:
-        return "[]", 0, 0, 0
-    pairs = sorted((str(k), _label_text(v)) for k, v in mapping.items())
-    key = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
-    return (
-        key,
-        len(pairs),
-        max(len(k) for k, _ in pairs),
-        max(len(v) for _, v in pairs),
-    )
-
-
-@dataclass
-class _LabelColumns:
-    """Per row: label count, longest key and value, and a label-set identity code."""
-
-    count: np.ndarray
-    max_key_len: np.ndarray
-    max_value_len: np.ndarray
-    identity: np.ndarray  # int64 codes; equal codes = same canonical label set
-    identities: int  # number of distinct codes
-
-
-def _label_columns(label_objs: np.ndarray) -> _LabelColumns:
-    """Label facts computed once per distinct label object (by id(), as storage.frames does).
-
-    Fast path when every distinct object is a dict of str to str (NDJSON/CSV input): whole-list
-    maps and numpy reductions instead of a Python loop body per object. Otherwise one
-    `_label_facts` call per distinct object.
-    """
-    n = len(label_objs)
-    object_ids = np.fromiter(map(id, label_objs), dtype=np.int64, count=n)
-    _, first_row, obj_of_row = np.unique(object_ids, return_index=True, return_inverse=True)
-    objs = label_objs[first_row].tolist()
-    m = len(objs)
-    facts = _plain_label_facts(objs)
-    if facts is None:
-        per_obj = [_label_facts(obj) for obj in objs]
-        keys = np.array([f[0] for f in per_obj], dtype=object)
-        facts = (
-            pd.factorize(keys)[0] if m else np.zeros(0, dtype=np.int64),
-            np.fromiter((f[1] for f in per_obj), dtype=np.int64, count=m),
-            np.fromiter((f[2] for f in per_obj), dtype=np.int64, count=m),
-            np.fromiter((f[3] for f in per_obj), dtype=np.int64, count=m),
-        )
-    identity, count, key_len, value_len = facts
-    identity = np.asarray(identity, dtype=np.int64)
-    return _LabelColumns(
-        count=count[obj_of_row],
-        max_key_len=key_len[obj_of_row],
-        max_value_len=value_len[obj_of_row],
-        identity=identity[obj_of_row],
-        identities=int(identity.max()) + 1 if m else 0,
-    )
-
-
-def _plain_label_facts(
-    objs: list[Any],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(identity code, count, longest key, longest value) per object, or None unless every
-    object is a dict with str keys and values."""
-    m = len(objs)
-    if m == 0 or set(map(type, objs)) != {dict}:
-        return None
-    flat_keys = list(chain.from_iterable(objs))
-    flat_values = list(chain.from_iterable(map(dict.values, objs)))
-    if not set(map(type, flat_keys)) <= {str} or not set(map(type, flat_values)) <= {str}:
-        return None
-    count = np.fromiter(map(len, objs), dtype=np.int64, count=m)
-    key_len = np.zeros(m, dtype=np.int64)
-    value_len = np.zeros(m, dtype=np.int64)
-    filled = count > 0
-    if filled.any():
-        starts = (np.cumsum(count) - count)[filled]
-        lengths = np.fromiter(map(len, flat_keys), dtype=np.int64, count=len(flat_keys))
-        key_len[filled] = np.maximum.reduceat(lengths, starts)
-        lengths = np.fromiter(map(len, flat_values), dtype=np.int64, count=len(flat_values))
-        value_len[filled] = np.maximum.reduceat(lengths, starts)
-    # identity: the store's canonical JSON (remembered across batches, so the store's own
-    # canonicalisation of the same sets finds it ready)
-    canonical_sets, _ = canonical_label_sets(objs)
-    if not pd.isna(canonical_sets).any():
-        return np.asarray(pd.factorize(canonical_sets)[0]), count, key_len, value_len
-    # (text the store rejects: group equal item tuples, then canonicalise once per group)
-    items = pd.Series(list(map(tuple, map(dict.items, objs))), dtype=object)
-    raw_codes, raw_uniques = pd.factorize(items)
-    canonical = np.array(
-        [json.dumps(sorted(u), ensure_ascii=False, separators=(",", ":")) for u in raw_uniques],
-        dtype=object,
-    )
-    canonical_codes, _ = pd.factorize(canonical)
-    return np.asarray(canonical_codes)[raw_codes], count, key_len, value_len
-
-
-def _metric_column(column: pd.Series) -> pd.Series:
-    """Metric names as a string column (other objects as their text, missing stays missing)."""
-    if isinstance(column.dtype, pd.StringDtype):
-        return column.astype("str")
-    raw = column.to_numpy(dtype=object)
-    try:
-        codes, uniques = pd.factorize(raw, use_na_sentinel=True)
-    except TypeError:  # unhashable objects: per row
-        return pd.Series([None if _is_missing(v) else str(v) for v in raw], dtype="str")
-    names = np.array([u if isinstance(u, str) else str(u) for u in uniques] + [None], dtype=object)
-    return pd.Series(names[codes], dtype="str")
-
-
-def _is_missing(value: Any) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def _value_column(column: pd.Series) -> np.ndarray:
-    if pd.api.types.is_float_dtype(column) and column.dtype == np.float64:
-        return column.to_numpy()
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        return column.to_numpy(dtype="float64", na_value=np.nan)
-    return pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _ts_column(column: pd.Series) -> pd.Series:
-    """Sample times as datetime64[us, UTC], read by the store's own rule (storage.frames)."""
-    return typed_timestamps(column)
-
-
-def _conflicting(
-    series: np.ndarray, ts_us: np.ndarray, values: np.ndarray, parts: np.ndarray | None = None
-) -> np.ndarray:
-    """True for rows whose (part, series, ts) group holds different finite values."""
-    n = len(values)
-    out = np.zeros(n, dtype=bool)
-    candidates = np.flatnonzero(np.isfinite(values) & (ts_us != np.iinfo(np.int64).min))
-    if len(candidates) < 2:
-        return out
-    s, t, v = series[candidates], ts_us[candidates], values[candidates]
-    p = np.zeros(len(candidates), dtype=np.int64) if parts is None else parts[candidates]
-    order = np.lexsort((t, s, p))
-    s, t, v, p = s[order], t[order], v[order], p[order]
-    start = np.empty(len(order), dtype=bool)
-    start[0] = True
-    start[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1]) | (p[1:] != p[:-1])
-    if start.all():
-        return out
-    starts = np.flatnonzero(start)
-    group = np.cumsum(start) - 1
-    differs = np.minimum.reduceat(v, starts) != np.maximum.reduceat(v, starts)
-    out[candidates[order[differs[group]]]] = True
-    return out
-
-
-def _prepare(
-    frame: pd.DataFrame, limits: QualityLimits, parts: np.ndarray | None = None
-) -> _Prepared:
-    """The batch with a RangeIndex, and the checked frame the suite runs on."""
-    check_required_columns(frame.columns)
-    if not (
-        isinstance(frame.index, pd.RangeIndex) and frame.index.start == 0 and frame.index.step == 1
-    ):
-        frame = frame.reset_index(drop=True)
-    metric = _metric_column(frame["metric"])
-    values = _value_column(frame["value"])
-    ts = _ts_column(frame["ts"])
-    ts_us = ts.to_numpy(dtype="datetime64[us]").view(np.int64)  # NaT -> int64 min
-
-    # labels: one look per distinct label object (rows built from one dict share it), not per row
-    labels = _label_columns(frame["labels"].to_numpy(dtype=object))
-
-    # series identity = metric + canonical labels
-    metric_codes, _ = pd.factorize(metric, use_na_sentinel=True)
-    series = (metric_codes.astype(np.int64) + 1) * (labels.identities + 1) + labels.identity
-
-    checked = pd.DataFrame(
+# -- the checked frame ---------------------------------------------------------------------
+def _checked_frame(batch: Normalised, limits: QualityLimits) -> pd.DataFrame:
+    """What the rules see: metric (text), value, ts as normalised, plus the helper columns."""
+    labels = batch.labels
+    return pd.DataFrame(
         {
-            "metric": metric.array,
-            "value": values,
-            "ts": ts.array,
-            LABEL_COUNT: labels.count,
-            MAX_LABEL_KEY_LEN: labels.max_key_len,
-            MAX_LABEL_VALUE_LEN: labels.max_value_len,
+            "metric": batch.metric_text().array,
+            "value": batch.values,
+            "ts": batch.typed_ts().array,
+            LABEL_COUNT: labels.count[labels.of_row],
+            MAX_LABEL_KEY_LEN: labels.longest_name[labels.of_row],
+            MAX_LABEL_VALUE_LEN: labels.longest_value[labels.of_row],
             LABEL_LIMIT_EXCEEDED: _label_limit_exceeded(labels, limits),
-            CONFLICTING: _conflicting(series, ts_us, values, parts),
+            CONFLICTING: batch.conflicting,
         }
     )
-    return _Prepared(frame=frame, checked=checked, ts_us=ts_us)
 
 
-def _label_limit_exceeded(labels: _LabelColumns, limits: QualityLimits) -> pd.Series:
+def _normalised(
+    frame: pd.DataFrame | Normalised, parts: np.ndarray | None
+) -> tuple[Normalised, pd.DataFrame]:
+    """The batch read once (a frame is normalised here), and its rows as received."""
+    if isinstance(frame, Normalised):
+        return frame, frame.frame
+    check_required_columns(frame.columns)
+    n_parts = int(parts.max()) + 1 if parts is not None and len(parts) else 1
+    batch = normalise(frame, parts=parts, n_parts=n_parts)
+    return batch, batch.frame
+
+
+def _label_limit_exceeded(labels: LabelSets, limits: QualityLimits) -> pd.Series:
     """ "" or the reason code of the first label limit exceeded (count, key, value length)."""
     code = np.select(
         [
             labels.count > limits.max_labels,
-            labels.max_key_len > limits.max_label_name_length,
-            labels.max_value_len > limits.max_label_value_length,
+            labels.longest_name > limits.max_label_name_length,
+            labels.longest_value > limits.max_label_value_length,
         ],
         [
             Reason.TOO_MANY_LABELS,
@@ -352,7 +168,14 @@ def _label_limit_exceeded(labels: _LabelColumns, limits: QualityLimits) -> pd.Se
         ],
         default="",
     )
-    return pd.Series(code.astype(object), dtype="str")
+    return pd.Series(code.astype(object)[labels.of_row], dtype="str")
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _json_safe(value: Any) -> Any:
@@ -405,6 +228,20 @@ def _rejected_rows(frame: pd.DataFrame, reasons: np.ndarray) -> list[tuple[dict[
     return out
 
 
+@dataclass
+class _Prepared:
+    batch: Normalised  # the batch read once
+    frame: pd.DataFrame  # its rows as received (RangeIndex)
+    checked: pd.DataFrame  # what the rules see
+
+
+def _prepare(
+    frame: pd.DataFrame | Normalised, limits: QualityLimits, parts: np.ndarray | None
+) -> _Prepared:
+    batch, rows = _normalised(frame, parts)
+    return _Prepared(batch=batch, frame=rows, checked=_checked_frame(batch, limits))
+
+
 def _row_reasons(
     prepared: _Prepared, check: Check, rows: np.ndarray, newest_us: int
 ) -> np.ndarray | str:
@@ -413,7 +250,7 @@ def _row_reasons(
         return check.reasons[0]
     if check.column == "ts":  # (in future, too old) by the side of the window
         future, too_old = check.reasons
-        return np.where(prepared.ts_us[rows] > newest_us, future, too_old).astype(object)
+        return np.where(prepared.batch.ts_us[rows] > newest_us, future, too_old).astype(object)
     if check.column == LABEL_LIMIT_EXCEEDED:  # the helper holds the code
         return prepared.checked[LABEL_LIMIT_EXCEEDED].to_numpy(dtype=object)[rows]
     raise AssertionError(f"no row-reason rule for {check}")
@@ -459,8 +296,10 @@ def _result(
         rejected=rejected,
         summary=summary,
         rejected_positions=positions,
-        good_ts_us=prepared.ts_us[kept],
-        good_values=prepared.checked["value"].to_numpy(dtype=np.float64)[kept],
+        good_ts_us=prepared.batch.ts_us[kept],
+        good_values=prepared.batch.values[kept],
+        reasons=reasons,
+        batch=prepared.batch,
     )
 
 
@@ -505,12 +344,16 @@ def _index_positions(index_list: Any) -> np.ndarray:
 
 
 def validate_batch(
-    frame: pd.DataFrame, limits: QualityLimits | None = None, *, parts: np.ndarray | None = None
+    frame: pd.DataFrame | Normalised,
+    limits: QualityLimits | None = None,
+    *,
+    parts: np.ndarray | None = None,
 ) -> QualityResult:
     """Run the GX suite once over the batch; rejected rows carry their first failing reason.
 
-    `parts` (an int per row) marks a frame made of several batches (one per landed file):
-    conflicting values are then looked for within each part only.
+    `frame` is a normalised batch, or a frame normalised here. `parts` (an int per row, with a
+    frame) marks a frame made of several batches (one per landed file): conflicting values are
+    then looked for within each part only.
 
     Raises `BatchUnusable` if a required column is missing, `QualityCheckError` if GX could not
     evaluate an expectation.
@@ -556,41 +399,27 @@ def validate_batch(
             "success": bool(item.success),
         }
         failures.append((entry, _index_positions(result.get("unexpected_index_list"))))
-    return _result(prepared, failures, _us(parameters[TS_MAX_PARAM]), engine="great_expectations")
+    return _result(
+        prepared, failures, epoch_us(parameters[TS_MAX_PARAM]), engine="great_expectations"
+    )
 
 
-# -- the same checks in plain pandas ----------------------------------------------------------
+# -- the same declaration in plain pandas ---------------------------------------------------
 def validate_batch_pandas(
-    frame: pd.DataFrame, limits: QualityLimits | None = None, *, parts: np.ndarray | None = None
+    frame: pd.DataFrame | Normalised,
+    limits: QualityLimits | None = None,
+    *,
+    parts: np.ndarray | None = None,
 ) -> QualityResult:
-    """The suite's checks as vectorised pandas/numpy, with GX's semantics (checks other than
-    not-null skip missing values). Same result shape as `validate_batch`."""
+    """The suite's declared checks evaluated with vectorised pandas/numpy
+    (`expectations.ingest_batch.failing_rows`, GX's semantics). Same result as
+    `validate_batch`, without importing GX."""
     limits = limits or QualityLimits()
     prepared = _prepare(frame, limits, parts)
-    c = prepared.checked
     parameters = suite_parameters(limits)
-    oldest = _us(parameters[TS_MIN_PARAM])
-    newest = _us(parameters[TS_MAX_PARAM])
-
-    codes, names = pd.factorize(c["metric"], use_na_sentinel=True)
-    pattern = re.compile(METRIC_NAME_PATTERN)
-    name_ok = np.array([pattern.search(str(name)) is not None for name in names] + [True])
-    values = c["value"].to_numpy()
-    value_null = np.isnan(values)
-    ts_us = prepared.ts_us
-    ts_null = c["ts"].isna().to_numpy()
-    masks = [
-        ~name_ok[codes],  # code -1 (missing) picks the appended True: nulls are not matched
-        value_null,
-        ~value_null & ~((values >= -FLOAT_MAX) & (values <= FLOAT_MAX)),
-        ts_null,
-        ~ts_null & ((ts_us > newest) | (ts_us < oldest)),
-        c[LABEL_LIMIT_EXCEEDED].to_numpy(dtype=object) != "",
-        c[CONFLICTING].to_numpy(dtype=bool),
-    ]
     failures = []
-    for check, mask in zip(CHECKS, masks, strict=True):
-        rows = np.flatnonzero(mask)
+    for check in CHECKS:
+        rows = failing_rows(check, prepared.checked[check.column], parameters)
         entry = {
             "expectation_type": check.expectation_type,
             "column": check.column,
@@ -599,9 +428,4 @@ def validate_batch_pandas(
             "success": not len(rows),
         }
         failures.append((entry, rows))
-    return _result(prepared, failures, newest, engine="pandas")
-
-
-def _us(moment: datetime) -> int:
-    """Epoch microseconds of an aware datetime (exact, as GX compares at µs resolution)."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return _result(prepared, failures, epoch_us(parameters[TS_MAX_PARAM]), engine="pandas")

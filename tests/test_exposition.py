@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from storage.exposition import ExpositionResult, parse_exposition
-from storage.frames import prepare
+from storage.normalise import prepare
 
 FIXTURE = Path(__file__).parent / "fixtures" / "node_exporter_sample.prom"
 SCRAPE = datetime(2024, 5, 21, 11, 15, 0, tzinfo=UTC)

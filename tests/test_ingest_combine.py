@@ -1,9 +1,9 @@
 """The ingest fast path gives what the row-wise path gives.
 
 Files checked together whose times came in different forms (ISO text in one, epoch numbers in
-another) have their times read per file (tasks.ingest.combine_files); the check must keep the
+another) have their times read per file (tasks.ingest_files.combine_files); the check must keep the
 same rows, reject the same rows for the same reasons, and show each rejected row as its file
-had it. Label sets canonicalised together (storage.frames.canonical_label_sets, remembered
+had it. Label sets canonicalised together (storage.labels.canonical_label_sets, remembered
 across batches) must match canonical_labels object by object, bad ones included.
 """
 
@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from metricmill.settings import load_settings
-from storage.frames import canonical_label_sets, canonical_labels, with_parsed_timestamps
+from storage.frames import with_parsed_timestamps
+from storage.labels import canonical_label_sets, canonical_labels
 from storage.write_rows import unique_sorted
-from tasks.ingest import _check_together, quality_limits
+from tasks.ingest import quality_limits
+from tasks.ingest_files import check_together
 from tasks.quality import validate_batch
 
 
@@ -49,7 +51,9 @@ def test_mixed_time_forms_checked_together_match_the_row_wise_check(tmp_path: Pa
     frames = [iso, epoch, iso.iloc[0:0], millis]
     settings = load_settings(home=str(tmp_path / "home"))
 
-    good, parts, rejected, _ = _check_together(settings, _files(frames))
+    together = check_together(settings, _files(frames))
+    rejected = together.rejected_by_file()
+    kept = np.flatnonzero(together.verdict.kept())
 
     # the row-wise way: one object column of every file's times
     parsed = [with_parsed_timestamps(f) for f in frames]
@@ -73,9 +77,13 @@ def test_mixed_time_forms_checked_together_match_the_row_wise_check(tmp_path: Pa
     # a rejected row from an epoch file keeps its number, as received
     assert rejected[1][0][0]["ts"] == seconds[1]
     assert rejected[3][0][0]["ts"] == seconds[1] * 1000
-    assert good.equals(checked.typed_good())
-    assert parts.tolist() == row_parts[checked.good.index.to_numpy()].tolist()
-    assert str(good["ts"].dtype) == "datetime64[us, UTC]"
+    # the same rows kept, in the same files, at the same instants and values
+    assert kept.tolist() == checked.good.index.tolist()
+    assert together.parts[kept].tolist() == row_parts[checked.good.index.to_numpy()].tolist()
+    typed = checked.typed_good()
+    batch = together.verdict.batch
+    assert batch.ts_us[kept].tolist() == typed["ts"].dt.as_unit("us").astype("int64").tolist()
+    assert batch.values[kept].tolist() == typed["value"].tolist()
 
 
 def test_label_sets_canonicalised_together_match_one_by_one() -> None:

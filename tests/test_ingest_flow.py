@@ -36,7 +36,7 @@ from flows.ingest import ingest
 from metricmill.errors import QueryError
 from metricmill.settings import load_settings
 from storage.store import Store
-from tasks.ingest import TASK_BYTES, TASK_FILES, group_files
+from tasks.ingest_files import TASK_BYTES, TASK_FILES, group_files
 from tests.dbtargets import DbTarget
 from tests.settings_env import isolate_settings
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import tasks.ingest
+import tasks.ingest_files
 from flows.ingest import ingest
 from metricmill.settings import load_settings
 from storage.store import Store
@@ -170,7 +170,7 @@ def test_random_overlapping_files_end_as_applied_one_by_one_in_landing_order(
             for name, data in files[:cut] if wave == 0 else files[cut:]:
                 oracle.land(landing, name, data)
         # A few files a group: several groups, written by both task threads.
-        monkeypatch.setattr(tasks.ingest, "TASK_FILES", rng.randint(2, 7))
+        monkeypatch.setattr(tasks.ingest_files, "TASK_FILES", rng.randint(2, 7))
         state = ingest(home=str(home), scrape=False, return_state=True)
         assert state.is_completed(), state
         assert stored(home) == oracle.state, f"after run {wave + 1}"
@@ -185,7 +185,7 @@ def test_a_later_correction_wins_however_many_groups_a_run_has(
     """70 files landed at once: file 1 sets K = 1.0, file 70 corrects it to 2.0."""
     landing = home / "landing"
     landing.mkdir(parents=True)
-    monkeypatch.setattr(tasks.ingest, "TASK_FILES", 4)  # 18 groups, written by two threads
+    monkeypatch.setattr(tasks.ingest_files, "TASK_FILES", 4)  # 18 groups, written by two threads
     base_ns = 1_700_000_000 * 10**9
     for n in range(1, 71):
         value = 1.0 if n == 1 else 2.0 if n == 70 else float(n)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-import tasks.ingest
+import tasks.ingest_files
 from flows.ingest import ingest
 from metricmill.cli import app
 from metricmill.settings import load_settings
@@ -122,7 +122,9 @@ def test_a_file_runs_keep_dying_on_is_quarantined_after_three(
     good_file(landing / "e.ndjson", "e")
     claim = claim_files(landing, settle_seconds=0)
     killer = next(p for p in claim.files if p.name == "killer.ndjson")
-    for _ in range(tasks.ingest.MAX_ATTEMPTS):  # as three runs killed while decoding it leave it
+    for _ in range(
+        tasks.ingest_files.MAX_ATTEMPTS
+    ):  # as three runs killed while decoding it leave it
         count_attempt([killer])
     claim.release()  # the claim of a dead run, for the next run to adopt
 

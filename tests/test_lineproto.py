@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from storage.frames import prepare
 from storage.lineproto import LineProtocolResult, parse_line_protocol
+from storage.normalise import prepare
 
 NOW = datetime(2024, 5, 21, 12, 0, 0, tzinfo=UTC)
 T0_NS = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from metricmill.types import us_to_datetime
-from storage.frames import prepare
+from storage.normalise import prepare
 from storage.store import Store
 from tests.dbtargets import DbTarget
 from tests.sigkill_writer import SAMPLES, SERIES, sigkill_frame

@@ -1,0 +1,171 @@
+"""The common NDJSON file parsed by Arrow (in C++, without the GIL)."""
+
+from __future__ import annotations
+
+import codecs
+import io
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
+
+from storage.limits import DEFAULT_LIMITS, ReadLimits
+from storage.readers.ndjson import NDJSON_COLUMNS, canonical_keys
+
+_STRING_TYPES = (pa.string(), pa.large_string())
+
+
+def arrow_ndjson_frame(
+    data: bytes, labels_memo: dict[Any, Any] | None, limits: ReadLimits = DEFAULT_LIMITS
+) -> pd.DataFrame | None:
+    """The common NDJSON file parsed by Arrow, or None when the file is not that plain case
+    and `ndjson_frame` must read it line by line.
+
+    The plain case: every line an object with the same four keys (metric, labels, ts and
+    value, or their aliases), a text metric, a numeric value, ts all text or all numbers,
+    labels objects of text values; no null, no \\u escape (lone surrogates), no NaN literal;
+    no array and no object beyond the record and its labels (deeper JSON is left to the line
+    reader, which bounds its depth).
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    layout = _plain_layout(data)
+    if layout is None:
+        return None
+    source, ts_type = layout
+    table = _read_table(data, source, ts_type)
+    if table is None:
+        return None
+    labels_column = table.column(source["labels"])
+    if (
+        pa.types.is_struct(labels_column.type)
+        and labels_column.type.num_fields > limits.max_row_labels
+    ):
+        return None  # the line reader says which row breaks the bound
+    labels = _arrow_labels(labels_column, labels_memo)
+    if labels is None:
+        return None
+    frame = _table_frame(table, source, ts_type, labels)
+    frame.attrs["rejected"] = []
+    return frame
+
+
+def _plain_layout(data: bytes) -> tuple[dict[str, str], pa.DataType] | None:
+    """From a quick look at the bytes and the first line: the key of each standard column
+    and the type of the times, or None when the file cannot be the plain case."""
+    newline = data.find(b"\n")
+    head = data[: newline if newline >= 0 else len(data)].strip()
+    if not head.startswith(b"{") or b"null" in data or b"\\u" in data or b"[" in data:
+        return None
+    if data.count(b"{") > 2 * (data.count(b"\n") + 1):
+        return None  # an object nested in a record: not the plain case
+    try:
+        first = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        return None
+    if type(first) is not dict or len(first) != 4:
+        return None
+    source = canonical_keys({key: key for key in first})
+    if source.keys() != set(NDJSON_COLUMNS) or type(first[source["labels"]]) is not dict:
+        return None
+    ts_value = first[source["ts"]]
+    if type(ts_value) is str:
+        return source, pa.string()
+    if type(ts_value) is int:
+        return source, pa.int64()
+    if type(ts_value) is float:
+        return source, pa.float64()
+    return None
+
+
+def _read_table(data: bytes, source: dict[str, str], ts_type: pa.DataType) -> pa.Table | None:
+    """The whole file as one Arrow table of the expected columns without a null, or None."""
+    schema = pa.schema(
+        [
+            (source["metric"], pa.string()),
+            (source["ts"], ts_type),
+            (source["value"], pa.float64()),
+        ]
+    )
+    try:
+        table = pa_json.read_json(
+            io.BytesIO(data),
+            read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=schema, unexpected_field_behavior="infer"
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if set(table.column_names) != set(source.values()) or any(
+        table.column(name).null_count for name in table.column_names
+    ):
+        return None
+    return table
+
+
+def _table_frame(
+    table: pa.Table, source: dict[str, str], ts_type: pa.DataType, labels: np.ndarray
+) -> pd.DataFrame:
+    """The table as the frame `ndjson_frame` would give (text as Python objects)."""
+    ts = table.column(source["ts"])
+    frame = pd.DataFrame(
+        {
+            # text as Python objects, like ndjson_frame's columns (not Arrow-backed strings)
+            "metric": pd.Series(
+                table.column(source["metric"]).to_numpy(zero_copy_only=False), dtype=object
+            ),
+            "labels": labels,
+            "ts": pd.Series(
+                ts.to_numpy(zero_copy_only=False), dtype=object if ts_type == pa.string() else None
+            ),
+            "value": table.column(source["value"]).to_numpy(zero_copy_only=False),
+        }
+    )
+    return frame[list(source)]  # the columns in the order ndjson_frame gives them
+
+
+def _arrow_labels(column: pa.ChunkedArray, memo: dict[Any, Any] | None) -> np.ndarray | None:
+    """One shared dict per distinct label set (an absent key is no label), or None unless the
+    column is objects of text values.
+
+    Each row's set is first spelled as one string by Arrow (label names, then the values joined
+    by NUL; absent: \\x01; neither can be in JSON text unescaped), so Python sees each distinct
+    spelling once, and `memo` (shared by the files read together) maps it to its dict.
+    """
+    if not pa.types.is_struct(column.type):
+        return None
+    column = column.combine_chunks()
+    fields = [column.type.field(i) for i in range(column.type.num_fields)]
+    if any(f.type not in _STRING_TYPES for f in fields):
+        return None
+    names = [f.name for f in fields]
+    prefix = "\x02".join(names) + "\x03"
+    if fields:
+        spelled = pc.binary_join_element_wise(
+            *[column.field(i).cast(pa.string()) for i in range(len(fields))],
+            "\x00",
+            null_handling="replace",
+            null_replacement="\x01",
+        )
+        encoded = pc.dictionary_encode(spelled)
+        spellings = encoded.dictionary.to_pylist()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+    else:
+        spellings, codes = [""], np.zeros(len(column), dtype=np.int64)
+    shared: dict[Any, Any] = {} if memo is None else memo
+    dicts = np.empty(len(spellings), dtype=object)
+    for index, spelling in enumerate(spellings):
+        key = prefix + spelling
+        found = shared.get(key)
+        if found is None:
+            values = spelling.split("\x00") if fields else []
+            found = shared[key] = {
+                name: value for name, value in zip(names, values, strict=True) if value != "\x01"
+            }
+        dicts[index] = found
+    return dicts[codes]
