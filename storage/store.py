@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from storage.backend import Backend
 from storage.export import ExportFormat, confined_path, write_export
 from storage.facades import Detection, Ops, Quarantine, Retention, Rollups
 from storage.frames import PreparedBatch
+from storage.health import store_health, store_stats
 from storage.normalise import prepare
 from storage.postgres import PostgresBackend, TimescaleMode
 from storage.records import Health
@@ -452,50 +452,11 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         """Rows and bytes per table, series count, oldest and newest sample."""
-        counts = self.backend.table_counts()
-        sizes = self.backend.table_bytes()
-        oldest, newest = self.backend.sample_bounds()
-        return {
-            "backend": self.backend_name,
-            "schema_version": self.schema_version(),
-            "series": counts["series"],
-            "samples": counts["samples"],
-            "oldest_sample": None if oldest is None else us_to_datetime(oldest),
-            "newest_sample": None if newest is None else us_to_datetime(newest),
-            "tables": {
-                table: {"rows": rows, "bytes": sizes.get(table)} for table, rows in counts.items()
-            },
-            "bytes_total": sum(sizes.values()),
-        }
+        return store_stats(self)
 
     def health(self) -> Health:
         """Connectivity, schema version, WAL/TimescaleDB status and a write probe."""
-        problems: list[str] = []
-        started = time.perf_counter()
-        version = self.schema_version()
-        details: dict[str, Any] = {"url": self.settings.masked_database_url}
-        details["round_trip_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        details.update(self.backend.health_details())
-        if version != LATEST_VERSION:
-            problems.append(
-                f"schema version {version}, expected {LATEST_VERSION}: run `metricmill init`"
-            )
-        sqlite_file = isinstance(self.backend, SQLiteBackend) and not self.backend.memory
-        if sqlite_file and str(details.get("journal_mode", "")).lower() != "wal":
-            problems.append("SQLite is not in WAL mode")
-        probe_started = time.perf_counter()
-        try:
-            self.backend.write_probe()
-            details["write_probe_ms"] = round((time.perf_counter() - probe_started) * 1000, 2)
-        except Exception as exc:  # a failed probe is a finding, not a crash
-            problems.append(f"write probe failed: {str(exc).splitlines()[0]}")
-        return Health(
-            ok=not problems,
-            backend_name=self.backend_name,
-            schema_version=version,
-            details=details,
-            problems=problems,
-        )
+        return store_health(self)
 
     # -- export ---------------------------------------------------------------------------
     def export(

@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 
 from expectations.ingest_batch import BatchUnusable, check_required_columns
 from metricmill.settings import Settings
+from metricmill.types import Reason
 from storage.frames import typed_timestamps, with_parsed_timestamps
 from storage.landing import (
     Claim,
@@ -222,7 +223,7 @@ def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> N
         landed.outcome.take(report)
         if report.guarded_new_series:
             landed.quarantine = (
-                "cardinality_limit",
+                Reason.CARDINALITY_LIMIT,
                 f"more than {settings.max_new_series_per_batch} new series",
             )
 

@@ -32,6 +32,7 @@ from metricmill.cli.common import (
 from metricmill.errors import MetricmillError
 from metricmill.secrets import PASSWORD_ENV, split_password
 from metricmill.settings import Settings
+from metricmill.types import Reason
 from storage.landing import QuarantinedFile, find_quarantined_file, quarantined_files
 from storage.store import Store
 
@@ -238,7 +239,7 @@ def replay_entry(settings: Settings, options: GlobalOptions, target: str) -> Non
             f"entry {entry_id} was replayed at {format_time(entry['replayed_at'])}: "
             "see `metricmill quarantine list` for what is still pending"
         )
-    if entry["reason"] == "cardinality_limit" and isinstance(data, dict) and "samples" in data:
+    if entry["reason"] == Reason.CARDINALITY_LIMIT and isinstance(data, dict) and "samples" in data:
         samples = list(data["samples"])
     else:
         samples = [data]
