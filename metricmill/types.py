@@ -20,7 +20,6 @@ class Reason:
 
     NON_FINITE_VALUE = "non_finite_value"
     INVALID_VALUE = "invalid_value"
-    VALUE_OUT_OF_RANGE = "value_out_of_range"
     MISSING_METRIC = "missing_metric"
     INVALID_TIMESTAMP = "invalid_timestamp"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"

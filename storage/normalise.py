@@ -145,33 +145,8 @@ def _metric_reason(metric: Any) -> str | None:
     return None
 
 
-# The magnitudes a stored value may have: the rollups keep a sum of squares, and PostgreSQL
-# raises (overflow, underflow) rather than round when a square leaves float8's range, which
-# would stop every rollup run at that sample. Squares of values within these bounds stay
-# normal numbers, and so do their sums over any bucket (below 1e300 times the row count).
-VALUE_MAX = 1e150
-VALUE_MIN = 1e-150
-
-
-def _out_of_range(values: np.ndarray) -> np.ndarray:
-    """Finite values whose square the rollups cannot hold: beyond ±VALUE_MAX, or nonzero
-    and closer to 0 than VALUE_MIN."""
-    magnitude = np.abs(values)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(values) & (
-            (magnitude > VALUE_MAX) | ((magnitude > 0) & (magnitude < VALUE_MIN))
-        )
-
-
 def _value_reasons(raw_values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(float64 values, reason per row or None)."""
-    values, reasons = _value_reasons_read(raw_values)
-    reasons[_out_of_range(values)] = Reason.VALUE_OUT_OF_RANGE
-    return values, reasons
-
-
-def _value_reasons_read(raw_values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 values, reason per row or None: not finite, not a number)."""
     n = len(raw_values)
     reasons = np.full(n, None, dtype=object)
     if pd.api.types.is_numeric_dtype(raw_values) and not pd.api.types.is_bool_dtype(raw_values):
