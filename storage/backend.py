@@ -156,29 +156,6 @@ class Backend(Ledger):
         )
         return pd.DataFrame(arrays)
 
-    def bucket_stats(
-        self, ids: list[int], start_us: int, end_us: int, step_us: int
-    ) -> pd.DataFrame:
-        """Per series and bucket: count, sum, sum of squares, min, max and the last value."""
-        bucket = self.bucket_expr(step_us)
-        rows = self.execute(
-            f"""WITH g AS (
-                SELECT series_id, {bucket} AS bucket, count(*) AS n, sum(value) AS s,
-                       sum(value * value) AS ss, min(value) AS mn, max(value) AS mx,
-                       max(ts) AS last_ts
-                FROM samples
-                WHERE series_id {self.ids_in} AND ts >= {self.ts_in} AND ts < {self.ts_in}
-                GROUP BY series_id, {bucket})
-            SELECT g.series_id, {self.ts_out.format(col="g.bucket")}, g.n, g.s, g.ss, g.mn, g.mx,
-                   t.value
-            FROM g JOIN samples t ON t.series_id = g.series_id AND t.ts = g.last_ts
-            ORDER BY g.series_id, g.bucket""",  # noqa: S608
-            (self.id_list(ids), start_us, end_us),
-        )
-        return pd.DataFrame(
-            rows, columns=["series_id", "ts_us", "count", "sum", "sum_sq", "min", "max", "last"]
-        )
-
     def table_counts(self) -> dict[str, int]:
         tables = [
             "series",

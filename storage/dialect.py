@@ -79,10 +79,6 @@ class Dialect:
         """`column` (a stored timestamp) plus a constant number of microseconds."""
         raise NotImplementedError
 
-    def bucket_expr(self, step_us: int) -> str:
-        """The start of the `step_us`-wide bucket (aligned to the epoch) holding `ts`."""
-        raise NotImplementedError
-
     def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
         """An SQL condition (values bound) true where a series' labels hold these pairs; it
         may narrow less than asked (callers still match labels themselves)."""

@@ -125,10 +125,6 @@ class SQLiteBackend(Backend):
     def plus_us(self, column: str, us: int) -> str:
         return f"({column} + {int(us)})"
 
-    def bucket_expr(self, step_us: int) -> str:
-        step = int(step_us)
-        return f"((ts / {step}) * {step})"
-
     def labels_hold(self, pairs: Mapping[str, str]) -> tuple[str, list[Any]]:
         """One json_extract per plain label name (names that need quoting in a JSON path are
         left to the caller's own match)."""

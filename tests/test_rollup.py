@@ -355,3 +355,66 @@ def test_first_and_last_are_exact_for_special_values(store: Store) -> None:
     assert whole["ts_us"].tolist() == [0] and int(whole["count"].iloc[0]) == len(times)
     assert bits(whole["first"].iloc[0]) == bits(kept[min(kept)])
     assert bits(whole["last"].iloc[0]) == bits(kept[max(kept)])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # pandas' own sums
+def test_values_at_the_edges_of_float8_roll_up_with_saturating_sums(store: Store) -> None:
+    """Finite samples whose squares or sums leave float8 (1e200, ±1.5e308 twice) or vanish
+    below it (5e-324, 1e-200) are stored and rolled up at every level without an error
+    (PostgreSQL's float8 arithmetic raises on both): a sum past float8's range is clamped to
+    ±FLOAT8_MAX, so every rollup column stays finite, a square below it is 0 as in IEEE
+    arithmetic, and the bucket's other columns stay exact, as do other series in the same
+    span. A raw step query over the same samples gives the same rows."""
+    minute = BASE - timedelta(hours=5)
+    buckets = [  # (seconds into the minute, value) per 1m bucket
+        [(1, 1e200), (2, 1.0)],  # sum_sq overflows
+        [(3, 1.5e308), (4, 1.5e308)],  # sum overflows
+        [(5, -1.5e308), (6, -1.5e308), (7, 2.0)],
+        [(8, 5e-324), (9, 1e-200)],  # squares underflow to 0
+        [(10, 0.25), (11, 0.5)],  # an ordinary bucket in the same span
+    ]
+    times = [minute + timedelta(minutes=k, seconds=s) for k, rows in enumerate(buckets)
+             for s, _ in rows]  # fmt: skip
+    values = np.array([v for rows in buckets for _, v in rows])
+    store.write_samples(frame("edge", {"host": "a"}, times, values))
+    store.write_samples(frame("cpu", {"host": "a"}, every(minute, timedelta(seconds=10), 60),
+                              eighths(np.random.default_rng(3), 60)))  # fmt: skip
+    report = store.rollup()
+    assert report.pending_left == 0
+    kept = store.backend.raw_points([edge_id := series_id(store, "edge")], *span_us())
+    assert sorted(kept["value"].tolist()) == sorted(values.tolist())  # stored exactly
+    top = np.finfo(np.float64).max
+    one_minute = stored(store, "1m")
+    got = one_minute[one_minute["series_id"] == edge_id].reset_index(drop=True)
+    assert got["count"].tolist() == [2, 2, 3, 2, 2]
+    assert got["sum"].tolist() == [1e200, top, -top, 1e-200, 0.75]
+    assert got["sum_sq"].tolist() == [top, top, top, 0.0, 0.3125]
+    assert got["min"].tolist() == [1.0, 1.5e308, -1.5e308, 5e-324, 0.25]
+    assert got["max"].tolist() == [1e200, 1.5e308, 2.0, 1e-200, 0.5]
+    assert got["first"].tolist() == [1e200, 1.5e308, -1.5e308, 5e-324, 0.25]
+    assert got["last"].tolist() == [1.0, 1.5e308, 2.0, 1e-200, 0.5]
+    for level in LEVELS[1:]:  # one bucket of all 11 samples
+        rows = stored(store, level)
+        row = rows[rows["series_id"] == edge_id].iloc[0]
+        assert (row["count"], row["min"], row["max"]) == (11, -1.5e308, 1.5e308), level
+        assert np.isfinite(row["sum"]) and row["sum_sq"] == top, level
+    others, want = (
+        frame_[frame_["series_id"] != edge_id].reset_index(drop=True)
+        for frame_ in (one_minute, recompute(store, "1m"))
+    )
+    for column in ("count", "sum", "sum_sq", "first", "last"):
+        assert others[column].tolist() == want[column].tolist(), column
+    start = datetime_to_us(minute)
+    steps = step_stats(store.backend, "raw", [edge_id], start, start + 5 * 60_000_000, 60_000_000)
+    assert steps["sum"].tolist() == got["sum"].tolist()
+    assert steps["sum_sq"].tolist() == got["sum_sq"].tolist()
+
+
+def series_id(store: Store, metric: str) -> int:
+    series = store.series()
+    return int(series.loc[series["metric"] == metric, "series_id"].iloc[0])
+
+
+def span_us() -> tuple[int, int]:
+    start, end = (datetime_to_us(t) for t in EVERYTHING)
+    return start, end

@@ -242,12 +242,6 @@ class PostgresBackend(Backend):
         self.execute("LOCK TABLE retention_rules IN SHARE MODE")
         self.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_RETENTION_LOCK,))
 
-    def bucket_expr(self, step_us: int) -> str:
-        width = f"interval '{int(step_us)} microseconds'"
-        if self.timescale:
-            return f"time_bucket({width}, ts, origin => timestamptz 'epoch')"
-        return f"date_bin({width}, ts, timestamptz 'epoch')"
-
     def latest_points(self, ids: list[int]) -> pd.DataFrame:
         rows = self.execute(
             f"SELECT l.series_id, {self.ts_out.format(col='l.ts')}, l.value "  # noqa: S608

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,20 +64,22 @@ def step_stats(
         *((c, f"q.{c}", _KIND[c]) for c in wanted),
     ]
     ids_in = backend.ids_in
-    if source != "raw" and step_us == ROLLUP_LEVELS[source]:
-        inner = (
-            f"SELECT series_id, bucket, {', '.join(wanted)} "  # noqa: S608
-            f"FROM {ROLLUP_TABLES[source]} WHERE series_id {ids_in} "
-            f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in}"
-        )
-        bounds: tuple[Any, Any] = (start_us, end_us)
-    else:
-        inner = d.stats_select(source, step_us, ids_in)
-        bounds = d.bounds(start_us, end_us)
-    arrays = backend.read_columns(
-        f"SELECT {{columns}} FROM ({inner}) q",  # noqa: S608
-        kinds,
-        (backend.id_list(ids), *bounds),
+    stored = source != "raw" and step_us == ROLLUP_LEVELS[source]
+    bounds = (start_us, end_us) if stored else d.bounds(start_us, end_us)
+
+    def select() -> str:
+        if stored:
+            inner = (
+                f"SELECT series_id, bucket, {', '.join(wanted)} "  # noqa: S608
+                f"FROM {ROLLUP_TABLES[source]} WHERE series_id {ids_in} "
+                f"AND bucket >= {d.ts_in} AND bucket < {d.ts_in}"
+            )
+        else:
+            inner = d.stats_select(source, step_us, ids_in)
+        return f"SELECT {{columns}} FROM ({inner}) q"  # noqa: S608
+
+    arrays = d.run_safely(
+        select, lambda sql: backend.read_columns(sql, kinds, (backend.id_list(ids), *bounds))
     )
     return _stats_frame_from(arrays)
 

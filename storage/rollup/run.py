@@ -146,15 +146,23 @@ def _recompute(
         written = _recompute_singles(d, span, series, params)
         if written is not None:
             return written
-    select = None
-    if _dense(d, level, span, probe, source_rows):
-        select = d.loop_select(SOURCE[level], ROLLUP_LEVELS[level], series, span)
-    if select is None:
-        select = d.stats_select(SOURCE[level], ROLLUP_LEVELS[level], series)
-    return d.execute_count(
-        f"INSERT INTO {table} (series_id, bucket, {', '.join(STAT_COLUMNS)}) {select}",
-        params,
-    )
+    dense = _dense(d, level, span, probe, source_rows)
+
+    def insert() -> str:
+        select = None
+        if dense:
+            select = d.loop_select(SOURCE[level], ROLLUP_LEVELS[level], series, span)
+        if select is None:
+            select = d.stats_select(SOURCE[level], ROLLUP_LEVELS[level], series)
+        return f"INSERT INTO {table} (series_id, bucket, {', '.join(STAT_COLUMNS)}) {select}"
+
+    raw = SOURCE[level] == "raw"
+    if raw:
+        d.compile_big(True)
+    written = d.run_safely(insert, lambda sql: d.execute_count(sql, params))
+    if raw:
+        d.compile_big(False)
+    return written
 
 
 def _run_chunk(d: Dialect, chunk_us: int, report: RollupReport) -> bool:
