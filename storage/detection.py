@@ -150,14 +150,14 @@ def write_baselines(store: Store, frame: pd.DataFrame) -> int:
     return len(frame)
 
 
-def _plain(column: pd.Series) -> list[Any]:
-    """Python values for binding: ints stay ints, NaN becomes NULL."""
+def _plain(column: pd.Series) -> Any:
+    """A column for insert_columns: numbers as a numpy array (int64, or float64 whose NaN is
+    NULL), anything else as strings."""
     if not pd.api.types.is_numeric_dtype(column.dtype):
         return [str(v) for v in column.tolist()]
     if pd.api.types.is_integer_dtype(column.dtype):
-        return [int(v) for v in column.to_numpy()]
-    array = column.to_numpy(dtype=np.float64)
-    return [None if np.isnan(v) else float(v) for v in array]
+        return column.to_numpy(dtype=np.int64)
+    return column.to_numpy(dtype=np.float64)
 
 
 def read_baselines(store: Store, series_ids: Sequence[int] | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 
 from storage.schema import LATEST_VERSION
@@ -104,7 +105,7 @@ class Dialect:
         names = ", ".join(name for name, _ in columns)
         self.executemany(
             f"INSERT INTO {table} ({names}) VALUES ({cells}) {on_conflict}",  # noqa: S608
-            list(zip(*values, strict=True)),
+            list(zip(*(_python_values(v) for v in values), strict=True)),
         )
 
     def lock_for_deleting(self, first: str | None = None) -> None:
@@ -136,3 +137,13 @@ class Dialect:
 
     def health_details(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _python_values(column: Sequence[Any]) -> Sequence[Any]:
+    """insert_columns' column as Python values: a numpy array's NaN as None (NULL)."""
+    if not isinstance(column, np.ndarray):
+        return column
+    values = column.astype(object)
+    if column.dtype.kind == "f":
+        values[np.isnan(column)] = None
+    return values.tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -57,6 +58,32 @@ def test_insert_columns_stores_each_kind_exactly(store: Store) -> None:
         (1, 10, "x", 0.5, T0),
         (2, 20, "y", -1.25, T0 + 1),
         (3, 30, "é", 1e300, 0),
+    ]
+
+
+def test_insert_columns_takes_numpy_arrays_and_stores_nan_and_none_as_null(store: Store) -> None:
+    """Numeric columns may come as numpy arrays (PostgreSQL binds them as binary arrays):
+    values exact, a float's NaN or None NULL, an empty insert harmless."""
+    b = store.backend
+    with b.transaction():
+        b.insert_columns(
+            "scratch",
+            COLUMNS,
+            [
+                np.array([1, 2, 3, 2**62], dtype=np.int64),
+                np.array([-7, 0, 2**31 - 1, 5], dtype=np.int64),
+                ["x", "y", "z", "w"],
+                np.array([0.1, np.nan, -5e-324, 1e300]),
+                [T0, None, 0, T0 + 1],
+            ],
+        )
+        b.insert_columns("scratch", COLUMNS, [np.array([], dtype=np.int64)] * 2 + [[], [], []])
+    rows = b.execute(f"SELECT a, b, c, d, {b.ts_out.format(col='e')} FROM scratch ORDER BY a")
+    assert [tuple(row) for row in rows] == [
+        (1, -7, "x", 0.1, T0),
+        (2, 0, "y", None, None),
+        (3, 2**31 - 1, "z", -5e-324, 0),
+        (2**62, 5, "w", 1e300, T0 + 1),
     ]
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
 from metricmill.errors import DatabaseUnavailable
@@ -20,7 +22,7 @@ from storage.backend import Backend
 from storage.dialect import ColumnKind
 from storage.frames import PreparedBatch
 from storage.locks import ROLLUP_RETENTION_LOCK, SCHEMA_LOCK
-from storage.postgres.copy_format import parse_array_copy
+from storage.postgres.copy_format import binary_array, parse_array_copy
 from storage.postgres.parts import write_parts_together
 from storage.postgres.timescale import (
     TimescaleMode,
@@ -43,6 +45,32 @@ _ARRAY_TYPES: dict[ColumnKind, str] = {
 }
 
 
+class _Float8Array:
+    """A float8[] parameter already in binary form (insert_columns)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.payload = binary_array(values, 701)
+
+
+class _Int8Array:
+    """An int8[] parameter already in binary form (insert_columns)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.payload = binary_array(values, 20)
+
+
+class _Float8ArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = 1022  # float8[]
+
+    def dump(self, obj: _Float8Array) -> bytes:
+        return obj.payload
+
+
+class _Int8ArrayDumper(_Float8ArrayDumper):
+    oid = 1016  # int8[]
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
     ts_in = "(timestamptz 'epoch' + %s::float8 * interval '1 microsecond')"
@@ -59,6 +87,8 @@ class PostgresBackend(Backend):
                 str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             )
             raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {first_line}") from None
+        self.conn.adapters.register_dumper(_Float8Array, _Float8ArrayDumper)
+        self.conn.adapters.register_dumper(_Int8Array, _Int8ArrayDumper)
         self.timescale_version, self.timescale_note = detect_timescale(self, timescaledb)
 
     # -- plumbing -------------------------------------------------------------------------
@@ -219,17 +249,23 @@ class PostgresBackend(Backend):
         *,
         on_conflict: str = "",
     ) -> None:
-        """One INSERT … SELECT FROM unnest of a bound array per column."""
+        """One INSERT … SELECT FROM unnest of a bound array per column. Numbers are bound
+        as binary arrays built by numpy (as text, psycopg quoted every element in Python:
+        most of a 100,000-series baseline run's time); None and NaN of a float or ts column
+        are NULL, as before."""
         names = ", ".join(name for name, _ in columns)
-        selects = ", ".join(
-            self.ts_in.replace("%s", f"u.{name}") if kind == "ts" else f"u.{name}"
-            for name, kind in columns
-        )
-        arrays = ", ".join(f"%s::{_ARRAY_TYPES[kind]}" for _, kind in columns)
+        selects, arrays, params = [], [], []
+        for (name, kind), column in zip(columns, values, strict=True):
+            bound, expr = _bound_array(kind, column), f"u.{name}"
+            if isinstance(bound, _Float8Array):
+                expr = f"nullif({expr}, 'NaN'::float8)"
+            selects.append(self.ts_in.replace("%s", expr) if kind == "ts" else expr)
+            arrays.append(f"%s::{_ARRAY_TYPES[kind]}")
+            params.append(bound)
         self.execute(
-            f"INSERT INTO {table} ({names}) SELECT {selects} "  # noqa: S608
-            f"FROM unnest({arrays}) AS u({names}) {on_conflict}",
-            list(values),
+            f"INSERT INTO {table} ({names}) SELECT {', '.join(selects)} "  # noqa: S608
+            f"FROM unnest({', '.join(arrays)}) AS u({names}) {on_conflict}",
+            params,
         )
 
     def lock_for_deleting(self, first: str | None = None) -> None:
@@ -276,3 +312,16 @@ class PostgresBackend(Backend):
                 for name, compressed in hypertables_compression(self, this_schema=False)
             )
         return details
+
+
+def _bound_array(kind: ColumnKind, column: Sequence[Any]) -> Any:
+    """A column of insert_columns as its parameter: a binary array for numbers (a list where
+    an integer column holds a None), the list for text."""
+    try:
+        if kind in ("float", "ts"):
+            return _Float8Array(np.asarray(column, dtype=np.float64))  # None becomes NaN
+        if kind in ("bigint", "integer"):
+            return _Int8Array(np.asarray(column, dtype=np.int64))
+    except (TypeError, ValueError):
+        pass
+    return list(column)

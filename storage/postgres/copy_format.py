@@ -46,6 +46,19 @@ def binary_copy_payload(
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 
+def binary_array(values: np.ndarray, element_oid: int) -> bytes:
+    """A one-dimensional array of 8-byte elements (float8: 701, int8: 20) in PostgreSQL's
+    binary array format, one numpy pass: no element NULL."""
+    if len(values) == 0:
+        return b"".join(n.to_bytes(4, "big") for n in (0, 0, element_oid))
+    header = b"".join(n.to_bytes(4, "big") for n in (1, 0, element_oid, len(values), 1))
+    kind = ">f8" if element_oid == 701 else ">i8"
+    items = np.empty(len(values), dtype=[("len", ">i4"), ("v", kind)])
+    items["len"] = 8
+    items["v"] = values
+    return header + items.tobytes()
+
+
 def parse_array_copy(data: bytes, kinds: Sequence[str]) -> list[np.ndarray] | None:
     """Decode COPY BINARY rows whose fields are one-dimensional arrays of 8-byte values into
     one flat column per field; None when an element is NULL (the layout is not fixed then).
