@@ -321,7 +321,9 @@ def _bound_array(kind: ColumnKind, column: Sequence[Any]) -> Any:
         if kind in ("float", "ts"):
             return _Float8Array(np.asarray(column, dtype=np.float64))  # None becomes NaN
         if kind in ("bigint", "integer"):
-            return _Int8Array(np.asarray(column, dtype=np.int64))
+            ints = np.asarray(column)
+            if ints.dtype.kind in "iub":  # never truncate a float: the server refuses it
+                return _Int8Array(ints.astype(np.int64))
     except (TypeError, ValueError):
         pass
     return list(column)
