@@ -217,7 +217,7 @@ class PostgresDialect(Dialect):
 
     def run_safely(self, build: Callable[[], str], run: Callable[[str], T]) -> T:
         try:
-            with self.backend.conn.transaction():  # type: ignore[attr-defined]  # a savepoint
+            with self.backend.transaction():  # a savepoint inside the caller's transaction
                 return run(build())
         except psycopg.errors.NumericValueOutOfRange:
             self.wide = True
@@ -340,12 +340,12 @@ class PostgresDialect(Dialect):
         self.backend.execute("SET LOCAL jit = off")
         for setting in ("jit_above_cost", "jit_inline_above_cost", "jit_optimize_above_cost"):
             self.backend.execute(f"SET LOCAL {setting} = {_JIT_ABOVE_COST}")  # a constant
-
-    def compile_big(self, on: bool) -> None:
-        self.backend.execute(f"SET LOCAL jit = {'on' if on else 'off'}")
         # A statement run a few times is prepared (psycopg), and a prepared statement may get
         # a generic plan, blind to the bounds again: plan each run with its own bounds.
         self.backend.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+
+    def compile_big(self, on: bool) -> None:
+        self.backend.execute(f"SET LOCAL jit = {'on' if on else 'off'}")
 
     def claim_suffix(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
