@@ -121,12 +121,19 @@ class Backend(Ledger):
         )
 
     def read_columns(
-        self, template: str, columns: Sequence[tuple[str, str, str]], params: Sequence[Any]
+        self,
+        template: str,
+        columns: Sequence[tuple[str, str, str]],
+        params: Sequence[Any],
+        *,
+        by_key: bool = False,
     ) -> dict[str, np.ndarray]:
         """Run `template` (a SELECT whose select list is the placeholder `{columns}`, with no
         ORDER BY) and return one numpy array per column, rows ordered by the first two
         columns. `columns` holds (name, SQL expression, kind): kind "int" (int64), "float"
-        (float64) or "ts" (a stored timestamp, returned as int64 µs).
+        (float64) or "ts" (a stored timestamp, returned as int64 µs). `by_key`: the rows are
+        those of a list of series, found through the primary key, never by reading the whole
+        table (see the PostgreSQL override).
 
         Here: ordinary rows, transposed once. PostgreSQL overrides this with COPY BINARY read
         straight into numpy (no per-value Python objects).
@@ -153,6 +160,7 @@ class Backend(Ledger):
             f"AND ts >= {self.ts_in} AND ts < {self.ts_in}",
             [("series_id", "series_id", "int"), ("ts_us", "ts", "ts"), ("value", "value", "float")],
             (self.id_list(ids), start_us, end_us),
+            by_key=True,
         )
         return pd.DataFrame(arrays)
 

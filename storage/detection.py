@@ -94,6 +94,7 @@ def history(
             ("max", "max", "float"),
         ],
         [start_us, end_us, *params],
+        by_key=series_ids is not None,
     )
     return pd.DataFrame(arrays)
 

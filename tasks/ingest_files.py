@@ -203,13 +203,28 @@ def check_together(settings: Settings, files: list[_Landed]) -> Together:
     return Together(frames, decoded, parts, retimed, verdict, markdown)
 
 
-def _write_together(settings: Settings, store: Store, files: list[_Landed]) -> None:
-    """Check and write files as one unit: one GX validation, one write transaction with a
-    ledger batch per file. Fills each file's outcome and its destination."""
+def _checked(settings: Settings, files: list[_Landed]) -> Together | CheckFailed:
+    """The unit's check (`check_together`), or why it could not be checked."""
     try:
-        together = check_together(settings, files)
+        return check_together(settings, files)
     except Exception as exc:
-        raise CheckFailed(_first_line(exc)) from exc
+        failed = CheckFailed(_first_line(exc))
+        failed.__cause__ = exc
+        return failed
+
+
+def _write_together(
+    settings: Settings,
+    store: Store,
+    files: list[_Landed],
+    checked: Together | CheckFailed | None = None,
+) -> None:
+    """Check (unless `checked` already holds the unit's check) and write files as one unit:
+    one GX validation, one write transaction with a ledger batch per file. Fills each file's
+    outcome and its destination."""
+    together = _checked(settings, files) if checked is None else checked
+    if isinstance(together, CheckFailed):
+        raise together
     mark_past_their_rule(store, together.verdict)
     batch = encode_parts(together.verdict, together.decoded_rejected, together.shown())
     reports = store.write_batch_parts(
@@ -317,6 +332,8 @@ def _write_in_order(
     gate = turnstile(order_key)
     written = False
     try:
+        # The checks need no turn: run while an earlier group writes, only the writes wait.
+        checks = [_checked(settings, unit) for unit in units]
         if not gate.wait(turn):
             raise EarlierGroupFailed(
                 "an earlier group of this run was not written; these files wait in "
@@ -327,23 +344,26 @@ def _write_in_order(
         def retrying(exc: BaseException, delay: float) -> None:
             logger.warning("database unavailable (%s); retrying in %.0fs", _first_line(exc), delay)
 
-        for unit in units:
-            _write_unit(settings, unit, retrying)
+        for unit, checked in zip(units, checks, strict=True):
+            _write_unit(settings, unit, retrying, checked)
         written = True
     finally:
         gate.finish(turn, written)
 
 
 def _write_unit(
-    settings: Settings, unit: list[_Landed], retrying: Callable[[BaseException, float], None]
+    settings: Settings,
+    unit: list[_Landed],
+    retrying: Callable[[BaseException, float], None],
+    checked: Together | CheckFailed | None = None,
 ) -> None:
-    def attempt(files: list[_Landed]) -> None:
+    def attempt(files: list[_Landed], checked: Together | CheckFailed | None = None) -> None:
         ensure_flow_lock(settings, "ingest")
         with Store.open(settings=settings) as store:
-            _write_together(settings, store, files)
+            _write_together(settings, store, files, checked)
 
     try:
-        with_database_retries(lambda: attempt(unit), on_retry=retrying)
+        with_database_retries(lambda: attempt(unit, checked), on_retry=retrying)
         return
     except _NOT_THE_FILES:
         raise

@@ -102,14 +102,25 @@ class PostgresBackend(Backend):
             cur.executemany(sql_text.encode(), rows)
 
     def read_columns(
-        self, template: str, columns: Sequence[tuple[str, str, str]], params: Sequence[Any]
+        self,
+        template: str,
+        columns: Sequence[tuple[str, str, str]],
+        params: Sequence[Any],
+        *,
+        by_key: bool = False,
     ) -> dict[str, np.ndarray]:
         """The result as one COPY BINARY row holding an array per column, read into numpy:
         COPY sends a message per row, so one row keeps Python out of the per-value work (and
         no server-side sort: the order is restored here). Every column is cast to an 8-byte
         type (int8, float8, or timestamptz, whose binary form is µs from 2000). A NULL
         breaks the fixed element layout, and an array past PostgreSQL's 1 GB value limit
-        cannot be built: then the text path."""
+        cannot be built: then the text path.
+
+        `by_key` turns sequential scans off for this statement. Rows arrive in time order, so
+        a series' rows are spread over the whole table, and once the table is analysed the
+        planner prices the key lookups of a chunk of 1,000 series of 100,000 above a parallel
+        scan of the whole table: every chunk then read the table once (baselines at 100,000
+        series took 387 s where 10,000 took 23 s). The lookups cost what the chunk holds."""
         casts = {"int": "int8", "float": "float8", "ts": "timestamptz"}
         inner = ", ".join(
             f"({expr})::{casts[kind]} AS c{i}" for i, (_, expr, kind) in enumerate(columns)
@@ -122,12 +133,16 @@ class PostgresBackend(Backend):
         try:
             # A savepoint inside the caller's transaction: a COPY over the limit leaves the
             # transaction usable for the text path.
-            with (
-                self.conn.transaction(),
-                self.conn.cursor() as cur,
-                cur.copy(statement.encode(), tuple(params) or None) as copy,
-            ):
-                data = b"".join(copy)
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                if by_key:
+                    before = cur.execute(
+                        "SELECT current_setting('enable_seqscan'), "
+                        "set_config('enable_seqscan', 'off', true)"
+                    ).fetchall()[0][0]
+                with cur.copy(statement.encode(), tuple(params) or None) as copy:
+                    data = b"".join(copy)
+                if by_key:  # a released savepoint keeps its SET LOCAL: the caller's value back
+                    cur.execute("SELECT set_config('enable_seqscan', %s, true)", (before,))
         except psycopg.errors.ProgramLimitExceeded:
             data = b""
         parsed = parse_array_copy(data, [kind for _, _, kind in columns])
