@@ -132,17 +132,16 @@ class PostgresBackend(Backend):
         )
         try:
             # A savepoint inside the caller's transaction: a COPY over the limit leaves the
-            # transaction usable for the text path.
-            with self.conn.transaction(), self.conn.cursor() as cur:
+            # transaction usable for the text path. A keyed read rolls its savepoint back (it
+            # only read), which undoes its SET LOCAL: a released one would outlive it.
+            with (
+                self.conn.transaction(force_rollback=by_key),
+                self.conn.cursor() as cur,
+            ):
                 if by_key:
-                    before = cur.execute(
-                        "SELECT current_setting('enable_seqscan'), "
-                        "set_config('enable_seqscan', 'off', true)"
-                    ).fetchall()[0][0]
+                    cur.execute("SET LOCAL enable_seqscan = off")
                 with cur.copy(statement.encode(), tuple(params) or None) as copy:
                     data = b"".join(copy)
-                if by_key:  # a released savepoint keeps its SET LOCAL: the caller's value back
-                    cur.execute("SELECT set_config('enable_seqscan', %s, true)", (before,))
         except psycopg.errors.ProgramLimitExceeded:
             data = b""
         parsed = parse_array_copy(data, [kind for _, _, kind in columns])
