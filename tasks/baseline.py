@@ -13,8 +13,9 @@ Per series, in one pass over a (series, time)-sorted frame:
 3. per slot: n, mean, std, median, MAD, p05/p50/p95/p99 of the detrended bucket averages,
    and `scale`: sqrt((1.4826 MAD)^2 + spread^2), where spread is the typical standard deviation
    *inside* a bucket (from sum_sq) — raw points scatter more than 5-minute averages — floored
-   at half the series' median slot scale, 0.1% of its level and 1e-9, so a constant series never
-   divides by zero and a slot with little data does not turn every wiggle into an anomaly.
+   at half the series' median slot scale (its mean absolute deviation when most slots have no
+   spread: a counter at zero but for bursts), 0.1% of its level and 1e-9, so a constant series
+   never divides by zero and a slot with little data does not turn every wiggle into an anomaly.
 
 The expected value at time t is `median[slot(t)] + trend_slope * (t - window midpoint)` (slope
 per day, extrapolated at most two days beyond the window).
@@ -43,6 +44,9 @@ from tasks.seasonality import (
     slot_of,
     theil_sen_per_day,
 )
+
+TIE_MARGIN = 1 + 1e-6  # a budget's bar in L, raised past values equal to it up to rounding
+MEAN_AD_TO_SIGMA = 1.2533  # sqrt(pi / 2): a normal's sigma over its mean absolute deviation
 
 # Learning is here; the names after it are imported from this module too (the constants and
 # knobs from tasks/seasonality.py, the lookup table from tasks/baseline_table.py).
@@ -208,7 +212,11 @@ def _clipped(data: _Series, trend: _Trend) -> np.ndarray:
     code = data.code
     centred = trend.detrended - trend.centre[code]
     _, _, (mad_all,) = group_quantiles(code, np.abs(centred), (0.5,))
-    reach = 6 * MAD_TO_SIGMA * mad_all
+    sigma = MAD_TO_SIGMA * mad_all
+    # A series constant most of the time (an error counter at zero) has no MAD: its bursts
+    # would be clipped away, and with them a daily burst's pattern.
+    sigma = np.where(sigma > 0, sigma, _mean_abs_sigma(code, centred, len(data.ids)))
+    reach = 6 * sigma
     return np.clip(centred, -reach[code], reach[code])
 
 
@@ -233,6 +241,10 @@ def _slot_statistics(
     g_slot = uniq % MAX_SLOTS
     raw_scale = np.sqrt((MAD_TO_SIGMA * mad) ** 2 + spread**2)
     _, _, (pooled,) = group_quantiles(g_code, raw_scale, (0.5,))
+    # Most slots without spread (a series at zero but for bursts): the series' own spread,
+    # from its mean absolute deviation, is its typical scale; else a burst is 1e11 scales.
+    centred = detrended - trend.centre[code]
+    pooled = np.where(pooled > 0, pooled, _mean_abs_sigma(code, centred, len(data.ids)))
     level = trend.centre
     floor = np.maximum.reduce(
         [
@@ -330,7 +342,12 @@ def _calibrate(
     budget = params.alert_budget_per_week
 
     def threshold(level: np.ndarray) -> np.ndarray:
-        return cal.score_of(cal.budget_threshold(code, ts, level, n, weeks, budget))
+        # Above the hour the budget stops at by the most a model can add to a point's L when
+        # it is scored (the training levels here are the statistics' alone), and by a margin
+        # for rounding: a rule fires at score >= threshold, and hours that tie with it (a
+        # counter's everyday 1) must not fire more often than the budget allows.
+        bar = cal.budget_threshold(code, ts, level, n, weeks, budget)
+        return cal.score_of(np.where(bar > 0, (bar + cal.MODEL_LIFT_MAX) * TIE_MARGIN, bar))
 
     return {
         "tail_up_u": up_u,
@@ -395,6 +412,15 @@ def _fill_missing_slots(
         .sort_values(["series_id", "slot"], kind="stable")
         .reset_index(drop=True)
     )
+
+
+def _mean_abs_sigma(code: np.ndarray, centred: np.ndarray, n_series: int) -> np.ndarray:
+    """Per series: its mean absolute deviation from its centre, as a normal sigma (x 1.2533);
+    nonzero whenever any bucket differs from the centre, unlike the MAD."""
+    count = np.bincount(code, minlength=n_series)
+    total = np.bincount(code, weights=np.abs(centred), minlength=n_series)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, MEAN_AD_TO_SIGMA * total / np.maximum(count, 1), 0.0)
 
 
 def _no_skips() -> pd.DataFrame:

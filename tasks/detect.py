@@ -7,9 +7,10 @@ The score rule (documented in the README, "Anomaly detection"; tasks/calibration
   residuals in the two hours before the point), so a sustained level shift alerts once and is
   then the new normal, while a short incident never becomes the level;
 - L = -log10 p, p the tail probability of r on its side (up or down) under the exponential tail
-  fitted to the series' own training residuals; linear in r, so it never saturates;
+  fitted to the series' own training residuals, at least that of a Laplace tail of two scales;
+  linear in r, so it never saturates;
 - where L >= MODEL_GATE and the metric has a PyOD model, the model's own tail probability of
-  the point's shape (jump, spread of recent points) adds MODEL_WEIGHT x its -log10: the model
+  the point's shape (jump, spread of recent points) adds cal.MODEL_WEIGHT x its -log10: the model
   can raise a point that is already unusual, never make one out of a normal point;
 - score = 1 - exp(-L / L_SCALE): 0.7 at p = 1e-4, 0.9 at p ~ 2e-8, below 1 however far out.
 
@@ -36,7 +37,6 @@ from tasks.baseline import DAY_US, BaselineTable, fit_models
 from tasks.detectors import ROLLING_POINTS, FittedModel, detector_for
 
 MODEL_GATE = 3.0
-MODEL_WEIGHT = 0.25
 CONTEXT_US = cal.AGILE_US + cal.BLOCK_US  # points before the watermark the offset looks back at
 CHUNK_ROWS = 250_000
 _THRESHOLD_FLOOR = 0.7  # for the row's kind only: the rule's own threshold decides alerts
@@ -93,9 +93,8 @@ def _reach(table: BaselineTable, side: str) -> np.ndarray:
         return table.calibration[CALIBRATION_COLUMNS.index(name)]
 
     threshold = np.fmax(column(f"threshold_{side}"), _THRESHOLD_FLOOR)
-    return (
-        column(f"tail_{side}_u")
-        + (cal.level_of(threshold) - cal.tail_base()) * column(f"tail_{side}_beta") * cal.LN10
+    return cal.tail_reach(
+        cal.level_of(threshold), column(f"tail_{side}_u"), column(f"tail_{side}_beta")
     )
 
 
@@ -264,9 +263,9 @@ def _model_lift(
         rows = gated[codes == m_code]
         feats = _shape_features(rows, r.code, r.value, r.residual, r.scale, r.level)
         model[rows] = fitted.calibrated(feats)
-    lift = -np.log10(np.maximum(1.0 - np.nan_to_num(model[gated]), 1.0 / 501))
+    lift = -np.log10(np.maximum(1.0 - np.nan_to_num(model[gated]), cal.MODEL_P_FLOOR))
     total = stat_level.copy()
-    total[gated] += MODEL_WEIGHT * lift
+    total[gated] += cal.MODEL_WEIGHT * lift
     return model, total
 
 

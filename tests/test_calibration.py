@@ -171,3 +171,56 @@ def test_bad_input_gets_a_score_and_no_crash(kind: str) -> None:
     if kind != "one_per_day":  # a point a day never fills a day's worth of buckets
         assert scored.any()
     assert np.isfinite(scores.loc[scored, ["expected", "score"]].to_numpy()).all()
+
+
+def test_a_counter_at_zero_keeps_quiet_on_its_usual_ones_and_pages_for_a_burst() -> None:
+    """An error counter: zero but for a 1 lasting 15 minutes about once a day. Its usual 1s must
+    not page (they tie with the hours its budget let pass, and ties do not fire more often than
+    the budget allows); a burst of 30 must (its scale comes from its mean absolute deviation,
+    not from a MAD of zero that would put every nonzero value 1e11 scales out)."""
+    rng = np.random.default_rng(5)
+    days = 22
+    ts = T0 + np.arange(days * 288, dtype=np.int64) * STEP_5M
+    value = np.zeros(len(ts))
+    for start in np.flatnonzero(rng.random(len(ts)) < 1 / 288):  # about once a day
+        value[start : start + 3] = 1.0
+    cut = T0 + (days - 1) * DAY_US
+    burst_at = cut + 15 * 3_600_000_000
+    burst = (ts >= burst_at) & (ts < burst_at + 15 * MIN)
+    value[ts >= cut] = 0.0
+    ones_at = [cut + h * 3_600_000_000 for h in (2, 6, 10, 20)]
+    for at in ones_at:
+        value[(ts >= at) & (ts < at + 15 * MIN)] = 1.0
+    value[burst] = 30.0
+    data = pd.DataFrame({"series_id": 1, "ts_us": ts, "value": value})
+    hist, day = data[data["ts_us"] < cut], data[data["ts_us"] >= cut - 3 * 3_600_000_000]
+    scores = _score_day(hist, day)
+    events, _ = alert_timeline(RULE, scores)
+    firing = events.loc[events["event"] == "firing", "ts_us"].to_numpy()
+    assert len(firing) == 1, firing
+    assert burst_at <= firing[0] <= burst_at + 10 * MIN
+    ones = scores["ts_us"].isin([at + k * STEP_5M for at in ones_at for k in range(3)])
+    burst_score = scores.loc[scores["ts_us"].between(burst_at, burst_at + 10 * MIN), "score"]
+    assert burst_score.max() > scores.loc[ones, "score"].max()  # the burst ranks above the 1s
+    assert np.isfinite(scores["upper"]).all()  # a band the alert and its plot can show
+
+
+def test_spikes_that_fill_the_top_of_the_window_do_not_become_normal() -> None:
+    """A crash rate that jumps tenfold in 3% of its 5-minute points: the fitted tail takes those
+    jumps for its normal top, but the Laplace floor under it still scores the next tenfold jump
+    as rare (and a jump of a third as ordinary)."""
+    rng = np.random.default_rng(11)
+    ts = T0 + np.arange(15 * 288, dtype=np.int64) * STEP_5M
+    value = 20 * rng.lognormal(0, 0.2, len(ts))
+    jumps = rng.random(len(ts)) < 0.03
+    value[jumps] *= 10
+    cut = T0 + 14 * DAY_US
+    value[ts >= cut] = 20 * rng.lognormal(0, 0.2, int((ts >= cut).sum()))
+    jump_at, small_at = cut + 12 * 3_600_000_000, cut + 18 * 3_600_000_000
+    value[ts == jump_at] = 200.0
+    value[ts == small_at] = 27.0
+    data = pd.DataFrame({"series_id": 1, "ts_us": ts, "value": value})
+    hist, day = data[data["ts_us"] < cut], data[data["ts_us"] >= cut - 3 * 3_600_000_000]
+    scores = _score_day(hist, day).set_index("ts_us")
+    assert scores.loc[jump_at, "score"] >= RULE.threshold
+    assert scores.loc[small_at, "score"] < 0.5
