@@ -43,7 +43,7 @@ BLOCK_US = 300_000_000  # the 5m rollup bucket
 SUB_BLOCKS = 8  # 40 minutes per sub-window, three sub-windows: two hours of context
 AGILE_US = 3 * SUB_BLOCKS * BLOCK_US
 TAIL_Q = 0.97
-BODY_SCALE = 2.0  # in scales: the Laplace tail no series' own tail may call a point less rare than
+BODY_SCALE = 2.0  # in scales: a point is at least as rare as under a Laplace tail this wide
 BETA_FLOOR = 0.25  # in scales: a near-constant training window does not make every wiggle news
 L_SCALE = 4.0 / np.log(1.0 / 0.3)  # score 0.7 at L = 4
 _BODY_BASE = float(np.log10(2.0))
@@ -99,8 +99,8 @@ def tail_base() -> float:
 
 
 def tail_level(z: np.ndarray, u: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """-log10 of p(z) = (1 - TAIL_Q) * exp(-(z - u) / beta), at least the body's level
-    (body_level), never below 0."""
+    """-log10 of p(z) = (1 - TAIL_Q) * exp(-(z - u) / beta), at least that of the Laplace
+    floor 0.5 * exp(-z / BODY_SCALE), never below 0."""
     with np.errstate(invalid="ignore", over="ignore"):
         out = tail_base() + (z - u) / (beta * LN10)
         out = np.fmax(out, z * _BODY_SLOPE + _BODY_BASE)

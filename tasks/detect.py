@@ -12,7 +12,8 @@ The score rule (documented in the README, "Anomaly detection"; tasks/calibration
 - where L >= MODEL_GATE and the metric has a PyOD model, the model's own tail probability of
   the point's shape (jump, spread of recent points) adds cal.MODEL_WEIGHT x its -log10: the model
   can raise a point that is already unusual, never make one out of a normal point;
-- score = 1 - exp(-L / L_SCALE): 0.7 at p = 1e-4, 0.9 at p ~ 2e-8, below 1 however far out.
+- score = 1 - exp(-L / L_SCALE): 0.7 at p = 1e-4, 0.9 at p ~ 2e-8, below 1 however far out
+  (past L = 30 the gap to 1 shrinks as 1 / L: float64 never rounds a score to exactly 1).
 
 Each row also carries the series' effective thresholds (set at the baseline fit from the alert
 budget), its side (`sign`), whether it is an outage (a busy non-negative series at or below a
