@@ -94,12 +94,15 @@ class _Series:
 @dataclass
 class _Trend:
     """Per series its slope per day and the time it is measured from (the window's middle);
-    per bucket the detrended average; per series the centre (median) of those."""
+    per bucket the detrended average; per series the centre (median) of those and their mean
+    absolute deviation from it as a normal sigma (x 1.2533): nonzero whenever any bucket differs
+    from the centre, unlike the MAD of a counter that is zero but for bursts."""
 
     slope_day: np.ndarray
     t_ref: np.ndarray
     detrended: np.ndarray
     centre: np.ndarray
+    spread: np.ndarray
 
 
 @dataclass
@@ -203,7 +206,10 @@ def _detrend(data: _Series, bucket_us: int) -> _Trend:
     t_ref = (data.first + data.last + bucket_us) // 2
     detrended = data.value - slope_day[code] * (ts - t_ref[code]) / DAY_US
     _, _, (centre,) = group_quantiles(code, detrended, (0.5,))
-    return _Trend(slope_day, t_ref, detrended, centre)
+    n = len(data.ids)  # every series kept has buckets: no count is zero
+    absolute = np.bincount(code, weights=np.abs(detrended - centre[code]), minlength=n)
+    spread = MEAN_AD_TO_SIGMA * absolute / np.bincount(code, minlength=n)
+    return _Trend(slope_day, t_ref, detrended, centre, spread)
 
 
 def _clipped(data: _Series, trend: _Trend) -> np.ndarray:
@@ -215,7 +221,7 @@ def _clipped(data: _Series, trend: _Trend) -> np.ndarray:
     sigma = MAD_TO_SIGMA * mad_all
     # A series constant most of the time (an error counter at zero) has no MAD: its bursts
     # would be clipped away, and with them a daily burst's pattern.
-    sigma = np.where(sigma > 0, sigma, _mean_abs_sigma(code, centred, len(data.ids)))
+    sigma = np.where(sigma > 0, sigma, trend.spread)
     reach = 6 * sigma
     return np.clip(centred, -reach[code], reach[code])
 
@@ -243,8 +249,7 @@ def _slot_statistics(
     _, _, (pooled,) = group_quantiles(g_code, raw_scale, (0.5,))
     # Most slots without spread (a series at zero but for bursts): the series' own spread,
     # from its mean absolute deviation, is its typical scale; else a burst is 1e11 scales.
-    centred = detrended - trend.centre[code]
-    pooled = np.where(pooled > 0, pooled, _mean_abs_sigma(code, centred, len(data.ids)))
+    pooled = np.where(pooled > 0, pooled, trend.spread)
     level = trend.centre
     floor = np.maximum.reduce(
         [
@@ -412,15 +417,6 @@ def _fill_missing_slots(
         .sort_values(["series_id", "slot"], kind="stable")
         .reset_index(drop=True)
     )
-
-
-def _mean_abs_sigma(code: np.ndarray, centred: np.ndarray, n_series: int) -> np.ndarray:
-    """Per series: its mean absolute deviation from its centre, as a normal sigma (x 1.2533);
-    nonzero whenever any bucket differs from the centre, unlike the MAD."""
-    count = np.bincount(code, minlength=n_series)
-    total = np.bincount(code, weights=np.abs(centred), minlength=n_series)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, MEAN_AD_TO_SIGMA * total / np.maximum(count, 1), 0.0)
 
 
 def _no_skips() -> pd.DataFrame:

@@ -67,13 +67,12 @@ def score_of(level: np.ndarray) -> np.ndarray:
     it the distance to 1 shrinks as 1 / L instead, so that float64 keeps points thousands of
     decades out apart (the exponential would round every L above ~107 to exactly 1.0, and a
     burst could not outrank a counter's everyday 1, nor clear a threshold of 1.0)."""
-    level = np.maximum(np.asarray(level, dtype=np.float64), 0.0)
-    out = np.atleast_1d(-np.expm1(-level / L_SCALE))
-    flat = np.atleast_1d(level)
-    far = np.flatnonzero(flat > L_KNEE)  # few rows: the common ones take the fast path
+    level = np.maximum(level, 0.0)
+    out = -np.expm1(-level / L_SCALE)
+    far = np.flatnonzero(level > L_KNEE)  # few rows: the common ones take the fast path
     if len(far):
-        out[far] = 1.0 - _GAP_KNEE * L_KNEE / flat[far]
-    return out.reshape(level.shape)
+        out[far] = 1.0 - _GAP_KNEE * L_KNEE / level[far]
+    return out
 
 
 def level_of(score: np.ndarray) -> np.ndarray:
