@@ -101,7 +101,9 @@ def count_attempt(paths: list[Path], step: int = 1) -> None:
             counts = _read_attempts(directory)
             for path in paths:
                 if path.parent == directory:
-                    counts[path.name] = max(int(counts.get(path.name, 0)) + step, 0)
+                    count = int(counts.pop(path.name, 0)) + step
+                    if count > 0:  # a file at 0 leaves the list: it stays as short as the
+                        counts[path.name] = count  # files being decoded and the poison ones
             _write_attempts(directory, counts)
 
 

@@ -17,6 +17,7 @@ from storage.limits import DEFAULT_LIMITS, ReadLimits
 from storage.readers.ndjson import NDJSON_COLUMNS, canonical_keys
 
 _STRING_TYPES = (pa.string(), pa.large_string())
+_KNOWN = object()  # with the label names: the memo key of the spellings known to a group
 
 
 def arrow_ndjson_frame(
@@ -59,7 +60,8 @@ def _plain_layout(data: bytes) -> tuple[dict[str, str], pa.DataType] | None:
     and the type of the times, or None when the file cannot be the plain case."""
     newline = data.find(b"\n")
     head = data[: newline if newline >= 0 else len(data)].strip()
-    if not head.startswith(b"{") or b"null" in data or b"\\u" in data or b"[" in data:
+    escaped = b"\\" in data and b"\\u" in data  # a byte search first: most files have no \\
+    if not head.startswith(b"{") or b"null" in data or escaped or b"[" in data:
         return None
     if data.count(b"{") > 2 * (data.count(b"\n") + 1):
         return None  # an object nested in a record: not the plain case
@@ -133,39 +135,49 @@ def _arrow_labels(column: pa.ChunkedArray, memo: dict[Any, Any] | None) -> np.nd
     """One shared dict per distinct label set (an absent key is no label), or None unless the
     column is objects of text values.
 
-    Each row's set is first spelled as one string by Arrow (label names, then the values joined
-    by NUL; absent: \\x01; neither can be in JSON text unescaped), so Python sees each distinct
-    spelling once, and `memo` (shared by the files read together) maps it to its dict.
+    Each row's values are first spelled as one string by Arrow (by label name, joined by NUL;
+    absent: \\x01; neither can be in JSON text unescaped), and the spellings are looked up in
+    Arrow among those `memo` (shared by the files read together) already knows for these
+    label names: Python sees only the sets new to the group, and equal sets share one dict
+    across its files whose lines have the same keys.
     """
     if not pa.types.is_struct(column.type):
         return None
     column = column.combine_chunks()
-    fields = [column.type.field(i) for i in range(column.type.num_fields)]
+    fields = sorted(
+        (column.type.field(i) for i in range(column.type.num_fields)), key=lambda f: f.name
+    )
     if any(f.type not in _STRING_TYPES for f in fields):
         return None
-    names = [f.name for f in fields]
-    prefix = "\x02".join(names) + "\x03"
+    names = tuple(f.name for f in fields)
     if fields:
         spelled = pc.binary_join_element_wise(
-            *[column.field(i).cast(pa.string()) for i in range(len(fields))],
+            *[column.field(name).cast(pa.string()) for name in names],
             "\x00",
             null_handling="replace",
             null_replacement="\x01",
         )
-        encoded = pc.dictionary_encode(spelled)
-        spellings = encoded.dictionary.to_pylist()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
     else:
-        spellings, codes = [""], np.zeros(len(column), dtype=np.int64)
+        spelled = pa.nulls(len(column), pa.string()).fill_null("")
+    encoded = pc.dictionary_encode(spelled)
+    spellings = encoded.dictionary
     shared: dict[Any, Any] = {} if memo is None else memo
-    dicts = np.empty(len(spellings), dtype=object)
-    for index, spelling in enumerate(spellings):
-        key = prefix + spelling
-        found = shared.get(key)
-        if found is None:
-            values = spelling.split("\x00") if fields else []
-            found = shared[key] = {
+    known_spellings, known_dicts = shared.get(
+        (_KNOWN, names), (pa.array([], pa.string()), np.empty(0, dtype=object))
+    )
+    at = pc.index_in(spellings, value_set=known_spellings).fill_null(-1)
+    positions = at.to_numpy(zero_copy_only=False).astype(np.int64)
+    new = np.flatnonzero(positions < 0)
+    if len(new):
+        fresh = pc.take(spellings, pa.array(new))
+        made = np.empty(len(new), dtype=object)
+        for index, spelling in enumerate(fresh.to_pylist()):  # a loop per new label set
+            values = spelling.split("\x00") if names else []
+            made[index] = {
                 name: value for name, value in zip(names, values, strict=True) if value != "\x01"
             }
-        dicts[index] = found
-    return dicts[codes]
+        positions[new] = len(known_dicts) + np.arange(len(new))
+        known_dicts = np.concatenate([known_dicts, made])
+        shared[(_KNOWN, names)] = (pa.concat_arrays([known_spellings, fresh]), known_dicts)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return known_dicts[positions[codes]]
