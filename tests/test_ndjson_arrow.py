@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,17 +17,19 @@ from storage.readers.ndjson_arrow import arrow_ndjson_frame
 HOSTS = ["a", "b", "é", "x y", "", "1"]
 
 
-def random_file(rng: random.Random, names: tuple[str, ...]) -> bytes:
+def random_file(rng: random.Random, names: tuple[str, ...], text_ts: bool) -> bytes:
     """Lines of the plain case: the same four keys, labels of text values over `names`, some
     of them absent; label sets repeat within and across files."""
     lines = []
     for _ in range(rng.randint(1, 40)):
+        second = rng.randint(0, 3)
         present = rng.sample(names, len(names))  # keys in any order, some absent
         labels = {n: rng.choice(HOSTS) for n in present if rng.random() < 0.8}
         record = {
             "metric": rng.choice(["cpu", "mem", "disk_io"]),
             "labels": labels,
-            "ts": rng.randint(1_700_000_000, 1_700_100_000),
+            # a few times shared by many rows, as in a scrape; ISO text or epoch numbers
+            "ts": f"2026-12-01T00:00:0{second}Z" if text_ts else 1_700_000_000 + second,
             "value": rng.choice([0.0, -1.5, 1e12, rng.random()]),
         }
         lines.append(json.dumps(record, ensure_ascii=False))
@@ -47,11 +50,15 @@ def test_arrow_reader_gives_the_line_readers_rows_and_shares_label_dicts(seed: i
     arrow_memo: dict[Any, Any] = {}
     seen: dict[tuple[Any, ...], int] = {}
     for index in range(6):  # files decoded together share the memo
-        data = random_file(rng, names)
+        data = random_file(rng, names, text_ts=index % 2 == 0)
         fast = arrow_ndjson_frame(data, arrow_memo)
         slow = ndjson_frame(data, Path(f"f{index}.ndjson"))
         assert fast is not None
         assert as_rows(fast) == as_rows(slow)
+        assert list(fast.columns) == list(slow.columns)
+        # text as Python objects, as the line reader gives it (not Arrow-backed strings)
+        assert fast["metric"].dtype == object
+        assert fast["ts"].dtype == (object if index % 2 == 0 else np.int64)
         # Files whose lines have the same keys (in any order) share one dict per distinct
         # set: later steps do their work per dict.
         keys = frozenset(k for line in data.splitlines() for k in json.loads(line)["labels"])

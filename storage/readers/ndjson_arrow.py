@@ -118,17 +118,23 @@ def _table_frame(
     frame = pd.DataFrame(
         {
             # text as Python objects, like ndjson_frame's columns (not Arrow-backed strings)
-            "metric": pd.Series(
-                table.column(source["metric"]).to_numpy(zero_copy_only=False), dtype=object
-            ),
+            "metric": pd.Series(_shared_text(table.column(source["metric"])), dtype=object),
             "labels": labels,
-            "ts": pd.Series(
-                ts.to_numpy(zero_copy_only=False), dtype=object if ts_type == pa.string() else None
-            ),
+            "ts": pd.Series(_shared_text(ts), dtype=object)
+            if ts_type == pa.string()
+            else ts.to_numpy(),
             "value": table.column(source["value"]).to_numpy(zero_copy_only=False),
         }
     )
     return frame[list(source)]  # the columns in the order ndjson_frame gives them
+
+
+def _shared_text(column: pa.ChunkedArray) -> np.ndarray:
+    """A text column (no null) as Python strings, one object per distinct text: a file's few
+    metric names and scrape times are made (and later hashed) once, not once per row."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    distinct = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    return distinct[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def _arrow_labels(column: pa.ChunkedArray, memo: dict[Any, Any] | None) -> np.ndarray | None:
