@@ -88,9 +88,29 @@ class Claim:
 _attempts_guard = threading.Lock()  # the run's task threads update one claim's counts
 
 
+# The key under which a file's clearance is kept: file names never hold a "/".
+_CLEARED = "/cleared"
+
+
 def attempts(path: Path) -> int:
-    """How many runs died while decoding this claimed file."""
+    """How many runs died while decoding this claimed file (since it was last cleared)."""
     return int(_read_attempts(path.parent).get(path.name, 0))
+
+
+def cleared(path: Path) -> bool:
+    """Whether a separate process decoded this file after runs kept dying on it."""
+    return bool(_read_attempts(path.parent).get(path.name + _CLEARED, 0))
+
+
+def clear_attempts(path: Path) -> None:
+    """A separate process decoded the file: the runs that died on it did not die of it. Its
+    count starts again, and the clearance is kept (a file cleared once is not retried alone
+    twice)."""
+    with _attempts_guard:
+        counts = _read_attempts(path.parent)
+        counts.pop(path.name, None)
+        counts[path.name + _CLEARED] = 1
+        _write_attempts(path.parent, counts)
 
 
 def count_attempt(paths: list[Path], step: int = 1) -> None:
@@ -116,7 +136,7 @@ def _read_attempts(directory: Path) -> dict[str, int]:
 
 
 def _write_attempts(directory: Path, counts: dict[str, int]) -> None:
-    alive = {name: n for name, n in counts.items() if (directory / name).exists()}
+    alive = {name: n for name, n in counts.items() if (directory / name.split("/")[0]).exists()}
     temporary = directory / f"{_ATTEMPTS}.{uuid.uuid4().hex[:8]}"
     temporary.write_text(json.dumps(alive), encoding="utf-8")
     os.replace(temporary, directory / _ATTEMPTS)

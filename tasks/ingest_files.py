@@ -32,6 +32,8 @@ from storage.landing import (
     Claim,
     attempts,
     claim_files,
+    clear_attempts,
+    cleared,
     count_attempt,
     move_done,
     move_quarantined,
@@ -39,6 +41,7 @@ from storage.landing import (
 )
 from storage.locks import LockLost, ensure_flow_lock
 from storage.readers import ReadLimits, UnreadableFile, read_landed_file
+from storage.readers.isolated import decode_alone
 from storage.store import Store
 from tasks.ingest import CheckFailed, SourceOutcome, quality_limits
 from tasks.ingest_check import (
@@ -85,7 +88,8 @@ TASK_FILES = 64
 # A file up to this size is read once, for its hash and its decoding; a larger one is hashed
 # streaming and its reader reads it again from disk.
 KEEP_BYTES = 64 * 1024 * 1024
-# A file that this many runs died while decoding is quarantined unopened.
+# A file that this many runs died while decoding is decoded alone, in a process of its own,
+# before a run opens it again (see storage/readers/isolated.py).
 MAX_ATTEMPTS = 3
 _STANDARD_COLUMNS = frozenset(("metric", "labels", "ts", "value"))
 
@@ -269,11 +273,8 @@ def _take_up(settings: Settings, paths: list[Path]) -> list[_Landed]:
             if path.is_symlink():
                 landed.quarantine = ("symlink", "a symbolic link: not followed, not read")
             elif attempts(path) >= MAX_ATTEMPTS:
-                landed.quarantine = (
-                    "repeated_failure",
-                    f"{attempts(path)} runs died while decoding this file",
-                )
-            else:
+                landed.quarantine = _poison(settings, path)
+            if landed.quarantine is None:
                 landed.digest, landed.decoded = _hash_file(path)
         except FileNotFoundError:
             continue  # moved by an earlier attempt of this task, after its write committed
@@ -281,6 +282,25 @@ def _take_up(settings: Settings, paths: list[Path]) -> list[_Landed]:
             landed.quarantine = ("unreadable_file", _first_line(exc))
         files.append(landed)
     return files
+
+
+def _poison(settings: Settings, path: Path) -> tuple[str, str] | None:
+    """A file that runs keep dying while decoding: the reason to quarantine it, or None when a
+    process decoding it alone survives (the runs were killed by something else while it was in
+    hand; it is decoded as usual, its count started again). A file cleared so once that runs
+    die on again is quarantined unopened."""
+    died = f"{attempts(path)} runs died while decoding this file"
+    if cleared(path):
+        return ("repeated_failure", f"{died} after a separate process had decoded it")
+    ended = decode_alone(
+        path,
+        precision=settings.line_protocol_precision,
+        limits=ReadLimits.from_settings(settings),
+    )
+    if ended is not None:
+        return ("repeated_failure", f"{died}, and {ended}")
+    clear_attempts(path)
+    return None
 
 
 def _committed(settings: Settings, digests: list[str]) -> dict[str, int]:

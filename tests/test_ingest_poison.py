@@ -4,7 +4,12 @@ lands the rest of its group; links are never followed; runs that died on a file 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import tasks.ingest_files
 from flows.ingest import ingest
 from metricmill.cli import app
 from metricmill.settings import load_settings
-from storage.landing import claim_files, count_attempt
+from storage.landing import attempts, claim_files, clear_attempts, count_attempt
 from storage.store import Store
 from tests.settings_env import isolate_settings
 
@@ -47,6 +52,10 @@ def hosts(home: Path) -> list[str]:
 
 def reason_of(home: Path, name: str) -> str:
     return (home / "quarantine" / f"{name}.reason").read_text(encoding="utf-8").split("\n")[0]
+
+
+def detail_of(home: Path, name: str) -> str:
+    return (home / "quarantine" / f"{name}.reason").read_text(encoding="utf-8")
 
 
 def run(home: Path) -> None:
@@ -114,23 +123,93 @@ def test_a_done_directory_that_is_a_link_stops_the_run_before_any_file_moves(
     assert (home / "landing" / "d.ndjson").exists()
 
 
-def test_a_file_runs_keep_dying_on_is_quarantined_after_three(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def died_three_times(landing: Path, name: str, *, cleared_before: bool = False) -> None:
+    """Leave `name` as three runs killed while decoding it leave it: claimed by a dead run, its
+    count at MAX_ATTEMPTS (after a clearance by a separate process, if `cleared_before`)."""
+    claim = claim_files(landing, settle_seconds=0)
+    path = next(p for p in claim.files if p.name == name)
+    if cleared_before:
+        clear_attempts(path)
+    for _ in range(tasks.ingest_files.MAX_ATTEMPTS):
+        count_attempt([path])
+    assert attempts(path) == tasks.ingest_files.MAX_ATTEMPTS
+    claim.release()
+
+
+class ChildKiller:
+    """Kills, with SIGKILL, every process decoding `name` alone (storage/readers/isolated.py):
+    a file that kills whatever decodes it, as the run's own decoder died three times."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.killed = name.encode(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    argv = (proc / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if any(b"storage.readers.isolated" in a for a in argv) and any(
+                    a.endswith(b"/" + self.name) for a in argv
+                ):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        self.killed += 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> ChildKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_file_that_kills_its_decoder_is_quarantined_after_three_deaths(home: Path) -> None:
     landing = home / "landing"
     good_file(landing / "killer.ndjson", "k")
     good_file(landing / "e.ndjson", "e")
-    claim = claim_files(landing, settle_seconds=0)
-    killer = next(p for p in claim.files if p.name == "killer.ndjson")
-    for _ in range(
-        tasks.ingest_files.MAX_ATTEMPTS
-    ):  # as three runs killed while decoding it leave it
-        count_attempt([killer])
-    claim.release()  # the claim of a dead run, for the next run to adopt
+    died_three_times(landing, "killer.ndjson")
+
+    with ChildKiller("killer.ndjson") as killer:
+        run(home)
+
+    assert killer.killed == 1
+    assert reason_of(home, "killer.ndjson") == "repeated_failure"
+    assert "killed by SIGKILL" in detail_of(home, "killer.ndjson")
+    assert hosts(home) == ["e"]
+
+
+def test_a_file_runs_were_killed_on_by_chance_is_decoded_alone_and_lands(home: Path) -> None:
+    landing = home / "landing"
+    good_file(landing / "innocent.ndjson", "i")
+    good_file(landing / "e.ndjson", "e")
+    died_three_times(landing, "innocent.ndjson")
 
     run(home)
 
-    assert reason_of(home, "killer.ndjson") == "repeated_failure"
+    assert hosts(home) == ["e", "i"]
+    assert not (home / "quarantine").exists() or not list((home / "quarantine").iterdir())
+
+
+def test_a_cleared_file_runs_die_on_again_is_quarantined_unopened(home: Path) -> None:
+    landing = home / "landing"
+    good_file(landing / "again.ndjson", "a")
+    good_file(landing / "e.ndjson", "e")
+    died_three_times(landing, "again.ndjson", cleared_before=True)
+
+    with ChildKiller("again.ndjson") as killer:
+        run(home)
+
+    assert killer.killed == 0  # not decoded alone a second time
+    assert reason_of(home, "again.ndjson") == "repeated_failure"
+    assert "after a separate process had decoded it" in detail_of(home, "again.ndjson")
     assert hosts(home) == ["e"]
 
 
