@@ -104,16 +104,26 @@ def _parallel(runs: int) -> dict[str, str]:
     return {"METRICMILL_INGEST_MAX_PARALLEL_RUNS": str(runs)}
 
 
+class Databases:
+    """Fresh databases on the cluster, dropped when the test ends."""
+
+    def __init__(self, cluster: PgCluster) -> None:
+        self.cluster, self.names = cluster, []
+
+    def new(self) -> str:
+        name = f"par_{uuid.uuid4().hex[:10]}"
+        self.cluster.create_database(name)
+        self.names.append(name)
+        return self.cluster.url(name)
+
+
 @pytest.fixture
-def databases(pg_cluster: PgCluster) -> Iterator[list[str]]:
-    """Two fresh databases: the sequential run's and the parallel runs'."""
-    names = [f"par_{uuid.uuid4().hex[:10]}" for _ in range(2)]
-    for name in names:
-        pg_cluster.create_database(name)
+def databases(pg_cluster: PgCluster) -> Iterator[Databases]:
+    made = Databases(pg_cluster)
     try:
-        yield [pg_cluster.url(name) for name in names]
+        yield made
     finally:
-        for name in names:
+        for name in made.names:
             pg_cluster.drop_database(name)
 
 
@@ -157,45 +167,64 @@ def _tables(url: str) -> dict[str, Any]:
         }
 
 
-@pytest.mark.timeout(600)
+# Forked runs reach their first claim up to seconds apart (Prefect's API under four runs
+# starting at once; once, here, over a minute), and the first to claim may finish the 400
+# files before the others claim. Sharing is shown by the first of these attempts in which at
+# least two runs took files; every attempt must end with the sequential run's tables.
+SHARING_ATTEMPTS = 3
+
+
+@pytest.mark.timeout(900)
 def test_four_parallel_runs_end_with_the_tables_of_one_sequential_run(
-    children: ForkedRuns, databases: list[str], tmp_path: Path
+    children: ForkedRuns, databases: Databases, tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("METRICMILL_PARALLEL_SEED") or time.time_ns() % 2**32)
     files = _landing_files(seed)
-    sequential_url, parallel_url = databases
-    one, many = tmp_path / "one", tmp_path / "many"
+    one = tmp_path / "one"
     _land(one / "landing", files)
-    _land(many / "landing", files)
-
+    sequential_url = databases.new()
     [sequential] = children.run_all(one, sequential_url, count=1, env=_parallel(1))
-    started = time.monotonic()
-    results = children.run_all(many, parallel_url, count=RUNS, env=_parallel(RUNS))
-    took = time.monotonic() - started
-
-    # No run skipped: each held a slot of the ingest lock; between them they reported every
-    # file once, and at least two of them took files (they worked side by side).
-    assert all(r is not None for r in results), "a run skipped: it found no free slot"
-    reported = Counter(row["source"] for rows in results for row in rows)
-    assert reported == Counter(row["source"] for row in sequential), f"seed {seed}"
-    assert set(reported.values()) == {1}, f"seed {seed}"
-    shares = [len(rows) for rows in results]
-    assert sum(share > 0 for share in shares) >= 2, shares
-    replays = sum(row["replay"] for rows in results for row in rows)
-    assert replays == sum(row["replay"] for row in sequential) > 0
-
-    expected, got = _tables(sequential_url), _tables(parallel_url)
+    expected = _tables(sequential_url)
     assert expected["samples"], "the sequential run stored nothing"
     assert expected["quarantine"], "the files' rejected rows were not quarantined"
     assert expected["spans_match_samples"] == []
-    for table in expected:
-        assert got[table] == expected[table], f"{table} differs (seed {seed})"
-    for home in (one, many):
-        landing = home / "landing"
-        assert sorted(p.name for p in landing.iterdir()) == ["done", "processing"]
-        assert [p for p in (landing / "processing").iterdir() if p.name != ".lock"] == []
-        assert len(list((landing / "done").iterdir())) == FILES
-    print(f"seed {seed}: {RUNS} runs took {shares} files in {took:.1f}s")
+    _assert_settled(one)
+
+    all_shares: list[list[int]] = []
+    for attempt in range(SHARING_ATTEMPTS):
+        many, parallel_url = tmp_path / f"many-{attempt}", databases.new()
+        _land(many / "landing", files)
+        started = time.monotonic()
+        results = children.run_all(many, parallel_url, count=RUNS, env=_parallel(RUNS))
+        took = time.monotonic() - started
+
+        # No run skipped: each held a slot of the ingest lock; between them they reported
+        # every file once.
+        assert all(r is not None for r in results), "a run skipped: it found no free slot"
+        reported = Counter(row["source"] for rows in results for row in rows)
+        assert reported == Counter(row["source"] for row in sequential), f"seed {seed}"
+        assert set(reported.values()) == {1}, f"seed {seed}"
+        replays = sum(row["replay"] for rows in results for row in rows)
+        assert replays == sum(row["replay"] for row in sequential) > 0
+        got = _tables(parallel_url)
+        for table in expected:
+            assert got[table] == expected[table], f"{table} differs (seed {seed})"
+        _assert_settled(many)
+        shares = [len(rows) for rows in results]
+        all_shares.append(shares)
+        print(f"seed {seed}: {RUNS} runs took {shares} files in {took:.1f}s")
+        if sum(share > 0 for share in shares) >= 2:  # they worked side by side
+            break
+    assert sum(share > 0 for share in all_shares[-1]) >= 2, (
+        f"one run took every file in each of {SHARING_ATTEMPTS} attempts: {all_shares}"
+    )
+
+
+def _assert_settled(home: Path) -> None:
+    landing = home / "landing"
+    assert sorted(p.name for p in landing.iterdir()) == ["done", "processing"]
+    assert [p for p in (landing / "processing").iterdir() if p.name != ".lock"] == []
+    assert len(list((landing / "done").iterdir())) == FILES
 
 
 def test_a_slot_per_run_and_the_next_run_skips(
