@@ -80,11 +80,33 @@ class BaselineTable:
         run_has = self.series_ids[run_pos] == series_id[starts]
         return np.repeat(run_pos, run_len), np.repeat(run_has, run_len)
 
-    def calibration_of(self, pos: np.ndarray) -> dict[str, np.ndarray]:
-        """The calibration columns per point, from positions()."""
+    def per_series(self, name: str) -> np.ndarray:
+        """One calibration column, per series of the table."""
+        return self.calibration[CALIBRATION_COLUMNS.index(name)]
+
+    def per_point(self, name: str, pos: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """One calibration column per point, from positions() (NaN without any series);
+        written into `out` when given."""
         if not len(self.series_ids):
-            return {c: np.full(len(pos), np.nan) for c in CALIBRATION_COLUMNS}
-        return {c: self.calibration[i].take(pos) for i, c in enumerate(CALIBRATION_COLUMNS)}
+            nan = np.full(len(pos), np.nan)
+            if out is None:
+                return nan
+            out[:] = nan
+            return out
+        # mode="clip": positions() gives valid rows, and "raise" would buffer `out`.
+        return self.per_series(name).take(pos, out=out, mode="clip")
+
+    def sided(self, prefix: str, pos: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(u, beta) per point of the `prefix` ("tail" or "run") tail on each point's side
+        (`up`: the up side): one gather each from the two sides laid side by side."""
+        if not len(self.series_ids):
+            return np.full(len(pos), np.nan), np.full(len(pos), np.nan)
+        pair = pos * 2 + up
+        u = np.stack([self.per_series(f"{prefix}_down_u"), self.per_series(f"{prefix}_up_u")], 1)
+        beta = np.stack(
+            [self.per_series(f"{prefix}_down_beta"), self.per_series(f"{prefix}_up_beta")], 1
+        )
+        return u.ravel().take(pair), beta.ravel().take(pair)
 
     def lookup(
         self,

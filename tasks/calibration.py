@@ -62,16 +62,21 @@ SUSTAINED_POINTS = 6
 RUN_POINTS = 6  # the run score: the mean residual of a point and the 5 before it
 
 
-def score_of(level: np.ndarray) -> np.ndarray:
+def score_of(level: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """-log10 p mapped to [0, 1): monotone, no clip. Up to L_KNEE, 1 - exp(-L / L_SCALE); past
     it the distance to 1 shrinks as 1 / L instead, so that float64 keeps points thousands of
     decades out apart (the exponential would round every L above ~107 to exactly 1.0, and a
-    burst could not outrank a counter's everyday 1, nor clear a threshold of 1.0)."""
-    level = np.maximum(level, 0.0)
-    out = -np.expm1(-level / L_SCALE)
-    far = np.flatnonzero(level > L_KNEE)  # few rows: the common ones take the fast path
+    burst could not outrank a counter's everyday 1, nor clear a threshold of 1.0).
+
+    Computed in `out` when given (as long as `level`, which it may not share memory with)."""
+    out = np.maximum(level, 0.0, out=out)
+    far = np.flatnonzero(out > L_KNEE)  # few rows: the common ones take the fast path
+    far_level = out[far]
+    np.divide(out, -L_SCALE, out=out)
+    np.expm1(out, out=out)
+    np.negative(out, out=out)
     if len(far):
-        out[far] = 1.0 - _GAP_KNEE * L_KNEE / level[far]
+        out[far] = 1.0 - _GAP_KNEE * L_KNEE / far_level
     return out
 
 

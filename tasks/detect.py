@@ -181,8 +181,8 @@ def _score_part(
 class _Residuals:
     """One part's points against their baselines: per point its series code within the part,
     the baseline's expected value, scale and level (`has`: the series has one), the series'
-    calibration columns, whether the point is an outage, the agile offset and the residual
-    (in scales, less the offset); `where` is the table positions of the points."""
+    table, whether the point is an outage, the agile offset and the residual (in scales, less
+    the offset); `where` is the table positions of the points."""
 
     sid: np.ndarray
     ts: np.ndarray
@@ -193,7 +193,7 @@ class _Residuals:
     expected: np.ndarray
     scale: np.ndarray
     level: np.ndarray
-    calib: dict[str, np.ndarray]
+    table: BaselineTable
     outage: np.ndarray
     offset: np.ndarray
     residual: np.ndarray
@@ -207,37 +207,27 @@ def _residuals(points: pd.DataFrame, table: BaselineTable) -> _Residuals:
     value = points["value"].to_numpy(np.float64)
     where = table.positions(sid)
     has, expected, scale, level = table.lookup(sid, ts, positions=where)
-    calib = table.calibration_of(where[0])
     first = np.r_[True, sid[1:] != sid[:-1]]
     code = np.cumsum(first) - 1
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         raw = (value - expected) / scale
-        floor = calib["outage_floor"]
-        outage = has & (value <= floor)
+        outage = has & (value <= table.per_point("outage_floor", where[0]))
         offset = cal.agile_offset(code, ts, raw, int(code[-1]) + 1, use=has & ~outage)
         residual = raw - offset
     return _Residuals(
-        sid, ts, value, code, where, has, expected, scale, level, calib, outage, offset, residual
+        sid, ts, value, code, where, has, expected, scale, level, table, outage, offset, residual
     )
 
 
 def _stat_level(r: _Residuals) -> np.ndarray:
     """L = -log10 p of each residual under its side's tail, raised to that of the run of
     residuals it ends when the run is on the same side; 0 without a baseline."""
-    calib, residual = r.calib, r.residual
-    up_u, up_beta = calib["tail_up_u"], calib["tail_up_beta"]
-    down_u, down_beta = calib["tail_down_u"], calib["tail_down_beta"]
+    residual, pos = r.residual, r.where[0]
     upward = residual >= 0
-    stat_level = cal.tail_level(
-        np.abs(residual), np.where(upward, up_u, down_u), np.where(upward, up_beta, down_beta)
-    )
+    stat_level = cal.tail_level(np.abs(residual), *r.table.sided("tail", pos, upward))
     run = cal.rolling_mean(r.code, np.where(r.has & ~r.outage, residual, 0.0), cal.RUN_POINTS)
     run_up = run >= 0
-    run_level = cal.tail_level(
-        np.abs(run),
-        np.where(run_up, calib["run_up_u"], calib["run_down_u"]),
-        np.where(run_up, calib["run_up_beta"], calib["run_down_beta"]),
-    )
+    run_level = cal.tail_level(np.abs(run), *r.table.sided("run", pos, run_up))
     # The run counts on the point's own side only: a dip right after a long rise is a dip.
     stat_level = np.fmax(stat_level, np.where(run_up == upward, run_level, 0.0))
     stat_level[~r.has] = 0.0
@@ -289,15 +279,15 @@ def _score_rows(
     sel: slice | np.ndarray = slice(None) if len(out_rows) == len(r.sid) else out_rows
     n = len(out_rows)
     put = {name: column[at : at + n] for name, column in out.items()}
-    calib = r.calib
+    o_pos = r.where[0][sel]
     o_res = r.residual[sel]
     o_scale = r.scale[sel]
     o_expected = put["expected"]
     np.multiply(r.offset[sel], o_scale, out=o_expected)
     o_expected += r.expected[sel]
-    thr_both = calib["threshold_both"][sel]
+    thr_both = table.per_point("threshold_both", o_pos, out=put["threshold_both"])
     stat_score = put["stat_score"]
-    stat_score[:] = cal.score_of(stat_level[sel])
+    cal.score_of(stat_level[sel], out=stat_score)
     score = put["score"]
     score[:] = stat_score
     if len(gated):  # only rows the model lifted differ from the statistics alone
@@ -310,24 +300,23 @@ def _score_rows(
     np.sign(o_res, out=sign)
     high = score >= np.fmax(thr_both, _THRESHOLD_FLOOR)
     shifted = cal.sustained(r.code[sel], np.where(high, sign, 0.0))
-    put["kind"][:] = np.where(
-        o_outage, cal.KIND_OUTAGE, np.where(shifted, cal.KIND_SHIFT, cal.KIND_POINT)
-    )
+    kind = put["kind"]
+    kind.fill(cal.KIND_POINT)
+    kind[shifted] = cal.KIND_SHIFT
+    kind[o_outage] = cal.KIND_OUTAGE
     # The band: where the series' effective thresholds (at least the default rule's) lie;
     # computed once per series of the table, then spread over the rows.
     if n:
-        o_pos = r.where[0][sel]
         np.multiply(_reach(table, "down").take(o_pos), o_scale, out=put["lower"])
         np.subtract(o_expected, put["lower"], out=put["lower"])
         np.multiply(_reach(table, "up").take(o_pos), o_scale, out=put["upper"])
         put["upper"] += o_expected
     put["model_score"][:] = model[sel]
-    put["baseline_level"][:] = r.level[sel]
     put["outage"][:] = o_outage
-    put["alert_budget"][:] = calib["alert_budget"][sel]
-    put["threshold_both"][:] = thr_both
-    put["threshold_up"][:] = calib["threshold_up"][sel]
-    put["threshold_down"][:] = calib["threshold_down"][sel]
+    if n:  # rows only where the table has series
+        table.level.take(o_pos, out=put["baseline_level"], mode="clip")
+        for name in ("alert_budget", "threshold_up", "threshold_down"):
+            table.per_point(name, o_pos, out=put[name])
 
 
 # -- loading what scoring needs ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import pickle
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,18 +152,51 @@ def pointwise_scores(model: BaseDetector, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.decision_function(x), dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class _Training:
+    """What pointwise ECOD / COPOD scores need of a model's training rows, per feature: the
+    sorted column (a row of `ordered`, contiguous for searchsorted), its mean and the sums of
+    powers of the centred column."""
+
+    ordered: np.ndarray
+    centre: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    s3: np.ndarray
+
+
+# Per fitted model, computed once: a detect run scores its rows in parts, a backtest day by day.
+_TRAINING: weakref.WeakKeyDictionary[BaseDetector, _Training] = weakref.WeakKeyDictionary()
+
+
+def _training(model: ECOD | COPOD) -> _Training:
+    found = _TRAINING.get(model)
+    if found is None:
+        train = np.asarray(model.X_train, dtype=np.float64)
+        centre = train.mean(axis=0)
+        t = train - centre
+        found = _Training(
+            np.ascontiguousarray(np.sort(train, axis=0).T),
+            centre,
+            t.sum(axis=0),
+            (t**2).sum(axis=0),
+            (t**3).sum(axis=0),
+        )
+        _TRAINING[model] = found
+    return found
+
+
 def _ecdf_scores(model: ECOD | COPOD, x: np.ndarray, *, ecod: bool) -> np.ndarray:
-    train = np.asarray(model.X_train, dtype=np.float64)
-    n = len(train) + 1  # the training rows plus the scored row
-    ordered = np.sort(train, axis=0)
-    centre = train.mean(axis=0)
-    t = train - centre
-    s1, s2, s3 = t.sum(axis=0), (t**2).sum(axis=0), (t**3).sum(axis=0)
+    prepared = _training(model)
+    ordered, centre = prepared.ordered, prepared.centre
+    s1, s2, s3 = prepared.s1, prepared.s2, prepared.s3
+    n_train = ordered.shape[1]
+    n = n_train + 1  # the training rows plus the scored row
     total = np.zeros(len(x))
-    for j in range(train.shape[1]):  # a loop over the handful of features
+    for j in range(len(ordered)):  # a loop over the handful of features
         col = x[:, j]
-        below = np.searchsorted(ordered[:, j], col, side="right") + 1
-        above = len(train) - np.searchsorted(ordered[:, j], col, side="left") + 1
+        below = np.searchsorted(ordered[j], col, side="right") + 1
+        above = n_train - np.searchsorted(ordered[j], col, side="left") + 1
         u_l = -np.log(below / n)
         u_r = -np.log(above / n)
         # Sign of the (biased) skewness of the training column with this row added.
