@@ -99,7 +99,9 @@ def detect(
         if frames
         else empty_scores()
     ).reset_index(drop=True)
-    summary = process_scores(settings, scores, flow_run_url=flow_run_link())
+    per_series = pd.concat([r.per_series for r in results], ignore_index=True)
+    per_series = per_series.drop_duplicates("series_id").sort_values("series_id")
+    summary = process_scores(settings, scores, series=per_series, flow_run_url=flow_run_link())
     marks = pd.concat([r.marks for r in results], ignore_index=True)
     advanced = advance(settings, marks, [i for r in results for i in r.late_marks])
     report = {

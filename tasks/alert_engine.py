@@ -37,10 +37,17 @@ SCORE_COLUMNS = (
     "stat_score",
     "model_score",
     "score",
-    "baseline_level",
     "sign",
     "kind",
     "outage",
+)
+# What the rules need of each series rather than of each row (its baseline's level, and the
+# thresholds and budget set at its fit): a frame of these, one row per series, sorted by
+# series_id, goes with the scores (`series=`). A scores frame may instead carry them as
+# columns, per row (a backtest, whose baselines change day by day); those come first.
+SERIES_COLUMNS = (
+    "series_id",
+    "baseline_level",
     "alert_budget",
     "threshold_both",
     "threshold_up",
@@ -162,31 +169,54 @@ def _column(scores: pd.DataFrame, name: str, default: float = np.nan) -> np.ndar
     return np.full(len(scores), default)
 
 
+def _per_series(
+    scores: pd.DataFrame, series: pd.DataFrame | None, names: tuple[str, ...]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """For a rule worked out per series: (the row of each score in the returned arrays, one
+    array per name). From `series` (SERIES_COLUMNS, sorted by series_id) when the scores do
+    not carry the columns; otherwise the scores' own columns, one entry per row."""
+    if series is None or any(name in scores.columns for name in names):
+        return np.arange(len(scores)), [_column(scores, name) for name in names]
+    ids = series["series_id"].to_numpy(np.int64)
+    sid = scores["series_id"].to_numpy(np.int64)
+    at = np.searchsorted(ids, sid)
+    at_c = np.minimum(at, max(len(ids) - 1, 0))
+    found = (at < len(ids)) & (ids[at_c] == sid) if len(ids) else np.zeros(len(sid), bool)
+    # One extra entry, NaN, for scores of series the frame does not hold.
+    row = np.where(found, at_c, len(ids))
+    return row, [np.r_[_column(series, name), np.nan] for name in names]
+
+
 def _us(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))
 
 
-def effective_threshold(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
+def effective_threshold(
+    rule: AlertRule, scores: pd.DataFrame, series: pd.DataFrame | None = None
+) -> np.ndarray:
     """Per row: the rule's threshold, raised to the series' own (set from the alert budget at
     its baseline fit, for the rule's direction and budget)."""
     column = {"both": "threshold_both", "up": "threshold_up", "down": "threshold_down"}
-    own = _column(scores, column.get(rule.direction, "threshold_both"))
+    row, (own, budget) = _per_series(
+        scores, series, (column.get(rule.direction, "threshold_both"), "alert_budget")
+    )
     if rule.alert_budget_per_week is not None:
-        own = shift_for_budget(own, _column(scores, "alert_budget"), rule.alert_budget_per_week)
-    return np.fmax(own, rule.threshold)
+        own = shift_for_budget(own, budget, rule.alert_budget_per_week)
+    return np.fmax(own, rule.threshold).take(row)
 
 
-def high_mask(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
+def high_mask(
+    rule: AlertRule, scores: pd.DataFrame, series: pd.DataFrame | None = None
+) -> np.ndarray:
     """Rows whose score counts as high under the rule (NaN scores never do): at or above the
     effective threshold on the rule's side, or an outage (unless the rule only looks up)."""
     score = _column(scores, "score")
     value = _column(scores, "value")
     expected = _column(scores, "expected")
-    level = _column(scores, "baseline_level")
     sign = _column(scores, "sign", 0.0)
     outage = _column(scores, "outage", 0.0) > 0
     with np.errstate(invalid="ignore"):
-        high = score >= effective_threshold(rule, scores)
+        high = score >= effective_threshold(rule, scores, series)
         if rule.direction == "up":
             high &= (sign > 0) | ~np.isfinite(sign)
             outage[:] = False
@@ -196,7 +226,8 @@ def high_mask(rule: AlertRule, scores: pd.DataFrame) -> np.ndarray:
         if rule.min_abs_deviation > 0:
             high &= np.abs(value - expected) >= rule.min_abs_deviation
         if rule.min_baseline_level > 0:
-            high &= np.abs(level) >= rule.min_baseline_level
+            row, (level,) = _per_series(scores, series, ("baseline_level",))
+            high &= (np.abs(level) >= rule.min_baseline_level).take(row)
     return np.asarray(high, dtype=bool)
 
 
@@ -207,21 +238,25 @@ def _sorted(sid: np.ndarray, ts: np.ndarray) -> bool:
 
 
 def evaluate(
-    rule: AlertRule, scores: pd.DataFrame, state: pd.DataFrame | None = None
+    rule: AlertRule,
+    scores: pd.DataFrame,
+    state: pd.DataFrame | None = None,
+    series: pd.DataFrame | None = None,
 ) -> Evaluation:
-    """Run the rule over `scores` (sorted by series_id, ts_us), continuing from `state`."""
+    """Run the rule over `scores` (sorted by series_id, ts_us), continuing from `state`;
+    `series`: what the rule needs per series (SERIES_COLUMNS), unless the scores carry it."""
     _check_scores(scores)
     sid_in = scores["series_id"].to_numpy(dtype=np.int64)
     ts_in = scores["ts_us"].to_numpy(dtype=np.int64)
     if len(scores) > 1 and not _sorted(sid_in, ts_in):
         order = np.lexsort((ts_in, sid_in))
-        result = evaluate(rule, scores.iloc[order], state)
+        result = evaluate(rule, scores.iloc[order], state, series)
         flags, fresh = np.empty_like(result.flags), np.empty_like(result.fresh)
         flags[order], fresh[order] = result.flags, result.fresh
         return Evaluation(events=result.events, state=result.state, flags=flags, fresh=fresh)
     st = empty_state() if state is None or len(state) == 0 else state
     st = st.drop_duplicates("series_id", keep="last").sort_values("series_id")
-    frame, fresh = _machine_input(rule, scores, st)
+    frame, fresh = _machine_input(rule, scores, st, series)
 
     events, flags_all, end_state = _empty_events(), np.zeros(0, np.int8), None
     if len(frame.sid):
@@ -257,14 +292,14 @@ class _MachineInput:
 
 
 def _machine_input(
-    rule: AlertRule, scores: pd.DataFrame, st: pd.DataFrame
+    rule: AlertRule, scores: pd.DataFrame, st: pd.DataFrame, series: pd.DataFrame | None
 ) -> tuple[_MachineInput, np.ndarray]:
     """The machine's rows, and which input rows are fresh (past their series' carried last
     row: the rows at or before it were evaluated before and are skipped)."""
     n_in = len(scores)
     sid_in = scores["series_id"].to_numpy(dtype=np.int64)
     ts_in = scores["ts_us"].to_numpy(dtype=np.int64)
-    high_in = high_mask(rule, scores)
+    high_in = high_mask(rule, scores, series)
     with np.errstate(invalid="ignore"):
         crit_in = high_in & (_column(scores, "score") >= rule.critical_threshold)
     st_sid = st["series_id"].to_numpy(dtype=np.int64)
@@ -366,6 +401,7 @@ def late_events(
     fresh: np.ndarray,
     state: pd.DataFrame | None,
     known_spans: pd.DataFrame | None = None,
+    series: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Events for rows at or before their series' carried last row (`fresh` False: samples
     that landed late, overwrites): those rows run through the rule on their own, and each
@@ -382,7 +418,7 @@ def late_events(
         rows = rows[~rows["series_id"].isin(firing).to_numpy()]
     if not len(rows):
         return _empty_events()
-    events = evaluate(rule, rows).events
+    events = evaluate(rule, rows, series=series).events
     if not len(events):
         return events
     # An episode still firing at the series' last late row ends there.

@@ -346,16 +346,18 @@ def process_scores(
     settings: Settings,
     scores: pd.DataFrame,
     *,
+    series: pd.DataFrame | None = None,
     flow_run_url: str | None = None,
     now: datetime | None = None,
 ) -> AlertSummary:
-    """Apply every alert rule to `scores`; persist transitions, then notify and emit events."""
+    """Apply every alert rule to `scores` (with `series`: what the rules need per series,
+    tasks.alert_engine.SERIES_COLUMNS); persist transitions, then notify and emit events."""
     channels = load_channels(settings)  # a missing block fails here, before any change
     now_us = round((now or datetime.now(UTC)).timestamp() * 1_000_000)
     link = flow_run_url or flow_run_link()
     with Store.open(settings=settings) as store:
         rules = load_rules(settings, store)
-        summary = _evaluate_rules(store, rules, scores, now_us)
+        summary = _evaluate_rules(store, rules, scores, now_us, series)
         _notify(store, settings, summary, rules, channels, now_us, link)
         if len(summary.transitions):
             stored = store.alerts.for_fingerprints(summary.transitions["fingerprint"].tolist())
@@ -367,7 +369,11 @@ def process_scores(
 
 
 def _evaluate_rules(
-    store: Store, rules: Sequence[AlertRule], scores: pd.DataFrame, now_us: int
+    store: Store,
+    rules: Sequence[AlertRule],
+    scores: pd.DataFrame,
+    now_us: int,
+    series: pd.DataFrame | None = None,
 ) -> AlertSummary:
     """Evaluate the rules on the scores and commit every transition and the carried state in
     one transaction (`store.alerts.apply_rules`); the summary's transitions and counts."""
@@ -383,11 +389,11 @@ def _evaluate_rules(
             return None
         sub = scores[scores["series_id"].isin(matched)]
         state = store.alerts.load_state(rule.name, matched.tolist())
-        result = evaluate(rule, sub, state)
+        result = evaluate(rule, sub, state, series)
         rounds: tuple[TransitionRound, ...] = ()
         if not result.fresh.all():  # samples that landed behind the watermark
             spans = _alert_spans(store, rule, sub, now_us)
-            late = late_events(rule, sub, result.fresh, state, spans)
+            late = late_events(rule, sub, result.fresh, state, spans, series)
             if len(late):
                 rounds = _rounds(rule, late, meta)
                 parts.append(_tagged(rule, late))

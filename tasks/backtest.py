@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tasks.alert_engine import AlertRule, alert_flags
+from tasks.alert_engine import SERIES_COLUMNS, AlertRule, alert_flags
 from tasks.baseline import DAY_US, BaselineTable, LearnParams, fit_models, learn_baselines
 from tasks.detect import CONTEXT_US, empty_scores, score_points
 from tasks.detectors import FittedModel
@@ -86,7 +86,9 @@ def replay(
     h = _history(points, confirmed is not None, confirm_with)
     metric_of = pd.Series(metric, index=np.unique(h.sid))
     patterns = detectors or {"*": "ecod"}
+    # The rows carry what the rules need per series too: the baselines change day by day.
     columns = [c for c in empty_scores().columns if c not in ("series_id", "ts_us", "value")]
+    columns += SERIES_COLUMNS[1:]
     values = {c: np.full(len(h.points), np.nan) for c in columns}
     models: dict[str, FittedModel] = {}
     fitted_on: int | None = None
@@ -182,8 +184,15 @@ def _score_day(
     chunk = h.points.iloc[rows].assign(fresh=h.ts[rows] >= t0)
     scored = score_points(chunk, table, models, metric_of)
     target = rows[scored.rows]  # back to rows of `points`
+    series = scored.series
+    at = np.searchsorted(
+        series["series_id"].to_numpy(np.int64), scored.scores["series_id"].to_numpy(np.int64)
+    )  # every scored row's series is in the day's table
     for column, column_values in values.items():
-        column_values[target] = scored.scores[column].to_numpy(np.float64)
+        if column in scored.scores.columns:
+            column_values[target] = scored.scores[column].to_numpy(np.float64)
+        else:
+            column_values[target] = series[column].to_numpy(np.float64)[at]
 
 
 def _bucket_rows(

@@ -15,9 +15,10 @@ The score rule (documented in the README, "Anomaly detection"; tasks/calibration
 - score = 1 - exp(-L / L_SCALE): 0.7 at p = 1e-4, 0.9 at p ~ 2e-8, below 1 however far out
   (past L = 30 the gap to 1 shrinks as 1 / L: float64 never rounds a score to exactly 1).
 
-Each row also carries the series' effective thresholds (set at the baseline fit from the alert
-budget), its side (`sign`), whether it is an outage (a busy non-negative series at or below a
-tenth of its 1% quantile) and its kind (point, outage, level shift), for the alert rules.
+Each row also carries its side (`sign`), whether it is an outage (a busy non-negative series at
+or below a tenth of its 1% quantile) and its kind (point, outage, level shift), for the alert
+rules; what they need per series (the effective thresholds set at the baseline fit from the
+alert budget, the budget, the baseline's level) comes once per series, beside the rows.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from metricmill.settings import Settings
 from storage.schema import CALIBRATION_COLUMNS
 from storage.store import Store
 from tasks import calibration as cal
-from tasks.alert_engine import SCORE_COLUMNS
+from tasks.alert_engine import SCORE_COLUMNS, SERIES_COLUMNS
 from tasks.baseline import DAY_US, BaselineTable, fit_models
 from tasks.detectors import ROLLING_POINTS, FittedModel, detector_for
 
@@ -50,13 +51,23 @@ def empty_scores() -> pd.DataFrame:
     return frame.astype({"series_id": "int64", "ts_us": "int64"})
 
 
+def series_frame(table: BaselineTable) -> pd.DataFrame:
+    """What the alert rules need per series of the table (SERIES_COLUMNS), by series_id."""
+    columns: dict[str, np.ndarray] = {"series_id": table.series_ids.astype(np.int64)}
+    for name in SERIES_COLUMNS[1:]:
+        columns[name] = table.level if name == "baseline_level" else table.per_series(name)
+    return pd.DataFrame(columns)
+
+
 @dataclass
 class Scored:
-    """Scores of the fresh points, and the fresh series that have no baseline yet."""
+    """Scores of the fresh points, what the alert rules need per series (`series`:
+    SERIES_COLUMNS), and the fresh series that have no baseline yet."""
 
     scores: pd.DataFrame
     no_baseline: np.ndarray
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # into points
+    series: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SERIES_COLUMNS))
 
 
 def _shape_features(
@@ -120,7 +131,7 @@ def score_points(
     """
     sid = points["series_id"].to_numpy(np.int64)
     if points.empty:
-        return Scored(empty_scores(), np.empty(0, dtype=np.int64))
+        return Scored(empty_scores(), np.empty(0, dtype=np.int64), series=series_frame(table))
     starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
     cuts = [0]
     for start in starts[np.searchsorted(starts, np.arange(CHUNK_ROWS, len(sid), CHUNK_ROWS))]:
@@ -148,6 +159,7 @@ def score_points(
         pd.DataFrame(columns, copy=False),  # no consolidation copy of a few million rows
         np.unique(np.concatenate(no_baseline)),
         scored,
+        series_frame(table),
     )
 
 
@@ -272,8 +284,8 @@ def _score_rows(
     out: dict[str, np.ndarray],
     at: int,
 ) -> None:
-    """The output rows (SCORE_COLUMNS: scores, kind, sign, the band and the thresholds),
-    written into `out` from row `at`."""
+    """The output rows (SCORE_COLUMNS: scores, kind, sign and the band), written into `out`
+    from row `at`."""
     # The output rows: a plain view when every row is one (a backtest day, a benchmark), a
     # gather otherwise; a few million rows make each avoidable gather count.
     sel: slice | np.ndarray = slice(None) if len(out_rows) == len(r.sid) else out_rows
@@ -285,7 +297,7 @@ def _score_rows(
     o_expected = put["expected"]
     np.multiply(r.offset[sel], o_scale, out=o_expected)
     o_expected += r.expected[sel]
-    thr_both = table.per_point("threshold_both", o_pos, out=put["threshold_both"])
+    thr_both = table.per_point("threshold_both", o_pos)
     stat_score = put["stat_score"]
     cal.score_of(stat_level[sel], out=stat_score)
     score = put["score"]
@@ -313,10 +325,6 @@ def _score_rows(
         put["upper"] += o_expected
     put["model_score"][:] = model[sel]
     put["outage"][:] = o_outage
-    if n:  # rows only where the table has series
-        table.level.take(o_pos, out=put["baseline_level"], mode="clip")
-        for name in ("alert_budget", "threshold_up", "threshold_down"):
-            table.per_point(name, o_pos, out=put[name])
 
 
 # -- loading what scoring needs ------------------------------------------------------------------
@@ -377,6 +385,7 @@ class ShardResult:
     """One shard's scores, the watermarks to advance once alerts are stored, and notes."""
 
     scores: pd.DataFrame
+    per_series: pd.DataFrame  # what the alert rules need per series (SERIES_COLUMNS)
     marks: pd.DataFrame
     late_marks: list[int] = field(default_factory=list)  # detect_late ids read: cleared after
     no_baseline: list[int] = field(default_factory=list)
@@ -415,6 +424,7 @@ def score_shard(
     marks = fresh.groupby("series_id", sort=True)["ts_us"].max().reset_index()
     return ShardResult(
         scores=scored.scores,
+        per_series=scored.series,
         marks=marks,
         late_marks=late["id"].tolist(),
         no_baseline=[int(i) for i in scored.no_baseline],

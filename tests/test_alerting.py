@@ -12,7 +12,7 @@ import pytest
 from metricmill.settings import load_settings
 from storage import alerts as db
 from storage.store import Store
-from tasks.alert_engine import high_mask
+from tasks.alert_engine import evaluate, high_mask
 from tasks.alerting import (
     AlertRule,
     alert_flags,
@@ -142,6 +142,44 @@ def test_small_deviations_low_baselines_and_missing_scores_never_count_as_high()
     quiet = AlertRule(for_seconds=0, min_abs_deviation=9.5)  # |value - expected| is 9
     events, _ = alert_timeline(quiet, frame)
     assert events.empty
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_what_a_rule_needs_per_series_may_come_beside_the_rows(seed: int) -> None:
+    """The detect flow hands thresholds, budget and level once per series (SERIES_COLUMNS);
+    the engine must decide exactly as with the same values repeated on every row, and a
+    series the frame lacks gets the rule's own threshold."""
+    rng = np.random.default_rng(seed)
+    frame = scores_frame({sid: list(rng.random(60)) for sid in range(1, 7)})
+    per_series = pd.DataFrame(
+        {
+            "series_id": np.arange(1, 6),  # series 6 has none
+            "baseline_level": rng.choice([0.5, 5.0], 5),
+            "alert_budget": rng.choice([0.5, 2.0], 5),
+            "threshold_both": rng.uniform(0.5, 0.95, 5),
+            "threshold_up": rng.uniform(0.5, 0.95, 5),
+            "threshold_down": rng.uniform(0.5, 0.95, 5),
+        }
+    )
+    frame = frame.drop(columns="baseline_level")
+    frame["sign"] = rng.choice([-1.0, 1.0], len(frame))
+    per_row = frame.merge(per_series, on="series_id", how="left")
+    for rule in (
+        AlertRule(for_seconds=60, keep_firing_for_seconds=120, threshold=0.6),
+        AlertRule(for_seconds=0, direction="up", alert_budget_per_week=1.0),
+        AlertRule(for_seconds=0, direction="down", min_baseline_level=1.0),
+    ):
+        beside = evaluate(rule, frame, series=per_series)
+        repeated = evaluate(rule, per_row)
+        assert high_mask(rule, frame, per_series).tolist() == high_mask(rule, per_row).tolist()
+        assert beside.flags.tolist() == repeated.flags.tolist()
+        pd.testing.assert_frame_equal(beside.events, repeated.events)
+        pd.testing.assert_frame_equal(beside.state, repeated.state)
+    # Thresholds high enough to silence series 1 to 5; series 6 keeps the rule's 0.6.
+    silent = per_series.assign(threshold_both=1.5)  # above any score
+    flags = evaluate(AlertRule(for_seconds=0, threshold=0.6), frame, series=silent).flags
+    alerting = set(frame.loc[flags == 1, "series_id"])
+    assert alerting == {6}
 
 
 @pytest.mark.parametrize("seed", range(6))

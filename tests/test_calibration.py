@@ -69,9 +69,9 @@ def _score_day(hist: pd.DataFrame, day: pd.DataFrame) -> pd.DataFrame:
     metric_of = pd.Series("m", index=[1])
     models = fit_models(buckets, learned.baselines, metric_of, {"*": "ecod"}, max_rows=5000)
     points = day.assign(fresh=day["ts_us"] >= T0 + 7 * DAY_US)
-    return score_points(
-        points, BaselineTable.from_frame(learned.baselines), models, metric_of
-    ).scores
+    scored = score_points(points, BaselineTable.from_frame(learned.baselines), models, metric_of)
+    # What the rules need per series, on every row (as a backtest's rows carry it).
+    return scored.scores.merge(scored.series, on="series_id", how="left")
 
 
 def test_a_level_shift_alerts_once_says_so_and_is_quiet_within_six_hours() -> None:

@@ -19,7 +19,7 @@ from storage import detection
 from storage.store import Store
 from tasks.backtest import buckets_of
 from tasks.baseline import DAY_US, BaselineTable, fit_models, learn_baselines
-from tasks.detect import SCORE_COLUMNS, score_points
+from tasks.detect import SCORE_COLUMNS, SERIES_COLUMNS, score_points
 from tasks.detectors import fit_model, pointwise_scores
 from tests.dbtargets import DbTarget
 from tests.settings_env import isolate_settings
@@ -86,7 +86,11 @@ def test_score_frame_contract_and_scores() -> None:
     normal = frame.drop(spike.index)
     assert (normal["score"] < 0.7).all()
     assert normal["model_score"].isna().mean() > 0.9  # the model only looks past the band
-    assert frame["baseline_level"].between(190, 210).all()
+    per_series = scored.series
+    assert list(per_series.columns) == list(SERIES_COLUMNS)
+    assert per_series["series_id"].tolist() == [1, 2, 3]  # the table's, not young 9
+    assert per_series["baseline_level"].between(190, 210).all()
+    assert per_series["threshold_both"].notna().all()
 
 
 # -- the flow ------------------------------------------------------------------------------------
