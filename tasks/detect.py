@@ -66,8 +66,8 @@ class Scored:
 
     scores: pd.DataFrame
     no_baseline: np.ndarray
+    series: pd.DataFrame
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # into points
-    series: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SERIES_COLUMNS))
 
 
 def _shape_features(
@@ -131,7 +131,7 @@ def score_points(
     """
     sid = points["series_id"].to_numpy(np.int64)
     if points.empty:
-        return Scored(empty_scores(), np.empty(0, dtype=np.int64), series=series_frame(table))
+        return Scored(empty_scores(), np.empty(0, dtype=np.int64), series_frame(table))
     starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
     cuts = [0]
     for start in starts[np.searchsorted(starts, np.arange(CHUNK_ROWS, len(sid), CHUNK_ROWS))]:
@@ -158,8 +158,8 @@ def score_points(
     return Scored(
         pd.DataFrame(columns, copy=False),  # no consolidation copy of a few million rows
         np.unique(np.concatenate(no_baseline)),
-        scored,
         series_frame(table),
+        scored,
     )
 
 
