@@ -55,6 +55,7 @@ from tasks.quality import rejected_rows
 from tasks.write_order import (
     TRANSIENT_ERRORS,
     EarlierGroupFailed,
+    check_turnstile,
     turnstile,
     with_database_retries,
 )
@@ -344,16 +345,20 @@ def _decode(settings: Settings, landed: _Landed, labels_memo: dict[Any, Any]) ->
 
 
 def _write_in_order(
-    settings: Settings, units: list[list[_Landed]], *, order_key: str | None, turn: int
+    settings: Settings,
+    units: list[list[_Landed]],
+    checks: list[Together | CheckFailed],
+    *,
+    order_key: str | None,
+    turn: int,
 ) -> None:
-    """Write the units when this group's turn comes, riding out database restarts. A unit of
-    several files that fails for a reason of its own is written file by file, and a file that
-    fails alone is quarantined (`write_failed`): the files behind it still land."""
+    """Write the units (with their checks) when this group's turn comes, riding out database
+    restarts. A unit of several files that fails for a reason of its own is written file by
+    file, and a file that fails alone is quarantined (`write_failed`): the files behind it
+    still land."""
     gate = turnstile(order_key)
     written = False
     try:
-        # The checks need no turn: run while an earlier group writes, only the writes wait.
-        checks = [_checked(settings, unit) for unit in units]
         if not gate.wait(turn):
             raise EarlierGroupFailed(
                 "an earlier group of this run was not written; these files wait in "
@@ -411,6 +416,22 @@ def _set_aside(settings: Settings, landed: _Landed, exc: BaseException) -> None:
         store.record_failures([(landed.digest, landed.outcome.source, error)])
 
 
+def _units(
+    files: list[_Landed], together: list[_Landed], alone: list[_Landed]
+) -> list[list[_Landed]]:
+    """Units in landing order: the files read together share one, files with other columns
+    are written alone, in their place."""
+    shareable = {id(f) for f in together}
+    isolated = {id(f) for f in alone}
+    units: list[list[_Landed]] = []
+    for landed in files:
+        if id(landed) in shareable and units and id(units[-1][0]) in shareable:
+            units[-1].append(landed)
+        elif id(landed) in shareable or id(landed) in isolated:
+            units.append([landed])
+    return units
+
+
 @task
 def ingest_files(
     settings: Settings, paths: list[Path], order_key: str | None = None, turn: int = 0
@@ -423,6 +444,10 @@ def ingest_files(
     retried later could no longer keep its turn."""
     started = time.perf_counter()
     files: list[_Landed] = []
+    # One group of the run reads and checks at a time, in landing order, while the group before
+    # it writes (tasks.write_order); the wait's answer only orders the work.
+    checking = check_turnstile(order_key)
+    checking.wait(turn)
     try:
         files = _take_up(settings, paths)
         committed = with_database_retries(
@@ -451,20 +476,15 @@ def ingest_files(
                 together.append(landed)
             else:
                 alone.append(landed)  # other columns travel with their rows to quarantine
+        begun = time.perf_counter()
+        units = _units(files, together, alone)
+        checks = [_checked(settings, unit) for unit in units]
     except BaseException:
         turnstile(order_key).finish(turn, False)
         raise
-    begun = time.perf_counter()
-    # Units in landing order: files with other columns are written alone, in their place.
-    shareable = {id(f) for f in together}
-    isolated = {id(f) for f in alone}
-    units: list[list[_Landed]] = []
-    for landed in files:
-        if id(landed) in shareable and units and id(units[-1][0]) in shareable:
-            units[-1].append(landed)
-        elif id(landed) in shareable or id(landed) in isolated:
-            units.append([landed])
-    _write_in_order(settings, units, order_key=order_key, turn=turn)
+    finally:
+        checking.finish(turn, True)
+    _write_in_order(settings, units, checks, order_key=order_key, turn=turn)
     shared = time.perf_counter() - begun
     rows = sum(f.outcome.rows_in for f in together + alone) or 1
     for landed in together + alone:
