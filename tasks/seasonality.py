@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage.detection import BASELINE_SEASONS
 from tasks.grouping import group_quantiles
 
 HOUR_US = 3_600_000_000
 DAY_US = 86_400_000_000
-SEASONS = ("none", "day", "week", "weekpart")
+SEASONS = BASELINE_SEASONS  # ("none", "day", "week", "weekpart"): as the baselines table holds them
 SLOTS = (1, 24, 168, 48)
 MAX_SLOTS = 168
 MAD_TO_SIGMA = 1.4826

@@ -112,9 +112,9 @@ class PostgresBackend(Backend):
         """The result as one COPY BINARY row holding an array per column, read into numpy:
         COPY sends a message per row, so one row keeps Python out of the per-value work (and
         no server-side sort: the order is restored here). Every column is cast to an 8-byte
-        type (int8, float8, or timestamptz, whose binary form is µs from 2000). A NULL
-        breaks the fixed element layout, and an array past PostgreSQL's 1 GB value limit
-        cannot be built: then the text path.
+        type (int8, float8, or timestamptz, whose binary form is µs from 2000); a NULL float
+        is read as NaN. A NULL int or time breaks the fixed element layout, and an array past
+        PostgreSQL's 1 GB value limit cannot be built: then the text path.
 
         `by_key` turns sequential scans off for this statement. Rows arrive in time order, so
         a series' rows are spread over the whole table, and once the table is analysed the
@@ -123,7 +123,11 @@ class PostgresBackend(Backend):
         series took 387 s where 10,000 took 23 s). The lookups cost what the chunk holds."""
         casts = {"int": "int8", "float": "float8", "ts": "timestamptz"}
         inner = ", ".join(
-            f"({expr})::{casts[kind]} AS c{i}" for i, (_, expr, kind) in enumerate(columns)
+            # a NULL float is read as NaN, as the text path reads it, and keeps this path
+            f"COALESCE(({expr})::float8, 'NaN'::float8) AS c{i}"
+            if kind == "float"
+            else f"({expr})::{casts[kind]} AS c{i}"
+            for i, (_, expr, kind) in enumerate(columns)
         )
         arrays = ", ".join(f"array_agg(c{i})" for i in range(len(columns)))
         statement = (
