@@ -1,7 +1,7 @@
 """How cost grows: ingest, rollup, a 30-day query, baseline and detect at several sizes.
 
     uv run python benchmarks/scale.py [--sizes 1000x1000,10000x1000,100000x500]
-                                      [--pg-url URL] [--batch-rows 250000]
+                                      [--pg-url URL] [--batch-rows 250000] [--repeat 3]
 
 Each size is SERIESxPOINTS: that many series (metric ``scale_metric``, label ``host``) with that
 many points each, 5 minutes apart and ending now, so the baseline window and detect's lookback
@@ -20,6 +20,12 @@ see them. Every size runs in a fresh database on PostgreSQL (a throwaway cluster
 * baseline_sharded (with --baseline-shards N > 1): the baseline flow's sharded form, a
   ``learn_shard`` task per shard (series_id % N) on a local Dask cluster of N worker
   processes, then the models fitted once (``fit_and_merge``).
+
+Every size but the largest runs --repeat times (each in a fresh database) and each stage's
+time there is the median of its runs: a small size's stages take seconds, and one run of them
+swung by half from run to run (the rollup of 1,000 series took 7.2 to 11.1 s), which moved
+the fitted exponents more than any change to the code did. The largest size runs once (its
+stages take minutes). Every run's seconds are printed.
 
 Each stage's exponent k is the least-squares slope of log(seconds) on log(size), where size is
 the work the stage is given: samples for ingest, rollup and baseline (one 5m bucket per sample
@@ -82,7 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline-shards", type=int, default=1, help="also time baselines in N Dask shards"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of every size but the largest (median)"
+    )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
     args.size_list = parse_sizes(args.sizes)
     return args
 
@@ -152,9 +163,10 @@ def run_size(
         log(f"  ingest {seconds['ingest']:.1f}s ({written:,} samples)")
 
         started = time.perf_counter()
-        store.rollup()
+        rolled = store.rollup()
         seconds["rollup"] = time.perf_counter() - started
-        log(f"  rollup {seconds['rollup']:.1f}s")
+        levels = ", ".join(f"{r['level']} {r['seconds']:.1f}s" for r in rolled.rows())
+        log(f"  rollup {seconds['rollup']:.1f}s ({rolled.chunks} transactions; {levels})")
 
         end = datetime.now(UTC)
         start = end - timedelta(days=30)
@@ -204,14 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print_machine({"postgresql server": server.version()})
         print(f"sizes (series x points, 5m apart): {args.sizes}", flush=True)
+        largest = max(s * p for s, p in args.size_list)
         for series, points in args.size_list:
-            log(f"size {series:,} series x {points:,} points")
-            with server.fresh_database("bench_scale") as url:
-                settings = load_settings(database_url=url, home=Path(tmp), timescaledb="off")
-                seconds, returned = run_size(
-                    settings, series, points, args.batch_rows, args.baseline_shards
-                )
-            results.append((series, points, seconds, returned))
+            runs = 1 if series * points == largest else args.repeat
+            each: list[dict[str, float]] = []
+            for run in range(runs):
+                log(f"size {series:,} series x {points:,} points, run {run + 1} of {runs}")
+                with server.fresh_database("bench_scale") as url:
+                    settings = load_settings(database_url=url, home=Path(tmp), timescaledb="off")
+                    seconds, returned = run_size(
+                        settings, series, points, args.batch_rows, args.baseline_shards
+                    )
+                each.append(seconds)
+            if runs > 1:
+                for stage in each[0]:
+                    listed = ", ".join(f"{run[stage]:.3f}" for run in each)
+                    print(f"{series:,} series, {stage}: runs {listed} s; median taken", flush=True)
+            middle = {stage: median([run[stage] for run in each]) for stage in each[0]}
+            results.append((series, points, middle, returned))
     samples = [float(s * p) for s, p, _, _ in results]
     work = {
         "ingest": samples,

@@ -187,6 +187,13 @@ class Detection:
         """The stored baselines (of the given series, or all)."""
         return detection.read_baselines(self._store, series_ids)
 
+    def read_scoring_baselines(
+        self, series_ids: Sequence[int] | None = None
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """What scoring needs of the stored baselines: (a row per series and slot, a row per
+        series); see `BaselineTable.from_reads`."""
+        return detection.read_scoring_baselines(self._store, series_ids)
+
     def write_models(self, models: Sequence[dict[str, Any]]) -> None:
         """Store fitted detector models (replacing those of the same scope and detector)."""
         detection.write_models(self._store, models)

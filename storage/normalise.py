@@ -17,12 +17,13 @@ directly (`Store.write_samples`), `storage_verdicts`: only what the tables canno
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from metricmill.types import MAX_TS_US, MIN_TS_US, Reason
 from storage.frames import PreparedBatch, SeriesDef, series_key, timestamps_us, to_frame
@@ -55,12 +56,20 @@ class Normalised:
     def metric_text(self) -> pd.Series:
         """Metric names as text (other objects as their text, missing stays missing)."""
         names = [u if isinstance(u, str) else str(u) for u in self.metric_names]
-        text = np.array([*names, None], dtype=object)
-        return pd.Series(text[self.metric_codes], dtype="str")
+        return text_column(names, self.metric_codes)
 
     def typed_ts(self) -> pd.Series:
         """Sample times as datetime64[us, UTC] (NaT where unreadable)."""
         return pd.Series(self.ts_us.view("datetime64[us]")).dt.tz_localize("UTC")
+
+
+def text_column(names: Sequence[str | None], codes: np.ndarray) -> pd.Series:
+    """`names[code]` per row as a text Series (dtype "str"; a code of -1 is missing), taken
+    in Arrow from the few names: a Series of the rows' Python strings is converted string by
+    string (about 50 ms for a group of 170,000 rows, twice per group in the check)."""
+    table = pa.array([*names, None], pa.large_string())
+    picks = np.where(codes < 0, len(names), codes)
+    return pd.Series(pd.array(table.take(pa.array(picks)), dtype="str"))
 
 
 def normalise(

@@ -30,26 +30,36 @@ class BaselineTable:
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> BaselineTable:
-        ids = np.unique(frame["series_id"].to_numpy(np.int64))
+        """From baseline rows as `read_baselines` gives them (a row per series and slot)."""
+        return cls.from_reads(frame, frame)
+
+    @classmethod
+    def from_reads(cls, slots: pd.DataFrame, series: pd.DataFrame) -> BaselineTable:
+        """From a row per (series, slot) with its median and scale, and per series its season,
+        trend, window, level and calibration (`read_scoring_baselines`; a series' last row
+        counts where it has several, as every slot row of a series repeats them)."""
+        ids = np.unique(slots["series_id"].to_numpy(np.int64))
         n = len(ids)
-        pos = np.searchsorted(ids, frame["series_id"].to_numpy(np.int64))
-        slot = frame["slot"].to_numpy(np.int64)
+        pos = np.searchsorted(ids, slots["series_id"].to_numpy(np.int64))
+        slot = slots["slot"].to_numpy(np.int64)
         median = np.full((n, MAX_SLOTS), np.nan)
         scale = np.full((n, MAX_SLOTS), np.nan)
-        median[pos, slot] = frame["median"].to_numpy(np.float64)
-        scale[pos, slot] = frame["scale"].to_numpy(np.float64)
+        median[pos, slot] = slots["median"].to_numpy(np.float64)
+        scale[pos, slot] = slots["scale"].to_numpy(np.float64)
+        series = series[np.isin(series["series_id"].to_numpy(np.int64), ids)]
+        pos = np.searchsorted(ids, series["series_id"].to_numpy(np.int64))
         season = np.zeros(n, dtype=np.int64)
-        season[pos] = pd.Series(frame["season"]).map({s: i for i, s in enumerate(SEASONS)})
+        season[pos] = pd.Series(series["season"]).map({s: i for i, s in enumerate(SEASONS)})
         per_series = np.zeros((4, n))
         per_series[:, pos] = (
-            frame[["trend_slope", "window_start", "window_end", "level"]].to_numpy(np.float64).T
+            series[["trend_slope", "window_start", "window_end", "level"]].to_numpy(np.float64).T
         )
         slope, w_start, w_end, level = per_series
         calibration = np.full((len(CALIBRATION_COLUMNS), n), np.nan)
-        present = [c for c in CALIBRATION_COLUMNS if c in frame.columns]
+        present = [c for c in CALIBRATION_COLUMNS if c in series.columns]
         if present:
             index = np.array([CALIBRATION_COLUMNS.index(c) for c in present], dtype=np.int64)
-            calibration[np.ix_(index, pos)] = frame[present].to_numpy(np.float64).T
+            calibration[np.ix_(index, pos)] = series[present].to_numpy(np.float64).T
         # Baselines from before calibration existed: a unit tail from 0 (z = 7 is p = 1e-4).
         for name in ("tail_up_u", "tail_down_u", "run_up_u", "run_down_u"):
             row = calibration[CALIBRATION_COLUMNS.index(name)]

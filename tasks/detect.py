@@ -415,7 +415,7 @@ def score_shard(
         )
         catalog = store.detection.series_metrics(ids)
         metric_of = catalog.set_index("series_id")["metric"]
-        table = BaselineTable.from_frame(store.detection.read_baselines(ids))
+        table = BaselineTable.from_reads(*store.detection.read_scoring_baselines(ids))
         models, notes = load_models(store, settings, sorted(set(catalog["metric"])))
     for note in notes:
         logger.warning(note)

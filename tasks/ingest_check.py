@@ -72,22 +72,24 @@ def verdict_of(checked: QualityResult) -> Verdict:
     return Verdict(batch, reasons, checked.markdown())
 
 
-def mark_past_their_rule(store: Store, verdict: Verdict) -> None:
+def mark_past_their_rule(store: Store, verdict: Verdict) -> int:
     """Kept rows older than their series' raw retention rule, where it keeps less than the
     default the rules check, become `timestamp_too_old`: retention may already have archived
-    their hours, and a rollup must not rebuild an archived hour from late rows alone."""
+    their hours, and a rollup must not rebuild an archived hour from late rows alone. The
+    number of rows it marked."""
     kept = np.flatnonzero(verdict.kept())
     if not len(kept):
-        return
+        return 0
     batch = verdict.batch
     cutoffs = store.retention.raw_cutoffs(
         batch.metric_names[batch.metric_codes[kept]],
         batch.frame["labels"].to_numpy(dtype=object)[kept],
     )
     if cutoffs is None:
-        return
-    old = batch.ts_us[kept] < cutoffs
-    verdict.reasons[kept[old]] = Reason.TIMESTAMP_TOO_OLD
+        return 0
+    old = kept[batch.ts_us[kept] < cutoffs]
+    verdict.reasons[old] = Reason.TIMESTAMP_TOO_OLD
+    return len(old)
 
 
 def encode_one(verdict: Verdict, pre_rejected: Rejected) -> PreparedBatch:

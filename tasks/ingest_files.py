@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 from expectations.ingest_batch import BatchUnusable, check_required_columns
 from metricmill.settings import Settings
 from metricmill.types import Reason
-from storage.frames import typed_timestamps, with_parsed_timestamps
+from storage.frames import PreparedBatch, typed_timestamps, with_parsed_timestamps
 from storage.landing import (
     Claim,
     attempts,
@@ -83,8 +83,10 @@ def claim_landing(settings: Settings) -> Claim:
 
 
 # Files a task takes together: their bytes summed, and their number, at most (a file larger
-# than the budget goes alone).
-TASK_BYTES = 24_000_000
+# than the budget goes alone). Each group costs a GX validation and a pass over every series
+# it holds, whatever its size: 2 groups of 1M samples took a fifth less CPU than 6 (DESIGN.md,
+# "Flows").
+TASK_BYTES = 72_000_000
 TASK_FILES = 64
 # A file up to this size is read once, for its hash and its decoding; a larger one is hashed
 # streaming and its reader reads it again from disk.
@@ -178,6 +180,10 @@ class Together:
     retimed: bool  # times were read per file (shown from the files' frames)
     verdict: Verdict
     markdown: str
+    # The batch to write, encoded while the check had its turn, so the write's turn (the
+    # pipeline's longer step) does not spend its time on it; None once a write-time mark
+    # (retention rules read then) changed the verdict.
+    encoded: PreparedBatch | None = None
 
     def shown(self) -> Rejected:
         """The rows the verdict rejected, in row order, as their files had them."""
@@ -205,7 +211,9 @@ def check_together(settings: Settings, files: list[_Landed]) -> Together:
         names = ", ".join(f"`{f.path.name}`" for f in files)
         markdown = f"Checked together ({len(files)} files): {names}\n\n{markdown}"
     decoded = [list(f.decoded.rejected) for f in files]
-    return Together(frames, decoded, parts, retimed, verdict, markdown)
+    together = Together(frames, decoded, parts, retimed, verdict, markdown)
+    together.encoded = encode_parts(verdict, decoded, together.shown())
+    return together
 
 
 def _checked(settings: Settings, files: list[_Landed]) -> Together | CheckFailed:
@@ -230,8 +238,11 @@ def _write_together(
     together = _checked(settings, files) if checked is None else checked
     if isinstance(together, CheckFailed):
         raise together
-    mark_past_their_rule(store, together.verdict)
-    batch = encode_parts(together.verdict, together.decoded_rejected, together.shown())
+    if mark_past_their_rule(store, together.verdict) or together.encoded is None:
+        together.encoded = encode_parts(
+            together.verdict, together.decoded_rejected, together.shown()
+        )
+    batch = together.encoded
     reports = store.write_batch_parts(
         batch,
         batch_ids=[f.digest for f in files],

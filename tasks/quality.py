@@ -47,7 +47,7 @@ from expectations.ingest_batch import (
 )
 from metricmill.types import Reason
 from storage.labels import LabelSets
-from storage.normalise import Normalised, normalise
+from storage.normalise import Normalised, normalise, text_column
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -168,7 +168,7 @@ def _label_limit_exceeded(labels: LabelSets, limits: QualityLimits) -> pd.Series
         ],
         default="",
     )
-    return pd.Series(code.astype(object)[labels.of_row], dtype="str")
+    return text_column(code.tolist(), labels.of_row)
 
 
 def _is_missing(value: Any) -> bool:

@@ -14,6 +14,7 @@ from metricmill.settings import load_settings
 from storage import detection
 from storage.detection import BASELINE_COLUMNS, BASELINE_SEASONS
 from storage.store import Store
+from tasks.baseline_table import BaselineTable
 from tests.dbtargets import DbTarget
 from tests.settings_env import isolate_settings
 
@@ -80,6 +81,48 @@ def test_baselines_read_back_as_written_in_chunks(
     everything = detection.read_baselines(store)
     pd.testing.assert_frame_equal(everything, written, check_dtype=False)
     assert detection.read_baselines(store, []).empty
+
+
+def test_scoring_reads_take_slot_columns_and_one_row_per_series(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = _series(store, 7)
+    written = _baselines(ids)
+    # a series whose lowest slot is 1: its per-series columns come from that row
+    written = written[~((written["series_id"] == ids[3]) & (written["slot"] == 0))]
+    written = written.reset_index(drop=True)
+    detection.write_baselines(store, written)
+    monkeypatch.setattr(detection, "BASELINE_READ_SERIES", 3)
+
+    some = [ids[5], ids[0], ids[3], ids[6]]
+    slots, series = detection.read_scoring_baselines(store, some)
+    chosen = written[written["series_id"].isin(some)]
+    want_slots = chosen[detection.SCORING_SLOT_COLUMNS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(slots, want_slots, check_dtype=False)
+    first = chosen.groupby("series_id")["slot"].transform("min") == chosen["slot"]
+    want_series = chosen.loc[first, detection.SCORING_SERIES_COLUMNS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(series, want_series, check_dtype=False)
+    assert len(series) == 4 and series["series_id"].is_unique
+    assert series.loc[series["series_id"] == ids[3], "season"].item() == "weekpart"
+    empty_slots, empty_series = detection.read_scoring_baselines(store, [])
+    assert empty_slots.empty and empty_series.empty
+
+
+def test_a_table_from_the_scoring_reads_is_the_table_of_all_columns(store: Store) -> None:
+    """Where every slot row of a series repeats its per-series columns (as the baseline task
+    writes them), the table from the two narrow reads is the table from the whole rows."""
+    ids = _series(store, 6)
+    written = _baselines(ids)
+    per_series = [c for c in detection.SCORING_SERIES_COLUMNS if c != "series_id"]
+    firsts = written.groupby("series_id")[per_series].transform("first")
+    written[per_series] = firsts
+    detection.write_baselines(store, written)
+
+    whole = BaselineTable.from_frame(detection.read_baselines(store, ids))
+    narrow = BaselineTable.from_reads(*detection.read_scoring_baselines(store, ids))
+    for name, value in vars(whole).items():
+        np.testing.assert_array_equal(getattr(narrow, name), value, err_msg=name)
+    assert np.isfinite(whole.median).sum() == len(written)
 
 
 def test_recent_points_start_at_the_watermark_or_the_floor(store: Store) -> None:

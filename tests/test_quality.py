@@ -300,3 +300,16 @@ def test_gx_info_lines_only_when_asked_for(mode: str) -> None:
     assert done.returncode == 0, done.stderr
     assert ("ephemeral docs site" in done.stderr) is (mode == "verbose"), done.stderr
     assert ("INFO:great_expectations" in done.stderr) is (mode == "verbose"), done.stderr
+
+
+def test_text_columns_are_the_names_of_their_codes() -> None:
+    """The check's text columns (metric, label-limit code) are built in Arrow from codes: each
+    row gets its code's name, -1 is missing, and the dtype is pandas' text one."""
+    from storage.normalise import text_column
+
+    codes = np.array([2, 0, -1, 1, 2, 0], dtype=np.int64)
+    got = text_column(["cpu", "", "mem"], codes)
+    want = pd.Series(["mem", "cpu", None, "", "mem", "cpu"], dtype="str")
+    pd.testing.assert_series_equal(got, want)
+    assert got.isna().tolist() == [False, False, True, False, False, False]
+    assert text_column(["x"], np.zeros(0, dtype=np.int64)).empty
