@@ -181,8 +181,8 @@ class Together:
     verdict: Verdict
     markdown: str
     # The batch to write, encoded while the check had its turn, so the write's turn (the
-    # pipeline's longer step) does not spend its time on it; None once a write-time mark
-    # (retention rules read then) changed the verdict.
+    # pipeline's longer step) does not spend its time on it; encoded again at write time
+    # when a retention rule read then changes the verdict.
     encoded: PreparedBatch | None = None
 
     def shown(self) -> Rejected:
