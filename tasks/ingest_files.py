@@ -9,9 +9,11 @@ done/ or quarantine/.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import time
 import uuid
@@ -84,9 +86,10 @@ def claim_landing(settings: Settings) -> Claim:
 
 # Files a task takes together: their bytes summed, and their number, at most (a file larger
 # than the budget goes alone). Each group costs a GX validation and a pass over every series
-# it holds, whatever its size: 2 groups of 1M samples took a fifth less CPU than 6 (DESIGN.md,
-# "Flows").
-TASK_BYTES = 72_000_000
+# it holds, whatever its size; but a group writes while the next one decodes, so the first
+# group's decoding and the last one's write are the run's unshared time: 1M samples (130 MB of
+# NDJSON) took 5.1-5.4 s in 4 or 5 groups against 6.1 s in 2 or 3 (DESIGN.md, "Flows").
+TASK_BYTES = 36_000_000
 TASK_FILES = 64
 # A file up to this size is read once, for its hash and its decoding; a larger one is hashed
 # streaming and its reader reads it again from disk.
@@ -98,8 +101,13 @@ _STANDARD_COLUMNS = frozenset(("metric", "labels", "ts", "value"))
 
 
 def group_files(paths: list[Path]) -> list[list[Path]]:
-    """The claimed files, in order, as the fewest groups within TASK_BYTES / TASK_FILES, their
-    sizes evened out (the run's two task threads then finish together); one task each."""
+    """The claimed files, in order, as groups within TASK_BYTES / TASK_FILES; one task each.
+
+    A group writes while the next one is read and checked, so the first group's reading and
+    the last group's write are the only steps nothing overlaps. When the files need more than
+    one group, the fewest groups the budget allows are evened out and one more is added by
+    halving the first and the last: the run starts writing sooner and its last write is
+    short."""
     sizes = []
     for path in paths:
         try:
@@ -108,14 +116,27 @@ def group_files(paths: list[Path]) -> list[list[Path]]:
             sizes.append(0)
     total = sum(sizes)
     count = max(-(-total // TASK_BYTES), -(-len(paths) // TASK_FILES), 1)
-    target = total / count
+    share = total / count
+    shares = [share / 2] + [share] * (count - 1) + [share / 2] if count > 1 else [share]
+    ends = list(itertools.accumulate(shares))  # where each group's bytes end, in the run's
     groups: list[list[Path]] = []
+    current = -1
+    before = 0
     size = 0
     for path, length in zip(paths, sizes, strict=True):
-        if not groups or size + length / 2 > target or len(groups[-1]) >= TASK_FILES:
+        # the group whose share holds the file's middle byte
+        index = min(bisect.bisect_left(ends, before + length / 2), len(ends) - 1)
+        if (
+            not groups
+            or index > current
+            or len(groups[-1]) >= TASK_FILES
+            or size + length > TASK_BYTES
+        ):
             groups.append([])
+            current = max(current, index)
             size = 0
         groups[-1].append(path)
+        before += length
         size += length
     return groups
 

@@ -408,7 +408,9 @@ def test_too_many_new_series_quarantine_the_file_whole(
     assert any("cardinality" in w and "many.ndjson" in w for w in warnings), warnings
 
 
-def test_claimed_files_are_grouped_evenly_within_the_task_budget(tmp_path: Path) -> None:
+def test_claimed_files_are_grouped_within_the_task_budget_with_half_groups_at_the_ends(
+    tmp_path: Path,
+) -> None:
     sizes = [1_310_000] * 100  # as benchmarks/ingest_flow.py's 100 files of 10,000 samples
     paths = []
     for number, size in enumerate(sizes):
@@ -419,14 +421,31 @@ def test_claimed_files_are_grouped_evenly_within_the_task_budget(tmp_path: Path)
     groups = group_files(paths)
 
     assert [p for group in groups for p in group] == paths  # all of them, in claim order
-    assert len(groups) == -(-sum(sizes) // TASK_BYTES)  # the fewest the byte budget allows
+    fewest = -(-sum(sizes) // TASK_BYTES)
+    assert fewest > 1
+    assert len(groups) == fewest + 1  # the fewest the budget allows, the ends halved
     lengths = [len(group) for group in groups]
-    assert max(lengths) - min(lengths) <= 2, lengths
+    middle = lengths[1:-1]
+    assert max(middle) - min(middle) <= 1, lengths
+    for end in (lengths[0], lengths[-1]):
+        assert abs(2 * end - min(middle)) <= 2, lengths  # half a middle group
     assert all(sum(p.stat().st_size for p in group) <= TASK_BYTES for group in groups)
+    # files that fit one group stay one group
+    assert group_files(paths[:3]) == [paths[:3]]
+    # the file count bounds a group too
     tiny = [tmp_path / f"t{n}.ndjson" for n in range(3 * TASK_FILES)]
     for path in tiny:
         path.write_bytes(b"{}")
-    assert [len(group) for group in group_files(tiny)] == [TASK_FILES] * 3
+    half = TASK_FILES // 2
+    assert [len(group) for group in group_files(tiny)] == [half, TASK_FILES, TASK_FILES, half]
+    # a file larger than the budget goes alone
+    big = tmp_path / "big.ndjson"
+    big.write_bytes(b"x" * (TASK_BYTES + 1))
+    for files in ([*paths[:2], big, *paths[2:4]], [*paths[:30], big, *paths[30:60]], [big, *paths]):
+        grouped = group_files(files)
+        assert [big] in grouped
+        assert [p for group in grouped for p in group] == files
+        assert all(sum(p.stat().st_size for p in g) <= TASK_BYTES for g in grouped if g != [big])
     assert group_files([]) == []
 
 
