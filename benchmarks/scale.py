@@ -110,7 +110,7 @@ def batches(
     LIVE_POINTS covers both) lie where live data lies in a table, among its newest rows, not
     one page per series spread over all of it. The recent rows still come in batches of whole
     series (their last LIVE_POINTS points): a batch of a few points of every series costs about
-    five times as much per row to resolve its series (README, "Noticed")."""
+    five times as much per row to resolve its series (DESIGN.md, "Beyond one machine")."""
     ts = end_us - STEP_US * np.arange(points - 1, -1, -1, dtype=np.int64)
     phase = 2 * np.pi * (ts % (24 * HOUR_US)) / (24 * HOUR_US)
     live = min(LIVE_POINTS, points)

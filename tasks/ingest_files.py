@@ -87,8 +87,9 @@ def claim_landing(settings: Settings) -> Claim:
 # Files a task takes together: their bytes summed, and their number, at most (a file larger
 # than the budget goes alone). Each group costs a GX validation and a pass over every series
 # it holds, whatever its size; but a group writes while the next one decodes, so the first
-# group's decoding and the last one's write are the run's unshared time: 1M samples (130 MB of
-# NDJSON) took 5.1-5.4 s in 4 or 5 groups against 6.1 s in 2 or 3 (DESIGN.md, "Flows").
+# group's decoding and the last one's write are the run's unshared time: on 1M samples (130 MB
+# of NDJSON) the work ended after a median 4.75 s in 5 groups (see group_files) against
+# 5.6-6.0 s in 2 (DESIGN.md, "Flows").
 TASK_BYTES = 36_000_000
 TASK_FILES = 64
 # A file up to this size is read once, for its hash and its decoding; a larger one is hashed
@@ -118,7 +119,7 @@ def group_files(paths: list[Path]) -> list[list[Path]]:
     count = max(-(-total // TASK_BYTES), -(-len(paths) // TASK_FILES), 1)
     share = total / count
     shares = [share / 2] + [share] * (count - 1) + [share / 2] if count > 1 else [share]
-    ends = list(itertools.accumulate(shares))  # where each group's bytes end, in the run's
+    ends = list(itertools.accumulate(shares))  # where each group's share of the bytes ends
     groups: list[list[Path]] = []
     current = -1
     before = 0
