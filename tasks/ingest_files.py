@@ -134,7 +134,7 @@ def group_files(paths: list[Path]) -> list[list[Path]]:
             or size + length > TASK_BYTES
         ):
             groups.append([])
-            current = max(current, index)
+            current = index  # never lower: the files come in byte order
             size = 0
         groups[-1].append(path)
         before += length
