@@ -39,6 +39,7 @@ of each stage over the first N files (as one group). The output ends with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import hashlib
 import io
@@ -220,6 +221,9 @@ def run_flow(
 
     from flows.ingest import ingest
 
+    def run_ingest(**kwargs: Any) -> Any:
+        return asyncio.run(ingest(**kwargs))
+
     log("starting the Prefect test harness (not timed)")
     started = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=600):
@@ -232,7 +236,7 @@ def run_flow(
             warm_home = tmp / "home-warmup"
             create_schema(url)
             flow_warmup_seconds, warm_rows = timed(
-                ingest, landing=True, scrape=False, home=str(warm_home), database_url=url
+                run_ingest, landing=True, scrape=False, home=str(warm_home), database_url=url
             )
         if warm_rows:
             raise RuntimeError(f"warm-up flow run found sources: {warm_rows}")
@@ -250,7 +254,7 @@ def run_flow(
                 log(f"flow {attempt + 1}/{repeat}: {work.rows:,} rows in {len(sources)} files")
                 cpu = time.process_time()
                 seconds, rows = timed(
-                    ingest, landing=True, scrape=False, home=str(home), database_url=url
+                    run_ingest, landing=True, scrape=False, home=str(home), database_url=url
                 )
                 cpu = time.process_time() - cpu
                 log(

@@ -20,6 +20,7 @@ run already keeps one core busy (decode, GX) while PostgreSQL writes on the othe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -70,7 +71,9 @@ def run_parallel(url: str, home: Path, runs: int) -> tuple[float, list[int]]:
 
                         os.environ["METRICMILL_INGEST_MAX_PARALLEL_RUNS"] = str(runs)
                         os.read(read_end, 1)
-                        rows = ingest(landing=True, scrape=False, database_url=url, home=str(home))
+                        rows = asyncio.run(
+                            ingest(landing=True, scrape=False, database_url=url, home=str(home))
+                        )
                         out.write(json.dumps(rows, default=str))
                         code = 0
                     except BaseException:

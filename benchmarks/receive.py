@@ -27,6 +27,7 @@ goal >= 2: receiving is never the bottleneck).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -144,7 +145,7 @@ def run_flow(home: Path, database_url: str | None, expected: int, tmp: Path) -> 
         log(f"  GX warm-up {warm_up_gx():.1f}s (not timed)")
         warm = tmp / "home-warmup"
         warm_url = None if database_url is None else database_url
-        ingest(landing=True, scrape=False, home=str(warm), database_url=warm_url)
+        asyncio.run(ingest(landing=True, scrape=False, home=str(warm), database_url=warm_url))
         log("ingest flow over the landed files (timed)")
         seconds, rows = timed(
             ingest, landing=True, scrape=False, home=str(home), database_url=database_url

@@ -9,6 +9,7 @@ pids forked here are ever signalled or reaped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -73,8 +74,10 @@ class ForkedRuns:
                         os.environ.update(env or {})
                         if gate is not None:
                             os.read(gate, 1)
-                        rows = flows.ingest.ingest(
-                            landing=True, scrape=False, database_url=url, home=str(home)
+                        rows = asyncio.run(
+                            flows.ingest.ingest(
+                                landing=True, scrape=False, database_url=url, home=str(home)
+                            )
                         )
                         out.write(json.dumps(rows, default=str) + "\n")
                         code = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import os
@@ -126,13 +127,13 @@ def test_lock_of_a_killed_process_is_released(db_target: DbTarget, tmp_path: Pat
 def test_ingest_run_is_skipped_while_another_run_holds_the_lock(settings: Settings) -> None:
     with flow_lock(settings, "ingest") as held:
         assert held
-        state = ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True)
+        state = asyncio.run(ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True))
     assert state.type == StateType.COMPLETED
     assert state.name == SKIPPED
     assert "another ingest run is in progress" in (state.message or "")
     assert stored_samples(settings) == 0
 
-    state = ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True)
+    state = asyncio.run(ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True))
     assert state.name == "Completed"
     assert stored_samples(settings) == 2
 
@@ -149,7 +150,9 @@ def test_concurrent_runs_one_writes_the_other_skips(
     def first() -> None:
         # The first run is held inside its lock by a slow scrape target: an HTTP server that
         # answers only when released.
-        states["first"] = ingest(samples=SAMPLES, landing=False, scrape=True, return_state=True)
+        states["first"] = asyncio.run(
+            ingest(samples=SAMPLES, landing=False, scrape=True, return_state=True)
+        )
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -172,7 +175,9 @@ def test_concurrent_runs_one_writes_the_other_skips(
         runner = threading.Thread(target=first)
         runner.start()
         assert entered.wait(120), "the first run never reached its scrape"
-        second = ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True)
+        second = asyncio.run(
+            ingest(samples=SAMPLES, landing=False, scrape=False, return_state=True)
+        )
         release.set()
         runner.join(120)
     finally:
@@ -298,12 +303,16 @@ def test_a_piled_up_run_that_starts_skips_itself(
     older, newer = scheduled_runs(deployment_id, [20, 10])
     parameters = {"samples": SAMPLES, "landing": False, "scrape": False}
 
-    state = run_flow(ingest, flow_run=older, parameters=parameters, return_type="state")
+    state = asyncio.run(
+        run_flow(ingest, flow_run=older, parameters=parameters, return_type="state")
+    )
     assert state.name == SKIPPED  # type: ignore[union-attr]
     assert newer.name in (state.message or "")  # type: ignore[union-attr]
     assert stored_samples(settings) == 0
 
-    state = run_flow(ingest, flow_run=newer, parameters=parameters, return_type="state")
+    state = asyncio.run(
+        run_flow(ingest, flow_run=newer, parameters=parameters, return_type="state")
+    )
     assert state.name == "Completed"  # type: ignore[union-attr]
     assert stored_samples(settings) == 2
 

@@ -8,6 +8,7 @@ the process's peak memory stays bounded; nothing outside the landing tree is rea
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -201,7 +202,7 @@ def test_hostile_corpus_through_the_ingest_flow(
     assert len(hostile) + len(ROW_LEVEL_FILES) >= 50
     expected = _good_files(landing)
 
-    state = ingest(home=str(home), scrape=False, return_state=True)
+    state = asyncio.run(ingest(home=str(home), scrape=False, return_state=True))
 
     assert state.is_completed(), state
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

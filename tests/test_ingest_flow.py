@@ -8,7 +8,9 @@ only, all in one flow run (a module fixture) to keep the file fast.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import inspect
 import json
 import logging
 import os
@@ -80,7 +82,9 @@ class Run:
 
 def run_flow(home: Path, database_url: str | None = None, **kwargs: Any) -> Run:
     kwargs.setdefault("scrape", False)
-    state = ingest(home=str(home), database_url=database_url, return_state=True, **kwargs)
+    state = asyncio.run(
+        ingest(home=str(home), database_url=database_url, return_state=True, **kwargs)
+    )
     assert state.is_completed(), state
     rows = state.result()
     assert isinstance(rows, list)
@@ -324,6 +328,47 @@ def test_programmatic_samples_as_a_list_of_dicts(target: DbTarget, tmp_path: Pat
             ({"route": "/b"}, T, 4.0),
         ]
         assert reasons(store, "programmatic") == {"non_finite_value": 1}
+
+
+def test_a_run_shares_one_synchronous_client_across_its_tasks_and_artifacts(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The flow is a coroutine (its run does not wait for Prefect's heartbeat thread), so its
+    own client is asynchronous; its synchronous tasks (store, claim, each file group, the
+    caller's samples) and artifacts must share one synchronous client, not build one apiece:
+    a run of four tasks' worth builds no more clients than a run with one file."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    assert inspect.iscoroutinefunction(ingest.fn)
+    built: list[int] = []
+    original = SyncPrefectClient.__init__
+
+    def counting(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    env.setattr(SyncPrefectClient, "__init__", counting)
+    env.setattr("tasks.ingest_files.TASK_FILES", 1)  # a group (task) per file
+
+    def clients_built(files: int, **kwargs: Any) -> int:
+        home = tmp_path / f"home{files}"
+        landing = home / "landing"
+        landing.mkdir(parents=True)
+        for i in range(files):
+            write_ndjson(landing / f"f{i}.ndjson", [
+                {"metric": "shared_client", "labels": {"f": str(i)}, "timestamp": T_ISO,
+                 "value": i}
+            ])  # fmt: skip
+        built.clear()
+        run = run_flow(home, **kwargs)
+        names = [f"file:f{i}.ndjson" for i in range(files)]
+        assert sorted(run.rows) == names + (["programmatic"] if kwargs else [])
+        assert all(row["written"] == 1 for row in run.rows.values()), run.rows
+        return len(built)
+
+    one = clients_built(1)
+    many = clients_built(3, samples=[{"metric": "shared_client", "ts": T_S, "value": 9}])
+    assert many == one, f"{many} synchronous clients for 3 files and samples, {one} for 1 file"
 
 
 def test_programmatic_samples_as_a_dataframe(target: DbTarget, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ wins a (series, ts) an earlier one also holds. The database must end identical t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -171,7 +172,7 @@ def test_random_overlapping_files_end_as_applied_one_by_one_in_landing_order(
                 oracle.land(landing, name, data)
         # A few files a group: several groups, written by both task threads.
         monkeypatch.setattr(tasks.ingest_files, "TASK_FILES", rng.randint(2, 7))
-        state = ingest(home=str(home), scrape=False, return_state=True)
+        state = asyncio.run(ingest(home=str(home), scrape=False, return_state=True))
         assert state.is_completed(), state
         assert stored(home) == oracle.state, f"after run {wave + 1}"
     assert [p.name for p in landing.iterdir() if p.is_file()] == []
@@ -196,6 +197,6 @@ def test_a_later_correction_wins_however_many_groups_a_run_has(
         path = landing / f"f{n:03d}.ndjson"
         path.write_bytes(_file_bytes(rows, "ndjson"))
         os.utime(path, ns=(base_ns + n, base_ns + n))
-    state = ingest(home=str(home), scrape=False, return_state=True)
+    state = asyncio.run(ingest(home=str(home), scrape=False, return_state=True))
     assert state.is_completed(), state
     assert stored(home)[("corr", "k", TIMES[0])] == 2.0

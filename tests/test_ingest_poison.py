@@ -4,6 +4,7 @@ lands the rest of its group; links are never followed; runs that died on a file 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -59,7 +60,7 @@ def detail_of(home: Path, name: str) -> str:
 
 
 def run(home: Path) -> None:
-    state = ingest(home=str(home), scrape=False, return_state=True)
+    state = asyncio.run(ingest(home=str(home), scrape=False, return_state=True))
     assert state.is_completed(), state
 
 
@@ -115,7 +116,7 @@ def test_a_done_directory_that_is_a_link_stops_the_run_before_any_file_moves(
     (home / "landing" / "done").symlink_to(elsewhere)
     good_file(home / "landing" / "d.ndjson", "d")
 
-    state = ingest(home=str(home), scrape=False, return_state=True)
+    state = asyncio.run(ingest(home=str(home), scrape=False, return_state=True))
 
     assert state.is_failed()
     assert "must be a real directory" in str(state.message)

@@ -8,6 +8,7 @@ legal hold keeps everything.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -54,8 +55,8 @@ def test_samples_older_than_their_series_rule_are_quarantined(
         )
     )
 
-    state = ingest(home=str(tmp_path), database_url=db_target.url, scrape=False,
-                   return_state=True)  # fmt: skip
+    state = asyncio.run(ingest(home=str(tmp_path), database_url=db_target.url, scrape=False,
+                   return_state=True))  # fmt: skip
 
     assert state.is_completed(), state
     with Store.open(settings=settings) as store:
@@ -82,8 +83,8 @@ def test_programmatic_samples_follow_the_rule_too(
         for ts, v in ((NOW - timedelta(days=9), 1.0), (NOW - timedelta(hours=1), 2.0))
     ]
 
-    state = ingest(samples=samples, landing=False, scrape=False, home=str(tmp_path),
-                   database_url=db_target.url, return_state=True)  # fmt: skip
+    state = asyncio.run(ingest(samples=samples, landing=False, scrape=False, home=str(tmp_path),
+                   database_url=db_target.url, return_state=True))  # fmt: skip
 
     assert state.is_completed(), state
     with Store.open(settings=settings) as store:

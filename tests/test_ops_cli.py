@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 from datetime import UTC, datetime, timedelta
@@ -196,11 +197,13 @@ def test_status_shows_lag_pending_ranges_alerts_quarantine_and_running_flows(
 @pytest.mark.usefixtures("prefect_server")
 def test_status_shows_the_last_run_of_a_flow_from_prefect(home: Path) -> None:
     ts = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    state = ingest(
-        samples=[{"metric": "up", "labels": {}, "ts": ts, "value": 1.0}],
-        landing=False,
-        scrape=False,
-        return_state=True,
+    state = asyncio.run(
+        ingest(
+            samples=[{"metric": "up", "labels": {}, "ts": ts, "value": 1.0}],
+            landing=False,
+            scrape=False,
+            return_state=True,
+        )
     )
     assert state.is_completed()
     result = invoke("status")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,7 +50,7 @@ def assert_user_error(result: Result) -> str:
 
 
 def run_flow() -> dict[str, dict[str, Any]]:
-    state = ingest(scrape=False, return_state=True)
+    state = asyncio.run(ingest(scrape=False, return_state=True))
     assert state.is_completed(), state
     return {row["source"]: row for row in state.result()}
 

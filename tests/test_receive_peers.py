@@ -9,6 +9,7 @@ SIGKILL while senders push: every acknowledged sample must be stored after the n
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
@@ -55,7 +56,7 @@ def run_ingest(monkeypatch: pytest.MonkeyPatch, home: Path) -> list[dict[str, An
         monkeypatch.delenv(f"METRICMILL_{name.upper()}", raising=False)
     monkeypatch.setenv("METRICMILL_HOME", str(home))
     monkeypatch.setenv("METRICMILL_SETTLE_SECONDS", "0")
-    state = ingest(scrape=False, return_state=True)
+    state = asyncio.run(ingest(scrape=False, return_state=True))
     assert state.is_completed(), f"ingest run ended {state.type}: {state.message}"
     rows = state.result()
     assert isinstance(rows, list)

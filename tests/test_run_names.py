@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ def read_run(run_id: Any) -> FlowRun:
 @pytest.mark.usefixtures("prefect_server", "home")
 def test_direct_calls_are_named_by_their_start_and_id() -> None:
     before = datetime.now(UTC).replace(microsecond=0)
-    states = [ingest(landing=False, scrape=False, return_state=True) for _ in range(2)]
+    states = [asyncio.run(ingest(landing=False, scrape=False, return_state=True)) for _ in range(2)]
     after = datetime.now(UTC)
     runs = [read_run(s.state_details.flow_run_id) for s in states]
     for run in runs:
@@ -57,7 +58,9 @@ def test_a_run_made_by_hand_keeps_its_name(cleanup_deployments: list[Any]) -> No
     parameters = {"landing": False, "scrape": False}
     with get_client(sync_client=True) as client:
         created = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
-    state = run_flow(ingest, flow_run=created, parameters=parameters, return_type="state")
+    state = asyncio.run(
+        run_flow(ingest, flow_run=created, parameters=parameters, return_type="state")
+    )
     assert state.is_completed()  # type: ignore[union-attr]
     assert read_run(created.id).name == created.name  # what the CLI or UI printed
 

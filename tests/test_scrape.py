@@ -9,6 +9,7 @@ Without the binary that test is skipped, unless CI or METRICMILL_REQUIRE_NODE_EX
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import math
@@ -177,7 +178,7 @@ def run_ingest(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     started = datetime.now(UTC)
-    state = ingest(landing=False, return_state=True)
+    state = asyncio.run(ingest(landing=False, return_state=True))
     finished = datetime.now(UTC)
     assert state.is_completed(), f"ingest run ended {state.type}: {state.message}"
     rows = state.result()

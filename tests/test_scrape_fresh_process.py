@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 LONG = "x" * 30  # over the child's max_label_value_length of 20
 
 CHILD = """
-import json, sys
+import asyncio, json, sys
 from flows.ingest import ingest
-rows = ingest(landing=False, scrape=True)
+rows = asyncio.run(ingest(landing=False, scrape=True))
 print(json.dumps({"rows": rows, "gx_imported": "great_expectations" in sys.modules}))
 """
 

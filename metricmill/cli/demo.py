@@ -223,7 +223,7 @@ def run_pipeline(
                                data.live_start)  # fmt: skip
     progress.update(step, total=1, completed=1)
     # Imported where needed (start_prefect_server began importing them in the background).
-    from flows.ingest import ingest
+    from flows.ingest import ingest, run_to_end
     from flows.rollup import rollup
     from tasks.ingest import prepare_store
 
@@ -233,7 +233,8 @@ def run_pipeline(
         server.join()  # before the first flow run, which would otherwise start a second one
     warm_up(WARM_UP_LATER)
     results["ingest"], results["rollup"] = run_with_rollups(
-        outcome, progress, "ingest history", lambda: ingest(scrape=False, return_state=True),
+        outcome, progress, "ingest history",
+        lambda: run_to_end(ingest(scrape=False, return_state=True)),
         lambda: rollup(return_state=True),
     )  # fmt: skip
     from flows.baseline import baseline
@@ -246,8 +247,12 @@ def run_pipeline(
     outcome.files += land_files(data, settings.landing, data.live_start,
                                 data.times[-1].to_pydatetime() + timedelta(minutes=1))  # fmt: skip
     progress.update(step, total=1, completed=1)
-    results["ingest live"] = run_flow(outcome, progress, "ingest live",
-                                      lambda: ingest(scrape=False, return_state=True))  # fmt: skip
+    results["ingest live"] = run_flow(
+        outcome,
+        progress,
+        "ingest live",
+        lambda: run_to_end(ingest(scrape=False, return_state=True)),
+    )
     results["rollup live"] = run_flow(outcome, progress, "rollup live",
                                       lambda: rollup(return_state=True))  # fmt: skip
     results["detect"] = run_flow(outcome, progress, "detect",

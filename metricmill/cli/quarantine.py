@@ -156,18 +156,22 @@ def quarantine_replay(
 
 def run_ingest_flow(settings: Settings, options: GlobalOptions, **kwargs: Any) -> dict[str, Any]:
     """The ingest flow's summary rows by source; a failed run is a one-line error."""
-    from flows.ingest import ingest as ingest_flow  # Prefect is slow to import: only when used
+    # Prefect is slow to import: only when used
+    from flows.ingest import ingest as ingest_flow
+    from flows.ingest import run_to_end
 
     # The database URL only as the user gave it, less its password: flow parameters are stored
     # by Prefect. The password reaches the run through the environment.
     url, password = split_password(options.database) if options.database else (None, None)
     with password_in_environment(password):
-        state = ingest_flow(
-            scrape=False,
-            home=str(settings.home),
-            database_url=url,
-            return_state=True,
-            **kwargs,
+        state = run_to_end(
+            ingest_flow(
+                scrape=False,
+                home=str(settings.home),
+                database_url=url,
+                return_state=True,
+                **kwargs,
+            )
         )
     rows = state.result() if state.is_completed() else None
     if not isinstance(rows, list):  # failed, or Skipped: another ingest run was in progress
