@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic.json_schema import SkipJsonSchema
 
@@ -76,7 +76,7 @@ async def ingest(
     if scrape:
         outcomes.extend(_scrape_all(settings, errors))
     rows = [{**o.row(), "error": errors.get(o.source, "")} for o in outcomes]
-    _publish(outcomes, rows)
+    await _publish(outcomes, rows)
     logger.info("ingested %d sources, %d rows", len(outcomes), sum(o.rows_in for o in outcomes))
     return rows
 
@@ -133,14 +133,13 @@ def _scrape_all(settings: Settings, errors: dict[str, str]) -> list[SourceOutcom
     return outcomes
 
 
-def _publish(outcomes: list[SourceOutcome], rows: list[dict[str, Any]]) -> None:
+async def _publish(outcomes: list[SourceOutcome], rows: list[dict[str, Any]]) -> None:
     """The run's artifacts: the summary table and the quality report of each batch."""
     guarded = [o.source for o in outcomes if o.file_quarantined == "cardinality_limit"]
     if guarded:
         get_run_logger().warning("cardinality guard quarantined %s", ", ".join(guarded))
-    # `_sync`: in a coroutine flow's run, Prefect's helpers would otherwise hand back coroutines.
-    create_table_artifact(  # type: ignore[call-arg]
-        _sync=True,
+    # Both at once, with the run's own (asynchronous) client: the run's last step.
+    summary = acreate_table_artifact(
         key="ingest-summary",
         table=rows or [{"source": "(nothing new)"}],
         description="Per source: rows in, written, overwritten, replays, quarantined, rows/s",
@@ -148,12 +147,12 @@ def _publish(outcomes: list[SourceOutcome], rows: list[dict[str, Any]]) -> None:
     quality = "\n\n".join(
         f"### {o.source}\n\n{o.quality_markdown}" for o in outcomes if o.quality_markdown
     )
-    create_markdown_artifact(  # type: ignore[call-arg]
-        _sync=True,
+    report = acreate_markdown_artifact(
         key="ingest-quality",
         markdown=quality or "No rows were checked in this run.",
         description="Great Expectations results for each batch of this run",
     )
+    await asyncio.gather(summary, report)
 
 
 def _ingest_claimed(files: list[Path], settings: Settings) -> list[SourceOutcome]:

@@ -97,6 +97,15 @@ def attempts(path: Path) -> int:
     return int(_read_attempts(path.parent).get(path.name, 0))
 
 
+def attempts_in(directory: Path) -> dict[str, int]:
+    """`attempts` of every file of a claim directory that has any, by name (one read)."""
+    return {
+        name: int(n)
+        for name, n in _read_attempts(directory).items()
+        if not name.endswith(_CLEARED) and int(n) > 0
+    }
+
+
 def cleared(path: Path) -> bool:
     """Whether a separate process decoded this file after runs kept dying on it."""
     return bool(_read_attempts(path.parent).get(path.name + _CLEARED, 0))

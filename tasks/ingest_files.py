@@ -32,7 +32,7 @@ from metricmill.types import Reason
 from storage.frames import PreparedBatch, typed_timestamps, with_parsed_timestamps
 from storage.landing import (
     Claim,
-    attempts,
+    attempts_in,
     claim_files,
     clear_attempts,
     cleared,
@@ -152,6 +152,7 @@ class _Landed:
     decoded: Any = None  # storage.readers.DecodedFile
     quarantine: tuple[str, str] | None = None  # (reason, detail)
     seconds: float = 0.0
+    died: int = 0  # runs that died while decoding it (storage.landing.attempts)
 
 
 def combine_files(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray, bool]:
@@ -301,13 +302,15 @@ def _take_up(settings: Settings, paths: list[Path]) -> list[_Landed]:
     """The group's files with their hashes; files that must not be opened (links) or that
     runs keep failing on are set aside for quarantine here."""
     files: list[_Landed] = []
+    died = {directory: attempts_in(directory) for directory in {p.parent for p in paths}}
     for path in paths:
         landed = _Landed(path, "", SourceOutcome(f"file:{path.name}", "landing"))
+        landed.died = died[path.parent].get(path.name, 0)
         try:
             if path.is_symlink():
                 landed.quarantine = ("symlink", "a symbolic link: not followed, not read")
-            elif attempts(path) >= MAX_ATTEMPTS:
-                landed.quarantine = _poison(settings, path)
+            elif landed.died >= MAX_ATTEMPTS:
+                landed.quarantine = _poison(settings, path, landed.died)
             if landed.quarantine is None:
                 landed.digest, landed.decoded = _hash_file(path)
         except FileNotFoundError:
@@ -318,21 +321,21 @@ def _take_up(settings: Settings, paths: list[Path]) -> list[_Landed]:
     return files
 
 
-def _poison(settings: Settings, path: Path) -> tuple[str, str] | None:
+def _poison(settings: Settings, path: Path, died: int) -> tuple[str, str] | None:
     """A file that runs keep dying while decoding: the reason to quarantine it, or None when a
     process decoding it alone survives (the runs were killed by something else while it was in
     hand; it is decoded as usual, its count started again). A file cleared so once that runs
     die on again is quarantined unopened."""
-    died = f"{attempts(path)} runs died while decoding this file"
+    what = f"{died} runs died while decoding this file"
     if cleared(path):
-        return ("repeated_failure", f"{died} after a separate process had decoded it")
+        return ("repeated_failure", f"{what} after a separate process had decoded it")
     ended = decode_alone(
         path,
         precision=settings.line_protocol_precision,
         limits=ReadLimits.from_settings(settings),
     )
     if ended is not None:
-        return ("repeated_failure", f"{died}, and {ended}")
+        return ("repeated_failure", f"{what}, and {ended}")
     clear_attempts(path)
     return None
 
@@ -490,17 +493,24 @@ def ingest_files(
         together: list[_Landed] = []
         alone: list[_Landed] = []
         for landed in files:
-            if landed.quarantine is not None:
-                continue
-            if landed.digest in committed:  # a replay: nothing to read or check
-                landed.decoded = None
+            if landed.digest in committed and landed.quarantine is None:
+                landed.decoded = None  # a replay: nothing to read or check
                 landed.outcome.replay = True
                 landed.outcome.rows_in = committed[landed.digest]
-                continue
-            # A run that dies while it decodes a file counts against that file.
-            count_attempt([landed.path])
+        # A run that dies while it decodes a file counts against that file. The files no run
+        # has died on are counted together, in one write before and one after: a write is a
+        # few system calls, each waiting for the GIL while the group before writes, and two
+        # a file cost a tenth of the benchmark's run. A death counts against all of them; from
+        # then on each is counted alone, so only a file that kills runs reaches MAX_ATTEMPTS.
+        decoding = [f for f in files if f.quarantine is None and not f.outcome.replay]
+        fresh = [f.path for f in decoding if not f.died]
+        count_attempt(fresh)
+        for landed in decoding:
+            if landed.died:
+                count_attempt([landed.path])
             _decode(settings, landed, labels_memo)
-            count_attempt([landed.path], -1)
+            if landed.died:
+                count_attempt([landed.path], -1)
             if landed.quarantine is not None:
                 continue
             if set(landed.decoded.frame.columns) == _STANDARD_COLUMNS or not len(
@@ -509,6 +519,7 @@ def ingest_files(
                 together.append(landed)
             else:
                 alone.append(landed)  # other columns travel with their rows to quarantine
+        count_attempt(fresh, -1)
         begun = time.perf_counter()
         units = _units(files, together, alone)
         checks = [_checked(settings, unit) for unit in units]

@@ -13,6 +13,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -23,6 +24,7 @@ from metricmill.cli import app
 from metricmill.settings import load_settings
 from storage.landing import attempts, claim_files, clear_attempts, count_attempt
 from storage.store import Store
+from tests.forked_runs import ForkedRuns, tail
 from tests.settings_env import isolate_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -212,6 +214,44 @@ def test_a_cleared_file_runs_die_on_again_is_quarantined_unopened(home: Path) ->
     assert reason_of(home, "again.ndjson") == "repeated_failure"
     assert "after a separate process had decoded it" in detail_of(home, "again.ndjson")
     assert hosts(home) == ["e"]
+
+
+def test_runs_dying_on_one_file_of_a_group_count_against_that_file_alone(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Runs die while decoding b, in a group with a and c (the decoder ends the run's process, as
+    a file that crashes its parser would). A group's files are counted together until a death,
+    then each alone: after three deaths only b is at MAX_ATTEMPTS, the next run decodes b alone
+    (where it dies again: quarantined), and a and c land without being decoded alone."""
+    landing = home / "landing"
+    for name in "abc":
+        good_file(landing / f"{name}.ndjson", name)
+    real = tasks.ingest_files.read_landed_file
+
+    def dies_on_b(path: Path, **kwargs: Any) -> Any:
+        if path.name == "b.ndjson":
+            os._exit(137)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(tasks.ingest_files, "read_landed_file", dies_on_b)
+    runs = ForkedRuns(tmp_path / "logs", run_timeout=300)
+    for _ in range(tasks.ingest_files.MAX_ATTEMPTS):
+        pid, log = runs.start(home, "")
+        assert runs.wait(pid, 300) == 137, tail(log)
+    monkeypatch.setattr(tasks.ingest_files, "read_landed_file", real)
+    claimed = {p.name: p for p in (landing / "processing").glob("*/*.ndjson")}
+    assert {name: attempts(path) for name, path in claimed.items()} == {
+        "a.ndjson": 1,
+        "b.ndjson": tasks.ingest_files.MAX_ATTEMPTS,
+        "c.ndjson": 1,
+    }
+
+    with ChildKiller("b.ndjson") as killer:
+        run(home)
+
+    assert killer.killed == 1  # b alone
+    assert reason_of(home, "b.ndjson") == "repeated_failure"
+    assert hosts(home) == ["a", "c"]
 
 
 def cli(home: Path, *args: str) -> Result:
