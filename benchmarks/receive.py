@@ -148,7 +148,9 @@ def run_flow(home: Path, database_url: str | None, expected: int, tmp: Path) -> 
         asyncio.run(ingest(landing=True, scrape=False, home=str(warm), database_url=warm_url))
         log("ingest flow over the landed files (timed)")
         seconds, rows = timed(
-            ingest, landing=True, scrape=False, home=str(home), database_url=database_url
+            lambda: asyncio.run(
+                ingest(landing=True, scrape=False, home=str(home), database_url=database_url)
+            )
         )
     if not isinstance(rows, list):
         raise RuntimeError(f"the flow run did not ingest: {rows}")
