@@ -100,9 +100,9 @@ def attempts(path: Path) -> int:
 def attempts_in(directory: Path) -> dict[str, int]:
     """`attempts` of every file of a claim directory that has any, by name (one read)."""
     return {
-        name: int(n)
+        name: n
         for name, n in _read_attempts(directory).items()
-        if not name.endswith(_CLEARED) and int(n) > 0
+        if not name.endswith(_CLEARED) and isinstance(n, int) and n > 0
     }
 
 
