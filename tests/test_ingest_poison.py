@@ -144,14 +144,15 @@ class ChildKiller:
     a file that kills whatever decodes it, as the run's own decoder died three times."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.killed = name.encode(), 0
+        self.name = name.encode()
+        self.pids: set[int] = set()  # each counted once: a killed process lingers a moment
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         while not self._stop.is_set():
             for proc in Path("/proc").iterdir():
-                if not proc.name.isdigit():
+                if not proc.name.isdigit() or int(proc.name) in self.pids:
                     continue
                 try:
                     argv = (proc / "cmdline").read_bytes().split(b"\0")
@@ -162,8 +163,13 @@ class ChildKiller:
                 ):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(proc.name), signal.SIGKILL)
-                        self.killed += 1
+                        self.pids.add(int(proc.name))
             time.sleep(0.005)
+
+    @property
+    def killed(self) -> int:
+        """How many processes it killed."""
+        return len(self.pids)
 
     def __enter__(self) -> ChildKiller:
         self._thread.start()
