@@ -59,7 +59,7 @@ async def ingest(
 
     The flow is a coroutine only so that a run ends when its work does: Prefect 3.8 ends a
     synchronous flow run by joining its heartbeat thread, which sleeps in one-second steps, so
-    every run would take up to a second more (an empty run 1.1 s instead of 0.1 s). Its work is
+    every run would take up to a second more (an empty run 1.13 s against 0.28 s). Its work is
     synchronous and runs inline, as in any other flow. From synchronous code:
     `asyncio.run(ingest(...))`, or `run_to_end(ingest(..., return_state=True))`.
     """
