@@ -65,7 +65,7 @@ DEFAULT_SIZES = "1000x1000,10000x1000,100000x500"
 QUERY_REPEAT = 5
 # Detect runs every few minutes on the samples ingest has just written. Its first run here
 # follows the rollup of the whole backfilled history, which at 50M samples pushes the recent
-# rows and their index pages out of memory: that run measures the machine's cache (8.8 s of
+# rows and their index pages out of memory: that run measures partly the cache (8.8 s of
 # reads cold against 3.3-4.4 s warm at 100,000 series), so detect's time is the median of
 # DETECT_REPEAT runs and the first one is printed beside it (`detect_first`, not fitted).
 DETECT_REPEAT = 3
