@@ -7,7 +7,7 @@ The score rule (documented in the README, "Anomaly detection"; tasks/calibration
   residuals in the two hours before the point), so a sustained level shift alerts once and is
   then the new normal, while a short incident never becomes the level;
 - L = -log10 p, p the tail probability of r on its side (up or down) under the exponential tail
-  fitted to the series' own training residuals, at least that of a Laplace tail of two scales;
+  fitted to the series' own training residuals, at least that of a Laplace tail of 1.5 scales;
   linear in r, so it never saturates;
 - where L >= MODEL_GATE and the metric has a PyOD model, the model's own tail probability of
   the point's shape (jump, spread of recent points) adds cal.MODEL_WEIGHT x its -log10: the model

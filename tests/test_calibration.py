@@ -224,3 +224,40 @@ def test_spikes_that_fill_the_top_of_the_window_do_not_become_normal() -> None:
     scores = _score_day(hist, day).set_index("ts_us")
     assert scores.loc[jump_at, "score"] >= RULE.threshold
     assert scores.loc[small_at, "score"] < 0.5
+
+
+def test_the_budget_counts_alert_episodes_not_hours() -> None:
+    """Four weeks of hourly levels at 1 with two incidents: ten straight hours at 9 and one
+    hour at 6. A budget of one alert a week allows 4 episodes, so neither incident sets the
+    bar; counted in hours, the long incident alone spent the allowance and raised the bar to
+    its own level."""
+    from tasks.calibration import budget_threshold
+
+    hours = 28 * 24
+    ts = np.arange(hours, dtype=np.int64) * 3_600_000_000
+    level = np.ones(hours)
+    level[100:110] = 9.0  # one episode of ten hours
+    level[300] = 6.0
+    code = np.zeros(hours, dtype=np.int64)
+    weeks = np.array([4.0])
+    bar = budget_threshold(code, ts, level, 1, weeks, 1.0)
+    # No incident's level: with ones everywhere else, the bar is the quiet hours' level or the
+    # tail model's minimum, far below 6.
+    assert bar[0] < 6.0
+    # Five separate hours at 9 are five episodes: over the allowance of 4, the bar is 9.
+    spaced = np.ones(hours)
+    spaced[[100, 200, 300, 400, 500]] = 9.0
+    assert budget_threshold(code, ts, spaced, 1, weeks, 1.0)[0] == 9.0
+    # Ten hours at 9 with a dip to 5 in their middle: two episodes at a bar above 5 (the dip
+    # ends the first), one at a bar of 5 or below. An allowance of 1 (a quarter a week) puts
+    # the bar at 9; an allowance of 2 never runs out.
+    dipped = np.ones(hours)
+    dipped[100:110] = 9.0
+    dipped[105] = 5.0
+    assert budget_threshold(code, ts, dipped, 1, weeks, 0.25)[0] == 9.0
+    assert budget_threshold(code, ts, dipped, 1, weeks, 0.5)[0] < 5.0
+    # Two series in one call keep their own counts.
+    both = budget_threshold(
+        np.r_[code, code + 1], np.r_[ts, ts], np.r_[level, spaced], 2, np.r_[weeks, weeks], 1.0
+    )
+    assert both[0] < 6.0 and both[1] == 9.0
