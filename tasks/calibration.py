@@ -6,7 +6,8 @@ agile level, and outages. Pure numpy, vectorised across series (no loop per seri
   the two hours before the point's block. A spike or a short incident straddling two
   sub-windows moves none of the median; a sustained level shift moves two of them within about
   65 minutes, after which the series is compared with its new level (one alert, not a storm
-  until the nightly fit).
+  until the nightly fit). A sub-window without data counts as level 0: hourly points fill two
+  of the three, so an hourly series takes a shift as its level after two hours that agree.
 - **Tail.** Per series and side (up, down), residuals above their 97% quantile u are fitted
   with an exponential excess (a generalised Pareto tail of shape 0) of robust scale
   beta = median excess / ln 2: p(z) = 0.03 * exp(-(z - u) / beta). L = -log10 p is linear in z,
@@ -164,7 +165,9 @@ def agile_offset(
     code: np.ndarray, ts: np.ndarray, r: np.ndarray, n_series: int, use: np.ndarray | None = None
 ) -> np.ndarray:
     """Per row: the median of three 40-minute levels of block residuals in the two hours
-    before the row's 5-minute block (0 where a sub-window has no data). Rows sorted by code.
+    before the row's 5-minute block (a sub-window without data counts as 0, so one level
+    alone never moves it, and two that agree in sign move it by the nearer to 0). Rows
+    sorted by code.
 
     A sub-window's level is the median of its (up to eight) 5-minute block means, not their
     mean: an incident shorter than half a sub-window that straddles the boundary of two of them
@@ -195,9 +198,12 @@ def agile_offset(
         # [j - (k + 1) * SUB_BLOCKS, j - k * SUB_BLOCKS): one column slice, no gathers.
         return sub[:, pad - k * SUB_BLOCKS : width - k * SUB_BLOCKS]
 
-    a, b, d = window(0), window(1), window(2)
-    med = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), d))
-    grid = np.where(np.isfinite(med), med, 0.0)  # n_series x (width - pad)
+    # An empty sub-window counts as level 0 (no evidence of a shift), not as "no offset at
+    # all": hourly points fill only two of the three, and a shift they agree on must move the
+    # offset as it does for minute data (real labelled series, benchmarks/detect.py: 117 of
+    # 177 incidents found at 0.72 false alerts per series-week before, 120 at 0.69 after).
+    a, b, d = (np.nan_to_num(window(k), nan=0.0) for k in range(3))
+    grid = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), d))  # n_series x (width - pad)
     return grid.ravel().take(code.astype(np.int64) * (width - pad) + (block - b0))
 
 

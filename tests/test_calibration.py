@@ -261,3 +261,23 @@ def test_the_budget_counts_alert_episodes_not_hours() -> None:
         np.r_[code, code + 1], np.r_[ts, ts], np.r_[level, spaced], 2, np.r_[weeks, weeks], 1.0
     )
     assert both[0] < 6.0 and both[1] == 9.0
+
+
+def test_an_hourly_series_follows_a_level_shift_after_two_points() -> None:
+    """Hourly points fill two of the agile level's three 40-minute sub-windows. The empty one
+    counts as level 0: one shifted hour moves nothing (a spike stays a spike), two that agree
+    make the shift the level; a lone hour after them does not pull it back."""
+    from tasks.calibration import agile_offset
+
+    hours = 12
+    ts = T0 + np.arange(hours, dtype=np.int64) * 3_600_000_000
+    r = np.zeros(hours)
+    r[6:] = 5.0  # from hour 6 on, five scales up
+    r[4] = 9.0  # a one-hour spike before it
+    offset = agile_offset(np.zeros(hours, dtype=np.int64), ts, r, 1)
+    assert offset[5] == 0.0 and offset[6] == 0.0  # the spike alone: no level
+    assert offset[7] == 0.0  # one shifted hour beside a normal one: not yet
+    assert offset[8] == 5.0 and offset[11] == 5.0  # two shifted hours: the new level
+    down = np.where(np.arange(hours) >= 6, -5.0, 0.0)
+    down[6] = 5.0  # hours that disagree in sign: no level
+    assert agile_offset(np.zeros(hours, dtype=np.int64), ts, down, 1)[8] == 0.0
