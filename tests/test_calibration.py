@@ -266,7 +266,7 @@ def test_the_budget_counts_alert_episodes_not_hours() -> None:
 def test_an_hourly_series_follows_a_level_shift_after_two_points() -> None:
     """Hourly points fill two of the agile level's three 40-minute sub-windows. The empty one
     counts as level 0: one shifted hour moves nothing (a spike stays a spike), two that agree
-    make the shift the level; a lone hour after them does not pull it back."""
+    make the shift the level, two that disagree in sign make none."""
     from tasks.calibration import agile_offset
 
     hours = 12
