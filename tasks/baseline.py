@@ -265,10 +265,9 @@ def _slot_statistics(
             np.full(size, params.abs_floor),
         ]
     )
-    # Slots with little data take the series' typical scale when theirs is smaller.
-    thin = n < 5
+    # At POOLED_FLOOR >= 1 this also gives slots with little data at least the series'
+    # typical scale (a rule of its own for slots under 5 buckets before).
     scale = np.maximum(raw_scale, floor)
-    scale = np.where(thin, np.maximum(scale, pooled[g_code]), scale)
     learned = pd.DataFrame(
         {
             "series_id": data.ids[g_code],
