@@ -67,7 +67,15 @@ class Scored:
     scores: pd.DataFrame
     no_baseline: np.ndarray
     series: pd.DataFrame
-    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # into points
+    row_parts: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Each score row's row of the points scored (joined on demand: on millions of rows
+        that costs as much as a tenth of the scoring, and only a backtest asks)."""
+        if not self.row_parts:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate(self.row_parts)
 
 
 def _shape_features(
@@ -148,18 +156,18 @@ def score_points(
         size += len(part_rows)
         rows.append(part_rows + lo)
         no_baseline.append(part_no_baseline)
-    scored = np.concatenate(rows)
     given = {
         name: points[name].to_numpy(np.float64 if name == "value" else np.int64) for name in _GIVEN
     }
     if size < len(sid):  # where every row is scored, the input's own columns serve as they are
+        scored = np.concatenate(rows)
         given = {name: column[scored] for name, column in given.items()}
     columns = {c: given[c] if c in given else out[c][:size] for c in SCORE_COLUMNS}
     return Scored(
         pd.DataFrame(columns, copy=False),  # no consolidation copy of a few million rows
         np.unique(np.concatenate(no_baseline)),
         series_frame(table),
-        scored,
+        rows,
     )
 
 
