@@ -31,10 +31,15 @@ agile level, and outages. Pure numpy, vectorised across series (no loop per seri
   training levels are the statistics' alone, so the bar is raised by the most a PyOD model
   can add to a point's L when it is scored (MODEL_LIFT_MAX) and by a rounding margin: hours
   that tie with the bar (a counter's everyday 1) must not fire.
-- **Runs.** The mean agile residual of a point and the RUN_POINTS - 1 before it has tails of its
-  own (fitted the same way): a long, moderate rise (a crash rate at four times its usual level
-  for hours) is rare as a run long before any single point of it is. L is the larger of the
-  point's and the run's.
+- **Runs.** The mean agile residual of a point and the one before it (RUN_POINTS) has tails of
+  its own (fitted the same way): a moderate rise that holds (a crash rate at four times its
+  usual level for hours) is rare as a run before any single point of it is. L is the larger of
+  the point's and the run's. On the real labelled series, runs of two points found 125 of 177
+  incidents at 0.64 false alerts per series-week, runs of six 120 at 0.69 (three: 124 at 0.68;
+  four: 123 at 0.69; none: 119 at 0.60); the same held with a budget of 1 a week (126 at 0.74
+  against 119 at 0.76) and with `for` 0 (129 against 124, both 0.88). A long run averaged over
+  the agile level's own moves: a two-hour spike of an hourly series moved the level, and the
+  run of the hours after it, back at the usual level, read as a dip for hours.
 - **Outage.** A non-negative series whose 1% quantile is above zero is busy; a point at or
   below a tenth of that quantile is an outage, whatever its score.
 """
@@ -65,7 +70,7 @@ EPISODE_US = 3_600_000_000
 KIND_POINT, KIND_OUTAGE, KIND_SHIFT = 0, 1, 2
 KIND_NAMES = {KIND_POINT: "point", KIND_OUTAGE: "outage", KIND_SHIFT: "level shift"}
 SUSTAINED_POINTS = 6
-RUN_POINTS = 6  # the run score: the mean residual of a point and the 5 before it
+RUN_POINTS = 2  # the run score: the mean residual of a point and the one before it
 
 
 def score_of(level: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

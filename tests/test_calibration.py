@@ -281,3 +281,22 @@ def test_an_hourly_series_follows_a_level_shift_after_two_points() -> None:
     down = np.where(np.arange(hours) >= 6, -5.0, 0.0)
     down[6] = 5.0  # hours that disagree in sign: no level
     assert agile_offset(np.zeros(hours, dtype=np.int64), ts, down, 1)[8] == 0.0
+
+
+def test_an_hourly_spike_of_two_hours_raises_one_alert_not_a_dip_after_it() -> None:
+    """Two high hours move an hourly series' agile level (see above); the hours after the spike,
+    back at the usual level, must not then read as a run below it. A run averaged over six
+    hours did: the level's own moves made the normal hours after a spike a dip for hours."""
+    rng = np.random.default_rng(7)
+    days = 21
+    ts = T0 + np.arange(days * 24, dtype=np.int64) * 3_600_000_000
+    hour = (ts % DAY_US) // 3_600_000_000
+    value = 30 + 3 * np.sin(2 * np.pi * hour / 24) + rng.normal(0, 0.8, len(ts))
+    spike = len(ts) - 14  # 10:00 on the last day, two hours long
+    value[spike : spike + 2] = [90.0, 75.0]
+    scores = replay(pd.DataFrame({"series_id": 1, "ts_us": ts, "value": value}))
+    firing = alerts_for(scores, RULE).astype(bool)
+    onsets = np.flatnonzero(firing & ~np.r_[False, firing[:-1]])
+    last_day = onsets[onsets >= len(ts) - 24]
+    assert list(last_day) == [spike]  # the spike pages, at its first hour, and nothing after
+    assert not firing[spike + 4 :].any()  # quiet from two hours after the spike's end
