@@ -37,9 +37,9 @@ agile level, and outages. Pure numpy, vectorised across series (no loop per seri
   the point's and the run's. On the real labelled series, runs of two points found 125 of 177
   incidents at 0.64 false alerts per series-week, runs of six 120 at 0.69 (three: 124 at 0.68;
   four: 123 at 0.69; none: 119 at 0.60); the same held with a budget of 1 a week (126 at 0.74
-  against 119 at 0.76) and with `for` 0 (129 against 124, both 0.88). A long run averaged over
-  the agile level's own moves: a two-hour spike of an hourly series moved the level, and the
-  run of the hours after it, back at the usual level, read as a dip for hours.
+  against 119 at 0.76) and with `for` 0 (129 against 124, both 0.88). Six points were too
+  many: over six hourly points a run took in the agile level's own moves, so once a two-hour
+  spike had moved the level, the hours back at the usual level read as a dip for hours.
 - **Outage.** A non-negative series whose 1% quantile is above zero is busy; a point at or
   below a tenth of that quantile is an outage, whatever its score.
 """
