@@ -23,16 +23,31 @@ from tests.test_ui_e2e import (
 __all__ = ["prefect_api"]  # the fixture, imported for the tests below
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "inherited"),
+    [
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGINT, signal.SIG_DFL),
+        # A background job of a script (`nohup metricmill serve &`) starts with SIGINT ignored.
+        (signal.SIGINT, signal.SIG_IGN),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGINT-ignored-at-start"],
+)
 def test_serve_stops_on_a_signal_with_one_line(
-    prefect_api: str, tmp_path: Path, signum: signal.Signals
+    prefect_api: str, tmp_path: Path, signum: signal.Signals, inherited: signal.Handlers
 ) -> None:
     log = tmp_path / "serve.log"
     env = clean_env(PREFECT_API_URL=prefect_api)
     args = [str(BIN / "metricmill"), "--home", str(tmp_path / "home"), "serve", "--flow", "rollup"]
     # The server is the module's: the deployment is registered afresh by this test's serve.
     forget_deployment(prefect_api, "rollup/every-5-minutes")
-    serve = start(args, env, log)
+    # What the process inherits for SIGINT is set explicitly: the test runner's own disposition
+    # (ignored, when the suite itself was started in the background) must not decide it.
+    previous = signal.signal(signal.SIGINT, inherited)
+    try:
+        serve = start(args, env, log)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         registered(prefect_api, "rollup/every-5-minutes", serve, log)
         # Registered: the runner starts its loop next. Signal it once it polls the API.
