@@ -342,7 +342,7 @@ def serve_all(
     # Started with SIGINT ignored (`nohup metricmill serve &` from a script: a background job
     # inherits SIGINT ignored), Python keeps it ignored and asyncio.run installs no handler of
     # its own: `kill -INT` would do nothing. Ctrl-C and SIGINT stop serve, whoever started it.
-    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     full_names = [d.full_name for d in deployments]
     stop = threading.Event()
