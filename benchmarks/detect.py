@@ -269,9 +269,10 @@ def bench_real(
         log(f"real data: no CSV files under {directory}; skipped")
         return
     if base != DEFAULT_REAL_RULE or all_labels_known:
+        budget = base.alert_budget_per_week
         log(
             f"real data: threshold {base.threshold}, for {base.for_seconds:g} s, budget "
-            f"{base.alert_budget_per_week or 'as fitted (0.5)'} a week"
+            f"{'as fitted (0.5)' if budget is None else budget} a week"
             + (
                 ", every earlier labelled incident left out of each refit (a bound)"
                 if all_labels_known

@@ -161,6 +161,7 @@ def score_points(
     }
     if size < len(sid):  # where every row is scored, the input's own columns serve as they are
         scored = np.concatenate(rows)
+        rows = [scored]  # joined once: `Scored.rows` then has nothing left to join
         given = {name: column[scored] for name, column in given.items()}
     columns = {c: given[c] if c in given else out[c][:size] for c in SCORE_COLUMNS}
     return Scored(
