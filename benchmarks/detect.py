@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -205,7 +206,25 @@ def labelled_direction(csv: Path) -> str:
     return "up" if ("increase" in notes or "elevated" in notes) else "both"
 
 
-def real_file(csv: Path, rule: AlertRule, *, all_labels_known: bool = False) -> dict[str, float]:
+class FileResult(TypedDict):
+    """What `real_file` counts in one file."""
+
+    warmup: int
+    incidents: int
+    found: int
+    alerts: int
+    false: int
+    weeks: float
+    delays: list[float]
+    seconds: float
+    rows: int
+
+
+Counted = Literal["warmup", "incidents", "found", "alerts", "false", "weeks"]
+COUNTED: tuple[Counted, ...] = ("warmup", "incidents", "found", "alerts", "false", "weeks")
+
+
+def real_file(csv: Path, rule: AlertRule, *, all_labels_known: bool = False) -> FileResult:
     """One file's counts: incidents, found, alerts, false alerts, series-weeks, delays.
     `all_labels_known`: refits leave out every labelled incident before them (a bound)."""
     rows = read_backtest_csv(csv)
@@ -292,7 +311,7 @@ def bench_real(
         except BacktestInputError as exc:
             print(f"REAL_SKIPPED {csv.name}: {exc}")
             continue
-        for key in total:
+        for key in COUNTED:
             total[key] += result[key]
         delays += result["delays"]
         precision, recall, f1 = _prf(
