@@ -188,6 +188,56 @@ def test_about_one_sample_a_minute_with_some_crowded_buckets(store: Store) -> No
     assert got.loc[got["bucket"] == minute, "count"].max() >= 3
 
 
+def random_batch(store: Store, rng: np.random.Generator, hosts: list[str]) -> pd.DataFrame:
+    """One batch of a random kind: a dense run, scattered points, a late run weeks back, or a
+    rewrite of stored points (new values, some unchanged). Times may fall on bucket edges."""
+    labels = {"host": hosts[int(rng.integers(len(hosts)))]}
+    kind = rng.choice(["dense", "scattered", "late", "rewrite"])
+    if kind == "rewrite":
+        known = len(store.series("rnd")) > 0
+        old = store.query("rnd", labels, *EVERYTHING) if known else pd.DataFrame()
+        if len(old):
+            pick = np.sort(rng.choice(len(old), size=min(len(old), int(rng.integers(1, 80))),
+                                      replace=False))  # fmt: skip
+            values = old["value"].to_numpy()[pick]
+            values = np.where(rng.random(len(pick)) < 0.3, values, eighths(rng, len(pick)))
+            return frame("rnd", labels, [t.to_pydatetime() for t in old["ts"].iloc[pick]], values)
+        kind = "scattered"
+    if kind == "scattered":
+        offsets = rng.integers(0, 3 * 86_400_000_000, size=int(rng.integers(1, 40)))
+        start = NOW - timedelta(days=3)
+    else:
+        step_us = int(rng.choice([1_000_000, 10_000_000, 37_000_000, 60_000_000, 300_000_000]))
+        count = int(rng.integers(20, 1500))
+        offsets = np.arange(count, dtype=np.int64) * step_us + int(rng.integers(0, 60_000_000))
+        days_back = int(rng.integers(5, 35)) if kind == "late" else int(rng.integers(1, 3))
+        start = NOW - timedelta(days=days_back, hours=int(rng.integers(0, 24)))
+    offsets = np.unique(offsets)
+    if rng.random() < 0.5:  # onto whole minutes: points on bucket edges
+        offsets = np.unique(offsets - offsets % 60_000_000)
+    times = [start + timedelta(microseconds=int(o)) for o in offsets]
+    times = [t for t in times if t < NOW]
+    return frame("rnd", labels, times, eighths(rng, len(times)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_writes_between_random_runs_end_as_a_full_recompute(store: Store, seed: int) -> None:
+    """Oracle: every level recomputed from raw in pandas. Random batches of random shapes
+    (dense, scattered, weeks late, rewrites) over a few series, with a rollup run (sometimes of
+    a few chunks only) after some of them, so runs meet partly rolled-up and stale ranges."""
+    rng = np.random.default_rng(9000 + seed)
+    hosts = [f"h{k}" for k in range(int(rng.integers(1, 5)))]
+    for _ in range(int(rng.integers(4, 10))):
+        batch = random_batch(store, rng, hosts)
+        if len(batch):
+            store.write_samples(batch)
+        if rng.random() < 0.5:
+            store.rollup(max_chunks=int(rng.integers(1, 4)) if rng.random() < 0.3 else None)
+    store.rollup()
+    assert store.rollup_status().pending_ranges == 0
+    assert_levels_match_raw(store)
+
+
 def test_a_30_day_backfill_takes_many_small_transactions(store: Store) -> None:
     rng = np.random.default_rng(3)
     start = (NOW - timedelta(days=30)).replace(hour=0)
