@@ -650,10 +650,19 @@ def test_sigkill_during_write_leaves_all_or_nothing(
         )
         for k in range(3)
     ]
-    for extra in range(3):
+    # The writer process may run faster or slower than this one measured: when no kill landed
+    # inside the write, look for it by bisection between a delay too early and one too late.
+    early = 0.0
+    late = max([prepared + in_db, *(t.delay for t in trials if t.samples)])
+    for extra in range(8):
         if any(t.killed_mid_write for t in trials):
             break
-        delay = rng.uniform(prepared, prepared + in_db / 2)
-        trials.append(run_kill_trial(writer_helper, db_target, tmp_path, f"extra{extra}", delay))
+        delay = (early + late) / 2
+        trial = run_kill_trial(writer_helper, db_target, tmp_path, f"extra{extra}", delay)
+        trials.append(trial)
+        if trial.samples:  # the write had committed
+            late = delay
+        elif not trial.in_transaction:  # it had not begun
+            early = delay
 
     assert any(t.killed_mid_write for t in trials), trials
