@@ -299,7 +299,7 @@ def bench_real(
             )
         )
     table_rows = []
-    total = {"warmup": 0, "incidents": 0, "found": 0, "alerts": 0, "false": 0, "weeks": 0.0}
+    total: dict[Counted, float] = dict.fromkeys(COUNTED, 0.0)
     delays: list[float] = []
     for csv in files:  # a loop over files: each is one series' replay
         try:

@@ -131,9 +131,9 @@ def test_a_forced_level_is_read_alone(store: Store) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_windows_steps_and_aggregations_answer_as_raw_does(store: Store, seed: int) -> None:
-    """Random data (gaps, a counter with resets, rewrites, a late batch after a run), rolled up
-    in part; then random windows (on and off bucket edges), steps and aggregations read through
-    the levels must answer exactly as the same query over raw samples."""
+    """Random data (gaps, a counter with resets), rolled up in part, then rewrites of some of
+    its points, rolled up or not; then random windows (on and off bucket edges), steps and
+    aggregations read through the levels must answer exactly as the same query over raw."""
     rng = np.random.default_rng(500 + seed)
     times = pd.date_range(START, END, freq=f"{int(rng.choice([7, 20, 60]))}s", inclusive="left",
                           tz=UTC)  # fmt: skip
